@@ -1,0 +1,296 @@
+"""The command line. Each command parses its options and calls one core function.
+
+Data goes to stdout; progress, warnings and errors go to stderr, so
+``pipeline report out --format json | jq`` always works.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from pipeline import __version__
+from pipeline.config import RunOptions, load_job_file, merge
+from pipeline.errors import LockedError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RUN_EXAMPLE = """
+\b
+Examples:
+  pipeline run jobs/demo.toml
+  pipeline run rows.jsonl more.parquet --base-url http://127.0.0.1:8080/v1 \\
+      --api-key-env MY_KEY --model gpt-5.5 --concurrency 16 --out out/
+  pipeline run data/ --provider evolink --rpm 600 --quiet     # key in $EVOLINK_API_KEY
+
+\b
+Exit codes: 0 all ok, 1 some rows failed, 2 bad usage or input (nothing sent),
+3 stopped on auth/quota/budget (results kept), 4 --out in use by another run,
+130/143 interrupted (results kept). Re-running the same command resumes.
+"""
+
+
+def _parse_assignments(values: tuple[str, ...], what: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are read as JSON when they parse, else as text."""
+    parsed: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=what)
+        try:
+            parsed[key.strip().replace("-", "_")] = json.loads(raw)
+        except ValueError:
+            parsed[key.strip().replace("-", "_")] = raw
+    return parsed
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pipeline")
+def cli() -> None:
+    """Run large batches of chat-completion jobs through OpenAI-compatible gateways
+    and query the results (Parquet) with DuckDB.
+
+    \b
+    Start here:
+      pipeline run jobs/demo.toml      # built-in simulator: no key, no network
+      pipeline report out/demo         # what it cost, by model
+    """
+
+
+@cli.command(epilog=RUN_EXAMPLE)
+@click.argument("source", nargs=-1)
+@click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: ./out].")
+@click.option("--provider", help="sim (default), starmagic, evolink, modelstream, openai.")
+@click.option("--base-url", multiple=True, help="OpenAI-compatible base URL; repeat: fallbacks.")
+@click.option("--api-key-env", metavar="VAR", help="Environment variable that holds the key.")
+@click.option("--model", help="Model for rows that name none.")
+@click.option("--concurrency", type=int, help="Requests in flight at most [default: 32].")
+@click.option("--rpm", type=float, help="Requests per minute [default: learn from the server].")
+@click.option("--tpm", type=float, help="Tokens per minute [default: no limit].")
+@click.option("--max-attempts", type=int, help="Attempts per row, 429s aside [default: 6].")
+@click.option("--timeout", type=float, help="Seconds per request [default: 600].")
+@click.option("--stream/--no-stream", default=None, help="Use SSE streaming.")
+@click.option("--max-cost", type=float, metavar="USD", help="Stop before spend passes this.")
+@click.option("--pricing", type=click.Path(path_type=Path), help="Price table CSV override.")
+@click.option("--limit", type=int, help="Only the first N pending rows.")
+@click.option("--retry-failed", is_flag=True, default=None, help="Re-send rows that failed.")
+@click.option("--no-dedupe", "dedupe", flag_value=False, default=None, help="Send repeats.")
+@click.option("--shard", metavar="I/N", help="Take shard I of N (by id).")
+@click.option("--prompt-template", help="Prompt with {column} placeholders.")
+@click.option("--system-prompt", help="System prompt with {column} placeholders.")
+@click.option("--id-column", help="Column holding each row's id [default: id].")
+@click.option(
+    "--image-root", type=click.Path(path_type=Path), help="Folder local images may be in."
+)
+@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress (for cron).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), help="stderr format.")
+@click.option("--sim", "sim_settings", multiple=True, metavar="KEY=VALUE", help="Simulator knob.")
+def run(source: tuple[str, ...], sim_settings: tuple[str, ...], **options: Any) -> None:
+    """Run jobs from JSONL, JSONL.gz, Parquet files, folders, globs or a job file (.toml)."""
+    from pipeline.execute import execute, summary_line
+
+    job_files = [s for s in source if s.endswith(".toml")]
+    if len(job_files) > 1:
+        _fail(UsageError("give at most one job file"))
+    try:
+        base = load_job_file(Path(job_files[0])) if job_files else RunOptions()
+        overrides = dict(options)
+        overrides["sources"] = [s for s in source if not s.endswith(".toml")]
+        if not overrides["sources"]:
+            overrides["sources"] = None
+        overrides["base_url"] = list(options["base_url"]) or None
+        opts = merge(base, overrides)
+        if sim_settings:
+            opts.sim = {**opts.sim, **_parse_assignments(sim_settings, "--sim")}
+        result = execute(opts)
+    except (UsageError, LockedError) as exc:
+        _fail(exc)
+    click.echo(summary_line(result))
+    if result.fatal:
+        click.echo(f"error: stopped early: {result.fatal}", err=True)
+        click.echo("Results so far are kept; re-run the same command to resume.", err=True)
+    sys.exit(result.exit_code)
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(4 if isinstance(exc, LockedError) else 2)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--latency-ms", type=float, default=0.0, show_default=True)
+@click.option("--rpm-limit", type=int, help="Answer 429 above this many requests/min.")
+@click.option("--fail-429-rate", type=float, default=0.0, show_default=True)
+@click.option("--fail-5xx-rate", type=float, default=0.0, show_default=True)
+@click.option("--quota-requests", type=int, help="Answer 402 after this many billed answers.")
+@click.option("--require-key-env", metavar="VAR", help="Demand the key held in this variable.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other knob.")
+def sim(
+    host: str,
+    port: int,
+    latency_ms: float,
+    rpm_limit: int | None,
+    fail_429_rate: float,
+    fail_5xx_rate: float,
+    quota_requests: int | None,
+    require_key_env: str | None,
+    settings: tuple[str, ...],
+) -> None:
+    """Serve the built-in OpenAI-compatible simulator.
+
+    \b
+    Example:
+      pipeline sim --port 8080 --latency-ms 200 --rpm-limit 1200 &
+      pipeline run data/rows.jsonl --base-url http://127.0.0.1:8080/v1 --model gpt-5.5
+    """
+    import os
+
+    from pipeline.sim_server import run_server
+    from pipeline.simulator import SimConfig
+
+    knobs: dict[str, Any] = {
+        "latency_ms": latency_ms,
+        "rpm_limit": rpm_limit,
+        "fail_429_rate": fail_429_rate,
+        "fail_5xx_rate": fail_5xx_rate,
+        "quota_requests": quota_requests,
+    }
+    if require_key_env:
+        key = os.environ.get(require_key_env)
+        if not key:
+            _fail(UsageError(f"--require-key-env: {require_key_env} is not set"))
+        knobs["api_key"] = key
+    knobs.update(_parse_assignments(settings, "--set"))
+    try:
+        config = SimConfig(**knobs)
+    except TypeError as exc:
+        _fail(UsageError(f"unknown simulator setting ({exc})"))
+    run_server(config, host, port)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--by",
+    "by",
+    multiple=True,
+    default=("model",),
+    show_default=True,
+    help="model, provider, day, run, status or a metadata key; repeatable.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "markdown"]),
+    default="table",
+    show_default=True,
+)
+@click.option("--pricing", type=click.Path(path_type=Path), help="Price table CSV override.")
+@click.option("--since", help="Only results finished on or after this date (YYYY-MM-DD).")
+@click.option("--until", help="Only results finished before this date (YYYY-MM-DD).")
+def report(
+    out: Path,
+    by: tuple[str, ...],
+    fmt: str,
+    pricing: Path | None,
+    since: str | None,
+    until: str | None,
+) -> None:
+    """Cost and usage report from the results, via DuckDB.
+
+    \b
+    Examples:
+      pipeline report out/demo
+      pipeline report out/ --by day --by model --format markdown
+      pipeline report out/ --by run --format json | jq '.[].cost_usd'
+    """
+    from pipeline import report as reporting
+
+    try:
+        text = reporting.report(out, list(by), fmt, pricing_file=pricing, since=since, until=until)
+    except (UsageError, ValueError) as exc:
+        _fail(UsageError(str(exc)))
+    click.echo(text)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("query")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@click.option("--pricing", type=click.Path(path_type=Path), help="Price table CSV override.")
+def sql(out: Path, query: str, fmt: str, pricing: Path | None) -> None:
+    """Ad-hoc DuckDB SQL over the views results, latest, costs and pricing.
+
+    \b
+    Example:
+      pipeline sql out/ "SELECT model, sum(cost_usd) FROM costs GROUP BY model"
+    """
+    from pipeline import report as reporting
+
+    try:
+        click.echo(reporting.sql(out, query, fmt, pricing_file=pricing))
+    except (UsageError, ValueError) as exc:
+        _fail(UsageError(str(exc)))
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def runs(out: Path, fmt: str) -> None:
+    """Past runs in OUT: when, counts, exit code.
+
+    \b
+    Example:
+      pipeline runs out/demo
+    """
+    from pipeline.manifest import list_runs
+
+    found = list_runs(out)
+    if fmt == "json":
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo(f"no runs recorded in {out}")
+        return
+    click.echo(
+        f"{'run_id':<25} {'started_at':<20} {'exit':>4} {'ok':>9} {'error':>7} "
+        f"{'invalid':>7} {'pending':>7} {'seconds':>8}"
+    )
+    for r in found:
+        c = r.get("counts", {})
+        click.echo(
+            f"{r.get('run_id', '?'):<25} {str(r.get('started_at', ''))[:19]:<20} "
+            f"{str(r.get('exit_code', '-')):>4} {c.get('ok', 0):>9,} {c.get('error', 0):>7,} "
+            f"{c.get('invalid_input', 0):>7,} {c.get('pending', 0):>7,} "
+            f"{r.get('wall_seconds', 0):>8}"
+        )
+
+
+@cli.command()
+def providers() -> None:
+    """The built-in gateway profiles: base URLs, key variable, models.
+
+    \b
+    Example:
+      pipeline providers
+    """
+    from pipeline.providers import BUILTIN
+
+    for p in BUILTIN.values():
+        click.echo(f"{p.name}")
+        click.echo(f"  base URLs: {', '.join(p.base_urls)}")
+        click.echo(f"  key from:  {p.api_key_env or '(no key needed)'}")
+        click.echo(f"  models:    {', '.join(p.models) or '(any)'}")
+        if p.notes:
+            click.echo(f"  notes:     {p.notes}")
+
+
+def main() -> None:
+    cli(prog_name="pipeline")

@@ -1,0 +1,160 @@
+"""Run options: their defaults, job files (TOML), and the rule that the command line wins.
+
+A job file holds any ``run`` option under its long name with dashes as underscores,
+plus ``source`` and ``out``; relative paths in it are relative to the file, so a
+cron tab can run it from any folder. A ``[sim]`` table configures the built-in
+simulator (latency, rate limit, injected errors) for demos and rehearsals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UsageError
+from pipeline.providers import Provider, get_provider, load_providers
+
+
+@dataclass
+class RunOptions:
+    """Everything ``pipeline run`` needs. Defaults are documented where they are set."""
+
+    sources: list[str] = field(default_factory=list)
+    out: Path = Path("out")
+    provider: str | None = None  # None: 'sim' unless a base URL is given
+    base_url: list[str] = field(default_factory=list)
+    api_key_env: str | None = None  # None: the provider's own variable
+    model: str | None = None
+    concurrency: int = 32  # requests in flight at most
+    rpm: float | None = None  # requests per minute; None = learn from the server
+    tpm: float | None = None  # tokens per minute; None = no token limit
+    max_attempts: int = 6  # per row, for errors other than 429 (429s are paced, not counted)
+    max_retry_time: float = 900.0  # seconds a row may spend retrying before it gives up
+    timeout: float = 600.0  # per request; streamed requests: per idle gap between chunks
+    stream: bool = False
+    max_cost: float | None = None
+    pricing: Path | None = None
+    limit: int | None = None
+    retry_failed: bool = False
+    dedupe: bool = True  # identical requests in one run are sent once
+    engine: str = "local"
+    ray_address: str | None = None
+    shard: str | None = None  # "I/N"
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    id_column: str = "id"
+    image_root: Path | None = None
+    providers_file: Path | None = None
+    quiet: bool = False
+    log_format: str = "text"  # "text" | "json"
+    progress_seconds: float = 10.0  # between plain progress lines when stderr is no terminal
+    sim: dict[str, Any] = field(default_factory=dict)  # simulator knobs (provider 'sim')
+    request_defaults: dict[str, Any] = field(default_factory=dict)  # e.g. temperature
+
+    def resolved_provider(self) -> Provider:
+        providers = load_providers(self.providers_file)
+        name = self.provider or ("openai-compatible" if self.base_url else "sim")
+        if name == "openai-compatible":
+            return Provider(name, tuple(self.base_url), self.api_key_env)
+        return get_provider(name, providers)
+
+    def base_urls(self, provider: Provider) -> list[str]:
+        return list(self.base_url) or list(provider.base_urls)
+
+    def api_key(self, provider: Provider) -> str | None:
+        """The key from the environment. Only the variable's *name* is ever an option."""
+        var = self.api_key_env or provider.api_key_env
+        if var is None:
+            return None
+        key = os.environ.get(var)
+        if not key:
+            raise UsageError(
+                f"no API key: set the environment variable {var} "
+                f"(or name another with --api-key-env)"
+            )
+        return key
+
+    def redacted(self) -> dict[str, Any]:
+        """Options for the run manifest. Holds no secret: keys live only in the env."""
+        data = dataclasses.asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+_FIELDS = {f.name for f in dataclasses.fields(RunOptions)}
+_PATH_FIELDS = ("out", "pricing", "image_root", "providers_file")
+_ALIASES = {"source": "sources", "base_urls": "base_url"}
+
+
+def load_job_file(path: Path) -> RunOptions:
+    """Read a job file. Unknown keys are errors: a typo must not silently do nothing."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read job file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML ({exc})") from None
+    here = path.parent
+    values: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = _ALIASES.get(raw_key.replace("-", "_"), raw_key.replace("-", "_"))
+        if key not in _FIELDS:
+            raise UsageError(f"{path}: unknown option '{raw_key}'")
+        values[key] = value
+    if isinstance(values.get("sources"), str):
+        values["sources"] = [values["sources"]]
+    if isinstance(values.get("base_url"), str):
+        values["base_url"] = [values["base_url"]]
+    values["sources"] = [_relative(here, s) for s in values.get("sources", [])]
+    for key in _PATH_FIELDS:
+        if values.get(key) is not None:
+            values[key] = Path(_relative(here, str(values[key])))
+    try:
+        return RunOptions(**values)
+    except TypeError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def _relative(base: Path, value: str) -> str:
+    if "://" in value or Path(value).is_absolute():
+        return value
+    return os.path.normpath(base / value)
+
+
+def merge(base: RunOptions, overrides: dict[str, Any]) -> RunOptions:
+    """Options given on the command line (not None) win over the job file."""
+    given = {k: v for k, v in overrides.items() if v is not None and v != () and v != []}
+    return dataclasses.replace(base, **given)
+
+
+def validate(opts: RunOptions) -> None:
+    """Catch bad options before anything is read or sent (exit 2)."""
+    if not opts.sources:
+        raise UsageError("nothing to run: give input files, a folder, a glob or a job file")
+    if opts.concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+    for name in ("rpm", "tpm", "max_cost", "timeout"):
+        value = getattr(opts, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if opts.max_attempts < 1:
+        raise UsageError("--max-attempts must be at least 1")
+    if opts.engine not in ("local", "ray"):
+        raise UsageError("--engine must be local or ray")
+    if opts.log_format not in ("text", "json"):
+        raise UsageError("--log-format must be text or json")
+    if opts.shard is not None:
+        parse_shard(opts.shard)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count

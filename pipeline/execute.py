@@ -1,0 +1,162 @@
+"""``pipeline run`` as one function: pre-flight checks, lock, resume, run, manifest.
+
+Everything that can fail without spending money (options, inputs, the key, the
+lock) is checked before the first request, so exit codes 2 and 4 always mean
+"nothing was sent".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from pipeline import __version__
+from pipeline.config import RunOptions, parse_shard, validate
+from pipeline.lock import OutLock
+from pipeline.manifest import new_run_id, write_manifest
+from pipeline.progress import Progress, Tally
+from pipeline.resume import load_outcomes
+from pipeline.runner import Runner, RunResult, make_client, sim_client
+from pipeline.sink import recover_journals
+from pipeline.source import check_readable, expand_sources
+
+
+def shard_filter(shard: str | None) -> Callable[[str], bool] | None:
+    """Membership in shard I of N by a stable hash of the id (same in every process)."""
+    if shard is None:
+        return None
+    index, count = parse_shard(shard)
+
+    def member(row_id: str) -> bool:
+        digest = hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % count == index
+
+    return member
+
+
+def execute(
+    opts: RunOptions,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+    progress_stream: Any = None,
+) -> RunResult:
+    """Run a job to the end and return what happened. Raises UsageError / LockedError
+    before anything is sent."""
+    validate(opts)
+    files = expand_sources(list(opts.sources))
+    for path in files:
+        check_readable(path)
+    provider = opts.resolved_provider()
+    base_urls = opts.base_urls(provider)
+    api_key = opts.api_key(provider)
+    if opts.model is None and provider.default_model and not opts.base_url:
+        opts = dataclasses.replace(opts, model=provider.default_model)
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = new_run_id()
+    lock_name = ".lock" if opts.shard is None else f".lock-shard-{opts.shard.replace('/', '-of-')}"
+    with OutLock(out, lock_name) as lock:
+        lock.acquire(run_id)
+        tally = Tally()
+        progress = Progress(
+            tally,
+            quiet=opts.quiet,
+            log_format=opts.log_format,
+            every=opts.progress_seconds,
+            stream=progress_stream or sys.stderr,
+        )
+        recovered = recover_journals(out)
+        if recovered:
+            progress.message(f"recovered {recovered} results journaled by an interrupted run")
+        outcomes = load_outcomes(out)
+        sim = None
+        if transport is None and provider.name == "sim":
+            client, sim = sim_client(opts, base_urls)
+        else:
+            client = make_client(opts, base_urls, api_key, transport=transport)
+        runner = Runner(
+            opts,
+            run_id=run_id,
+            files=files,
+            outcomes=outcomes,
+            client=client,
+            provider_name=provider.name,
+            progress=progress,
+            sleep=sleep,
+            row_filter=shard_filter(opts.shard),
+        )
+        manifest: dict[str, Any] = {
+            "run_id": run_id,
+            "version": __version__,
+            "started_at": datetime.now(UTC).isoformat(),
+            "pid": os.getpid(),
+            "command": "run",
+            "inputs": [str(f) for f in files],
+            "base_urls": base_urls,
+            "options": opts.redacted(),
+            "status": "running",
+        }
+        write_manifest(out, run_id, manifest)
+        result = anyio.run(runner.run)
+        if sim is not None:
+            result.extra["sim"] = sim
+        t = result.tally
+        manifest.update(
+            status="finished" if result.exit_code in (0, 1) else "stopped",
+            finished_at=datetime.now(UTC).isoformat(),
+            wall_seconds=round(result.wall_seconds, 3),
+            exit_code=result.exit_code,
+            counts={
+                "ok": t.status["ok"],
+                "error": t.status["error"],
+                "invalid_input": t.status["invalid_input"],
+                "skipped_done": t.skipped,
+                "pending": result.pending,
+            },
+            tokens={
+                "prompt": t.prompt_tokens,
+                "cached": t.cached_tokens,
+                "completion": t.completion_tokens,
+                "reasoning": t.reasoning_tokens,
+            },
+            rate_limited=t.rate_limited,
+            retries=t.retries,
+            fatal=result.fatal,
+            signal=result.signal,
+        )
+        write_manifest(out, run_id, manifest)
+        return result
+
+
+def summary_line(result: RunResult) -> str:
+    """The one line a person (or a cron mail) reads after a run."""
+    t = result.tally
+    secs = result.wall_seconds
+    finished = t.finished
+    rate = finished / secs if secs > 0 else 0.0
+    parts = [
+        f"run {result.run_id}: {t.status['ok']:,} ok",
+        f"{t.status['error']:,} failed",
+        f"{t.status['invalid_input']:,} invalid",
+    ]
+    if t.skipped:
+        parts.append(f"{t.skipped:,} already done")
+    if result.pending:
+        parts.append(f"{result.pending:,} not sent")
+    return (
+        ", ".join(parts)
+        + f" | tokens in {t.prompt_tokens:,} (cached {t.cached_tokens:,})"
+        + f" out {t.completion_tokens:,} (reasoning {t.reasoning_tokens:,})"
+        + f" | {secs:.1f}s, {rate:,.0f} rows/s | results in {result.out}/results"
+    )

@@ -1,0 +1,65 @@
+"""Turn a row's image references into what the API takes: URLs, or base64 data URLs.
+
+The gateways accept jpeg, png and webp up to 10 MB each and at most 10 images per
+request (shared/seeds). Checking that here means a bad image costs an
+``invalid_input`` row instead of a 413 from the server, after the money for the
+other rows was already committed to the run.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+MAX_IMAGES_PER_ROW = 10
+
+
+class ImageError(ValueError):
+    """An image reference that cannot be sent; the message names it and why."""
+
+
+def sniff_image_type(head: bytes) -> str | None:
+    """The MIME type from the file's first bytes (not its name, which can lie)."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def resolve_image(ref: str, base_dir: Path, image_root: Path | None = None) -> str:
+    """Return the URL to send for one image reference.
+
+    http(s) and data: URLs pass through. Anything else is a local path, resolved
+    against the input file's folder, which it may not leave unless ``image_root``
+    names the folder images live in: a job file must not be able to read
+    ``/etc/passwd`` into a request.
+    """
+    if not isinstance(ref, str) or not ref.strip():
+        raise ImageError("image reference must be a non-empty string")
+    lowered = ref.lower()
+    if lowered.startswith(("http://", "https://")):
+        return ref
+    if lowered.startswith("data:"):
+        if not lowered.startswith(("data:image/jpeg", "data:image/png", "data:image/webp")):
+            raise ImageError(f"data URL {ref[:30]}...: only jpeg, png and webp images are accepted")
+        return ref
+    root = (image_root or base_dir).resolve()
+    path = Path(ref) if Path(ref).is_absolute() else (base_dir / ref)
+    path = path.resolve()
+    if not path.is_relative_to(root):
+        raise ImageError(f"image {ref}: outside {root} (use --image-root to allow another folder)")
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise ImageError(f"image {ref}: file not found") from None
+    if size > MAX_IMAGE_BYTES:
+        raise ImageError(f"image {ref}: {size / 1048576:.1f} MB, over the 10 MB limit")
+    data = path.read_bytes()
+    mime = sniff_image_type(data[:16])
+    if mime is None:
+        raise ImageError(f"image {ref}: not a jpeg, png or webp file")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"

@@ -1,0 +1,269 @@
+"""One limiter shared by every task: in-flight cap, requests/min, tokens/min, and back-off.
+
+Why one object: a 429 tells us the *gateway* is full, not that one row was unlucky,
+so the whole run must slow down (USERS.md #3). The limiter therefore keeps
+
+- a cap on requests in flight, lowered on a 429 (multiplicative decrease) and raised
+  again one step per clean round (additive increase);
+- a requests/min token bucket, at the user's ``--rpm``, or at the rate the server
+  states in ``x-ratelimit-limit-requests``, or, when neither is known, at a rate
+  learned from the 429s themselves (start unlimited, cut to what actually got
+  through, creep back up);
+- a tokens/min bucket charged with an estimate before the call and corrected with
+  the reported usage after it;
+- a pause for everyone until the ``Retry-After`` the server gave has passed, and
+  until ``x-ratelimit-reset-*`` when it says nothing is left.
+
+Waiters are served first come, first served: the head of the queue holds ``_gate``
+while it waits, so a big request is not starved by small ones behind it. Time comes
+from an injected clock and sleep, so tests drive it without sleeping.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import anyio
+
+
+class TokenBucket:
+    """A bucket of ``rate`` per second, holding at most ``capacity``; it may go into debt."""
+
+    __slots__ = ("rate", "capacity", "level", "_stamp")
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate = rate  # refill, units per second
+        self.capacity = capacity  # most that can be spent at once (the burst)
+        self.level = capacity  # start full: one burst's worth, never more
+        self._stamp = now  # clock time of the last refill
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def wait_for(self, amount: float, now: float) -> float:
+        """Seconds until ``amount`` can be spent (0 if now). Large amounts wait for a
+        full bucket instead of forever."""
+        self.refill(now)
+        need = min(amount, self.capacity)
+        if self.level >= need:
+            return 0.0
+        return (need - self.level) / self.rate
+
+    def spend(self, amount: float) -> None:
+        self.level -= amount
+
+    def set_rate(self, rate: float, burst_seconds: float, now: float) -> None:
+        self.refill(now)
+        self.rate = rate
+        self.capacity = max(1.0, rate * burst_seconds)
+        self.level = min(self.level, self.capacity)
+
+
+@dataclass(slots=True)
+class Permit:
+    """Proof of admission; hand it back to ``release``."""
+
+    estimated_tokens: int
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_reset(value: str | None) -> float | None:
+    """Seconds in an ``x-ratelimit-reset-*`` value: ``1s``, ``6m0s``, ``12ms`` or a number."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(value)
+    if not parts:
+        return None
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def _header_int(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = int(float(value))
+    except ValueError:
+        return None
+    return number if number >= 0 else None  # some deployments send -1 for "no limit"
+
+
+class RateLimiter:
+    """Admission control for the whole run. See the module docstring for the rules."""
+
+    def __init__(
+        self,
+        concurrency: int = 64,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        *,
+        adaptive: bool = True,
+        burst_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        now = clock()
+        self.max_concurrency = max(1, concurrency)  # the user's cap; never exceeded
+        self.limit = float(self.max_concurrency)  # the adaptive cap, <= max_concurrency
+        self.in_flight = 0
+        self.user_rpm = rpm  # what the user allowed; learned rates never go above it
+        self.burst_seconds = burst_seconds
+        self.adaptive = adaptive
+        self._requests = self._bucket(rpm, now)
+        self._tokens = self._bucket(tpm, now)
+        self.paused_until = 0.0  # nobody is admitted before this clock time
+        self.rate_limited = 0  # 429s seen, for progress and reports
+        self._last_cut = -math.inf  # clock time of the last decrease, to cut once per burst
+        self._clean_since_cut = 0  # successes since then, for the additive increase
+        self._recent: list[float] = []  # admission times in the last few seconds
+        self._clock = clock
+        self._sleep = sleep
+        self._gate = anyio.Lock()
+        self._freed = anyio.Event()
+
+    def _bucket(self, per_minute: float | None, now: float) -> TokenBucket | None:
+        if not per_minute:
+            return None
+        rate = per_minute / 60.0
+        return TokenBucket(rate, max(1.0, rate * self.burst_seconds), now)
+
+    @property
+    def rpm(self) -> float | None:
+        """The requests/min now in force (None: no rate limit, only the in-flight cap)."""
+        return self._requests.rate * 60.0 if self._requests else None
+
+    async def acquire(self, estimated_tokens: int = 0) -> Permit:
+        async with self._gate:
+            while True:
+                now = self._clock()
+                if self.in_flight >= int(self.limit):
+                    self._freed = anyio.Event() if self._freed.is_set() else self._freed
+                    await self._freed.wait()
+                    continue
+                wait = max(0.0, self.paused_until - now)
+                if self._requests is not None:
+                    wait = max(wait, self._requests.wait_for(1, now))
+                if self._tokens is not None and estimated_tokens:
+                    wait = max(wait, self._tokens.wait_for(estimated_tokens, now))
+                if wait <= 0:
+                    break
+                await self._sleep(wait)
+            if self._requests is not None:
+                self._requests.spend(1)
+            if self._tokens is not None:
+                self._tokens.spend(estimated_tokens)
+            self.in_flight += 1
+            self._note_admission(now)
+            return Permit(estimated_tokens)
+
+    def _note_admission(self, now: float) -> None:
+        recent = self._recent
+        recent.append(now)
+        if len(recent) > 4096 or (recent and recent[0] < now - 5.0):
+            cutoff = now - 5.0
+            self._recent = [t for t in recent if t >= cutoff]
+
+    def release(
+        self,
+        permit: Permit,
+        *,
+        used_tokens: int | None = None,
+        rate_limited: bool = False,
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Hand back a permit, telling the limiter what the server said."""
+        self.in_flight -= 1
+        now = self._clock()
+        if self._tokens is not None and used_tokens is not None:
+            self._tokens.refill(now)
+            self._tokens.level += permit.estimated_tokens - used_tokens
+        if headers:
+            self._learn_from_headers(headers, now)
+        if rate_limited:
+            self._on_rate_limited(now, retry_after)
+        elif retry_after is None:
+            self._on_success(now)
+        if retry_after:
+            self.paused_until = max(self.paused_until, now + retry_after)
+        self._freed.set()
+
+    def _on_rate_limited(self, now: float, retry_after: float | None) -> None:
+        self.rate_limited += 1
+        if not self.adaptive:
+            return
+        # Everything already in flight was sent at the old pace: cut once per burst.
+        if now - self._last_cut < 1.0:
+            return
+        self._last_cut = now
+        self._clean_since_cut = 0
+        self.limit = max(1.0, self.limit * 0.5)
+        if self.user_rpm is None or (self._requests and self._requests.rate * 60 >= self.user_rpm):
+            achieved = self._achieved_rate(now)
+            current = self._requests.rate if self._requests else math.inf
+            new_rate = min(current * 0.8, achieved * 0.9) if achieved else current * 0.8
+            if math.isfinite(new_rate) and new_rate > 0:
+                self._set_rate(new_rate, now)
+        if retry_after is None:
+            self.paused_until = max(self.paused_until, now + 0.5)
+
+    def _achieved_rate(self, now: float) -> float:
+        """Admissions per second over the last two seconds: what the server took."""
+        window = 2.0
+        count = sum(1 for t in self._recent if t >= now - window)
+        return count / window
+
+    def _on_success(self, now: float) -> None:
+        if not self.adaptive:
+            return
+        self._clean_since_cut += 1
+        if self.limit < self.max_concurrency and self._clean_since_cut >= int(self.limit):
+            self.limit = min(float(self.max_concurrency), self.limit + 1.0)
+            self._clean_since_cut = 0
+        # A learned rate creeps back up, about 5% a second of clean traffic, up to the cap.
+        if self._requests is not None and now - self._last_cut > 2.0:
+            ceiling = self.user_rpm / 60.0 if self.user_rpm else math.inf
+            rate = self._requests.rate
+            if rate < ceiling:
+                self._set_rate(min(ceiling, rate * (1.0 + 0.05 / max(rate, 1.0))), now)
+
+    def _set_rate(self, per_second: float, now: float) -> None:
+        if self._requests is None:
+            cap = max(1.0, per_second * self.burst_seconds)
+            self._requests = TokenBucket(per_second, cap, now)
+            self._requests.level = 0.0  # just got a 429: no burst on top of it
+        else:
+            self._requests.set_rate(per_second, self.burst_seconds, now)
+
+    def _learn_from_headers(self, headers: Mapping[str, str], now: float) -> None:
+        """Use ``x-ratelimit-*`` when the server sends them: the truth beats a guess."""
+        limit = _header_int(headers, "x-ratelimit-limit-requests")
+        if limit and self.adaptive:
+            # Aim a little under the stated limit: our sends reach the server with jitter.
+            target = limit / 60.0 * 0.98
+            if self.user_rpm:
+                target = min(target, self.user_rpm / 60.0)
+            if self._requests is None or self._requests.rate > target:
+                self._set_rate(target, now)
+        remaining = _header_int(headers, "x-ratelimit-remaining-requests")
+        if remaining == 0:
+            reset = parse_reset(headers.get("x-ratelimit-reset-requests"))
+            if reset:
+                self.paused_until = max(self.paused_until, now + min(reset, 60.0))
+        remaining_tokens = _header_int(headers, "x-ratelimit-remaining-tokens")
+        if remaining_tokens == 0:
+            reset = parse_reset(headers.get("x-ratelimit-reset-tokens"))
+            if reset:
+                self.paused_until = max(self.paused_until, now + min(reset, 60.0))

@@ -1,0 +1,131 @@
+"""Result rows: what one job's outcome looks like in the results table.
+
+Three constructors, one per way a row can end (answered, failed, never sendable), so
+the columns are filled the same way everywhere and match ``pipeline.schema``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.errors import RequestError
+from pipeline.request import Job, Rejected
+from pipeline.wire import Answer
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """Columns every result of this run shares."""
+
+    run_id: str
+    provider: str
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _json(value: Any) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _base(ctx: RunContext, job: Job | Rejected, status: str) -> dict[str, Any]:
+    return {
+        "run_id": ctx.run_id,
+        "id": job.id,
+        "status": status,
+        "provider": ctx.provider,
+        "metadata": _json(job.metadata),
+        "source_file": job.source_file,
+        "source_line": job.source_line,
+        "request_hash": job.request_hash,
+        "carried": job.carried,
+    }
+
+
+def parse_json_content(job: Job, content: str | None) -> str | None:
+    """The reply as JSON text when the request asked for JSON output, else None."""
+    fmt = job.body.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):
+        return None
+    if content is None:
+        return None
+    try:
+        return _json(json.loads(content))
+    except ValueError:
+        return None
+
+
+def ok_row(
+    ctx: RunContext,
+    job: Job,
+    answer: Answer,
+    *,
+    base_url: str,
+    http_status: int,
+    attempts: int,
+    latency_ms: float,
+    started_at: datetime,
+) -> dict[str, Any]:
+    usage = answer.usage
+    row = _base(ctx, job, "ok")
+    row.update(
+        base_url=base_url,
+        model=job.model,
+        response_model=answer.response_model,
+        response_id=answer.response_id,
+        finish_reason=answer.finish_reason,
+        content=answer.content,
+        reasoning_content=answer.reasoning_content,
+        tool_calls=_json(answer.tool_calls),
+        parsed=parse_json_content(job, answer.content),
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        cached_tokens=usage.cached_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        image_tokens=usage.image_tokens,
+        audio_tokens=usage.audio_tokens,
+        attempts=attempts,
+        http_status=http_status,
+        latency_ms=latency_ms,
+        started_at=started_at,
+        finished_at=utcnow(),
+    )
+    return row
+
+
+def error_row(
+    ctx: RunContext, job: Job, error: RequestError, *, attempts: int, started_at: datetime
+) -> dict[str, Any]:
+    row = _base(ctx, job, "error")
+    row.update(
+        base_url=error.base_url,
+        model=job.model,
+        attempts=attempts,
+        http_status=error.http_status,
+        error_type=error.error_type,
+        error_message=str(error),
+        fallback_suggestion=error.fallback_suggestion,
+        started_at=started_at,
+        finished_at=utcnow(),
+    )
+    return row
+
+
+def invalid_row(ctx: RunContext, rejected: Rejected) -> dict[str, Any]:
+    now = utcnow()
+    row = _base(ctx, rejected, "error")
+    row.update(
+        attempts=0,
+        error_type="invalid_input",
+        error_message=rejected.message,
+        started_at=now,
+        finished_at=now,
+    )
+    return row

@@ -1,0 +1,377 @@
+"""Turn an input row into a request body, or into the reason it cannot be one.
+
+Three row forms are accepted (DESIGN.md, "Input rows"): the flat form of ModelStream's
+form schema (``prompt``, ``system_prompt``, ``image_urls``, ``image_detail``), full
+OpenAI ``messages``, and OpenAI Batch-API lines (``custom_id`` + ``body``). Every
+request field is checked here, before anything is sent, so a bad row costs nothing
+and is reported with its file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.images import MAX_IMAGES_PER_ROW, ImageError, resolve_image
+from pipeline.source import SourceRow
+
+# Fields passed to the API as given (after validation).
+PASSTHROUGH_FIELDS = (
+    "model",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_tokens",
+    "max_completion_tokens",
+    "reasoning_effort",
+    "verbosity",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "stop",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "parallel_tool_calls",
+    "user",
+)
+FLAT_FIELDS = ("prompt", "system_prompt", "image_urls", "image_detail")
+BATCH_FIELDS = ("custom_id", "method", "url", "body")
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+class InvalidRow(ValueError):
+    """The row cannot be a valid request; the message says which field and why."""
+
+
+@dataclass(slots=True)
+class Job:
+    """One row ready to send."""
+
+    id: str
+    body: dict[str, Any]
+    request_hash: str
+    source_file: str
+    source_line: int
+    metadata: Any = None
+    carried: dict[str, Any] = field(default_factory=dict)
+    est_prompt_tokens: int = 0
+
+    @property
+    def model(self) -> str:
+        return str(self.body.get("model", ""))
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A row that will not be sent: it becomes an ``invalid_input`` result."""
+
+    id: str
+    message: str
+    source_file: str
+    source_line: int
+    metadata: Any = None
+    carried: dict[str, Any] = field(default_factory=dict)
+    request_hash: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """Run-wide settings that shape each request."""
+
+    model: str | None = None  # for rows that name none
+    id_column: str = "id"
+    prompt_template: str | None = None  # "{column}" placeholders filled from the row
+    system_prompt: str | None = None  # likewise; a row's own system_prompt wins
+    image_root: Path | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # e.g. temperature from a job file
+
+
+def _number(lo: float | None, hi: float | None, *, integer: bool = False) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        ok_type = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, ok_type):
+            raise InvalidRow("must be an integer" if integer else "must be a number")
+        if lo is not None and value < lo:
+            raise InvalidRow(f"must be at least {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise InvalidRow(f"must be at most {hi}, got {value}")
+
+    return check
+
+
+def _choice(*allowed: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value not in allowed:
+            raise InvalidRow(f"must be one of {', '.join(allowed)}, got {value!r}")
+
+    return check
+
+
+def _of_type(kind: type | tuple[type, ...], label: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise InvalidRow(f"must be {label}")
+
+    return check
+
+
+def _stop(value: Any) -> None:
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and all(isinstance(s, str) for s in value) and len(value) <= 4:
+        return
+    raise InvalidRow("must be a string or a list of up to 4 strings")
+
+
+def _response_format(value: Any) -> None:
+    if not isinstance(value, Mapping) or value.get("type") not in (
+        "text",
+        "json_object",
+        "json_schema",
+    ):
+        raise InvalidRow("must be {'type': 'text' | 'json_object' | 'json_schema', ...}")
+    if value["type"] == "json_schema" and not isinstance(value.get("json_schema"), Mapping):
+        raise InvalidRow("json_schema format needs a 'json_schema' object")
+
+
+# Ranges from the gateways' docs (shared/seeds).
+VALIDATORS: dict[str, Callable[[Any], None]] = {
+    "model": _of_type(str, "a string"),
+    "temperature": _number(0, 2),
+    "top_p": _number(0, 1),
+    "top_k": _number(1, None, integer=True),
+    "max_tokens": _number(1, None, integer=True),
+    "max_completion_tokens": _number(1, 128000, integer=True),
+    "reasoning_effort": _choice("none", "minimal", "low", "medium", "high", "xhigh"),
+    "verbosity": _choice("low", "medium", "high"),
+    "response_format": _response_format,
+    "tools": _of_type(list, "a list of tool objects"),
+    "tool_choice": _of_type((str, dict), "a string or an object"),
+    "stop": _stop,
+    "seed": _number(None, None, integer=True),
+    "frequency_penalty": _number(-2, 2),
+    "presence_penalty": _number(-2, 2),
+    "n": _number(1, 128, integer=True),
+}
+
+
+def _validate_fields(body: Mapping[str, Any]) -> None:
+    for name, check in VALIDATORS.items():
+        if name in body and body[name] is not None:
+            try:
+                check(body[name])
+            except InvalidRow as exc:
+                raise InvalidRow(f"field '{name}' {exc}") from None
+
+
+def _validate_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRow("field 'messages' must be a non-empty list")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise InvalidRow(f"messages[{i}] must be an object")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise InvalidRow(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}")
+        content = msg.get("content")
+        if content is None and role in ("assistant", "tool") or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise InvalidRow(f"messages[{i}].content must be a string or a list of parts")
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
+                raise InvalidRow(f"messages[{i}].content[{j}] must be an object with a 'type'")
+
+
+def _fill(template: str, row: Mapping[str, Any], what: str) -> str:
+    """Fill ``{column}`` placeholders; a missing column is named, not silently blank."""
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name and name.split(".")[0].split("[")[0] not in row:
+            raise InvalidRow(f"{what} uses column '{name}', which this row does not have")
+    try:
+        return template.format_map(row)
+    except (ValueError, IndexError, KeyError, AttributeError) as exc:
+        raise InvalidRow(f"{what} cannot be filled from this row ({exc})") from None
+
+
+def _image_parts(
+    refs: Any, detail: Any, base_dir: Path, image_root: Path | None
+) -> list[dict[str, Any]]:
+    if isinstance(refs, str):
+        refs = [refs]
+    if not isinstance(refs, list):
+        raise InvalidRow("field 'image_urls' must be a list of URLs or paths")
+    if len(refs) > MAX_IMAGES_PER_ROW:
+        raise InvalidRow(f"field 'image_urls' has {len(refs)} images; at most 10 are allowed")
+    if detail is not None and detail not in ("auto", "low", "high"):
+        raise InvalidRow(f"field 'image_detail' must be auto, low or high, got {detail!r}")
+    parts = []
+    for ref in refs:
+        try:
+            url = resolve_image(ref, base_dir, image_root)
+        except ImageError as exc:
+            raise InvalidRow(str(exc)) from None
+        image_url: dict[str, Any] = {"url": url}
+        if detail is not None:
+            image_url["detail"] = detail
+        parts.append({"type": "image_url", "image_url": image_url})
+    return parts
+
+
+def _flat_messages(
+    row: Mapping[str, Any], opts: RequestOptions, base_dir: Path
+) -> list[dict[str, Any]]:
+    prompt = row.get("prompt")
+    if opts.prompt_template is not None:
+        prompt = _fill(opts.prompt_template, row, "prompt_template")
+    if prompt is None:
+        raise InvalidRow("row has nothing to send: no 'prompt', 'messages' or Batch-API 'body'")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRow("field 'prompt' must be a non-empty string")
+    system = row.get("system_prompt")
+    if system is None and opts.system_prompt is not None:
+        system = _fill(opts.system_prompt, row, "system_prompt")
+    if system is not None and not isinstance(system, str):
+        raise InvalidRow("field 'system_prompt' must be a string")
+    messages: list[dict[str, Any]] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    refs = row.get("image_urls")
+    if refs:
+        parts = [{"type": "text", "text": prompt}]
+        parts += _image_parts(refs, row.get("image_detail"), base_dir, opts.image_root)
+        messages.append({"role": "user", "content": parts})
+    else:
+        messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+def _response_format_from_flat(value: Any) -> Any:
+    """ModelStream's form takes ``response_format`` as a bare string; the API wants an object."""
+    if isinstance(value, str):
+        return {"type": value}
+    return value
+
+
+def request_hash(body: Mapping[str, Any]) -> str:
+    """A stable fingerprint of what is sent: same body, same hash, in any process."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """A cheap upper-ish guess of prompt tokens for the tokens/min limiter.
+
+    Images count by their own rule (a flat 765, the most a high-detail tile set
+    usually costs), never by the length of their base64 text, which would inflate the
+    guess a thousandfold and throttle the run for nothing.
+    """
+    chars = 0
+    images = 0
+    for msg in body.get("messages") or []:
+        content = msg.get("content") if isinstance(msg, Mapping) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, Mapping):
+                    continue
+                if part.get("type") == "text":
+                    chars += len(str(part.get("text", "")))
+                elif part.get("type") == "image_url":
+                    images += 1
+        chars += 16
+    return chars // 4 + 765 * images + 3
+
+
+def _row_id(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise InvalidRow(f"id must be a string or an integer, got {type(raw).__name__}")
+    return str(raw)
+
+
+def build_job(row: SourceRow, opts: RequestOptions) -> Job | Rejected:
+    """Turn one source row into a Job, or a Rejected row that names the file and line."""
+    where_file = str(row.file)
+    if row.data is None:
+        return Rejected(
+            id=f"{row.file.name}:{row.line}",
+            message=f"{row.where}: {row.error}",
+            source_file=where_file,
+            source_line=row.line,
+        )
+    data = row.data
+    is_batch = isinstance(data.get("body"), Mapping) and "custom_id" in data
+    id_key = "custom_id" if is_batch else opts.id_column
+    try:
+        row_id = _row_id(data.get(id_key))
+    except InvalidRow as exc:
+        return Rejected(f"{row.file.name}:{row.line}", f"{row.where}: {exc}", where_file, row.line)
+    metadata = data.get("metadata")
+    consumed = set(BATCH_FIELDS) if is_batch else {id_key, "metadata", *FLAT_FIELDS, "messages"}
+    if not is_batch:
+        consumed.update(PASSTHROUGH_FIELDS)
+        consumed.add("stream")
+    carried = {k: v for k, v in data.items() if k not in consumed}
+    try:
+        body = _body(data, is_batch, opts, row.file.parent)
+    except InvalidRow as exc:
+        return Rejected(
+            id=row_id or f"{row.file.name}:{row.line}",
+            message=f"{row.where}: {exc}",
+            source_file=where_file,
+            source_line=row.line,
+            metadata=metadata,
+            carried=carried,
+        )
+    digest = request_hash(body)
+    return Job(
+        id=row_id if row_id is not None else f"h-{digest[:16]}",
+        body=body,
+        request_hash=digest,
+        source_file=where_file,
+        source_line=row.line,
+        metadata=metadata,
+        carried=carried,
+        est_prompt_tokens=estimate_prompt_tokens(body),
+    )
+
+
+def _body(
+    data: Mapping[str, Any], is_batch: bool, opts: RequestOptions, base_dir: Path
+) -> dict[str, Any]:
+    if is_batch:
+        url = data.get("url", "/v1/chat/completions")
+        if url not in ("/v1/chat/completions", "/chat/completions"):
+            raise InvalidRow(f"Batch-API url {url!r}: only /v1/chat/completions is supported")
+        body = dict(data["body"])
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+    else:
+        body = {k: data[k] for k in PASSTHROUGH_FIELDS if data.get(k) is not None}
+        if "response_format" in body:
+            body["response_format"] = _response_format_from_flat(body["response_format"])
+        if data.get("messages") is not None:
+            body["messages"] = data["messages"]
+        else:
+            body["messages"] = _flat_messages(data, opts, base_dir)
+    for key, value in opts.defaults.items():
+        body.setdefault(key, value)
+    if not body.get("model"):
+        if not opts.model:
+            raise InvalidRow("no model: the row names none and no --model was given")
+        body["model"] = opts.model
+    _validate_messages(body.get("messages"))
+    _validate_fields(body)
+    return body

@@ -1,0 +1,392 @@
+"""The run: read rows, send them under the limiter with retries, write every outcome.
+
+Three kinds of task share two bounded streams, so memory stays flat whatever the
+input size::
+
+    reader (thread) ──jobs──► N workers ──results──► writer (journal, Parquet)
+
+The reader validates rows and skips ids already done; workers hold the limiter
+permit only while a request is on the wire; the writer journals each result as
+soon as it arrives. Stopping (a fatal answer, a signal, the budget) stops dispatch
+at once and lets in-flight requests finish: their answers are kept. Rows that were
+never sent get no outcome row, so a plain re-run sends them.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from pipeline.client import ChatClient, Reply
+from pipeline.config import RunOptions
+from pipeline.errors import Kind, RequestError, fatal_advice
+from pipeline.limiter import RateLimiter
+from pipeline.outcome import RunContext, error_row, invalid_row, ok_row, utcnow
+from pipeline.progress import Progress, Tally
+from pipeline.request import Job, Rejected, RequestOptions, build_job
+from pipeline.resume import Outcomes
+from pipeline.retry import retrying
+from pipeline.sink import ResultSink, write_part
+from pipeline.source import SourceRow, read_rows
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+GRACE_SECONDS = 30.0  # after a first signal, how long in-flight requests may take
+
+
+class _Stopped(Exception):
+    """Raised inside a worker when the run is stopping: the row stays pending."""
+
+
+@dataclass
+class RunResult:
+    """What the run did, for the summary line, the manifest and the exit code."""
+
+    run_id: str
+    out: Path
+    tally: Tally
+    started: float
+    finished: float = 0.0
+    fatal: str | None = None  # why the run stopped early, with advice
+    signal: int | None = None
+    pending: int = 0  # rows read but never sent (stopped early)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        if self.signal is not None:
+            return EXIT_SIGNAL.get(signal.Signals(self.signal), 128 + self.signal)
+        if self.fatal is not None:
+            return EXIT_FATAL
+        t = self.tally
+        if t.status["error"] or t.status["invalid_input"]:
+            return EXIT_FAILED
+        return EXIT_OK
+
+    @property
+    def wall_seconds(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+
+class Runner:
+    """One run over a stream of files. Build it, then ``await run()``."""
+
+    def __init__(
+        self,
+        opts: RunOptions,
+        *,
+        run_id: str,
+        files: list[Path],
+        outcomes: Outcomes,
+        client: ChatClient,
+        provider_name: str,
+        progress: Progress | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        row_filter: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.opts = opts
+        self.files = files
+        self.outcomes = outcomes
+        self.client = client
+        self.ctx = RunContext(run_id=run_id, provider=provider_name)
+        self.tally = Tally()
+        self.progress = progress or Progress(self.tally, quiet=True)
+        self.progress.tally = self.tally
+        self.limiter = RateLimiter(opts.concurrency, opts.rpm, opts.tpm, sleep=self._sleep)
+        self.request_options = RequestOptions(
+            model=opts.model,
+            id_column=opts.id_column,
+            prompt_template=opts.prompt_template,
+            system_prompt=opts.system_prompt,
+            image_root=opts.image_root,
+            defaults=opts.request_defaults,
+        )
+        self.sink = ResultSink(opts.out, run_id)
+        self.result = RunResult(run_id, opts.out, self.tally, time.monotonic())
+        self._row_filter = row_filter  # e.g. shard membership, by id
+        self._retry_sleep = sleep
+        self._stop = anyio.Event()
+        self._cancel_all: anyio.CancelScope | None = None
+
+    # -- stopping -------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self, reason: str | None = None) -> None:
+        """Stop dispatch; in-flight requests finish. ``reason`` marks a fatal stop."""
+        if reason and self.result.fatal is None:
+            self.result.fatal = reason
+        self._stop.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep that wakes early when the run stops, so nobody waits out a long pause."""
+        if seconds <= 0:
+            return
+        with anyio.move_on_after(seconds):
+            await self._stop.wait()
+
+    async def _retry_wait(self, seconds: float) -> None:
+        if self._retry_sleep is not None:
+            await self._retry_sleep(seconds)
+        else:
+            await self._sleep(seconds)
+
+    # -- the run --------------------------------------------------------------------
+
+    async def run(self) -> RunResult:
+        jobs_tx, jobs_rx = anyio.create_memory_object_stream[Job](
+            max_buffer_size=max(64, self.opts.concurrency)
+        )
+        results_tx, results_rx = anyio.create_memory_object_stream[dict[str, Any]](
+            max_buffer_size=4096
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                self._cancel_all = tg.cancel_scope
+                tg.start_soon(self._watch_signals, tg.cancel_scope)
+                tg.start_soon(self._count_total)
+                async with anyio.create_task_group() as work:
+                    work.start_soon(self._writer, results_rx)
+                    async with results_tx, jobs_rx:
+                        for _ in range(self.opts.concurrency):
+                            work.start_soon(self._worker, jobs_rx.clone(), results_tx.clone())
+                        await self._reader(jobs_tx, results_tx.clone())
+                tg.cancel_scope.cancel()  # stop the signal watcher and the counter
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.sink.close)
+                await self.client.aclose()
+            self.result.finished = time.monotonic()
+            self.progress.close()
+        return self.result
+
+    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
+        try:
+            receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+            with receiver as signals:
+                async for signum in signals:
+                    if self.result.signal is not None:
+                        self.progress.message("second signal: stopping now", "warning")
+                        scope.cancel()
+                        return
+                    self.result.signal = int(signum)
+                    self.progress.message(
+                        f"{signal.Signals(signum).name}: no new requests; waiting up to "
+                        f"{GRACE_SECONDS:.0f}s for those in flight (again to stop now)",
+                        "warning",
+                    )
+                    self.stop()
+                    scope.deadline = min(scope.deadline, anyio.current_time() + GRACE_SECONDS)
+        except (ValueError, NotImplementedError, RuntimeError):
+            return  # not the main thread (tests, embedding): no signal handling
+
+    async def _count_total(self) -> None:
+        """Count input rows in the background for the progress bar's ETA."""
+        from pipeline.source import count_rows
+
+        self.tally.total = await anyio.to_thread.run_sync(count_rows, self.files)
+
+    # -- reading --------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[list[Job | Rejected]]:
+        limit = self.opts.limit if self.opts.limit is not None else math.inf
+        taken = 0
+        for rows in read_rows(self.files):
+            batch: list[Job | Rejected] = []
+            for row in rows:
+                item = self._prepare(row)
+                if item is None:
+                    continue
+                batch.append(item)
+                taken += 1
+                if taken >= limit:
+                    break
+            yield batch
+            if taken >= limit or self.stopping:
+                return
+
+    def _prepare(self, row: SourceRow) -> Job | Rejected | None:
+        item = build_job(row, self.request_options)
+        if self._row_filter is not None and not self._row_filter(item.id):
+            return None
+        if self.outcomes.done(item.id, self.opts.retry_failed):
+            self.tally.skipped += 1
+            return None
+        return item
+
+    async def _reader(
+        self,
+        jobs_tx: MemoryObjectSendStream[Job],
+        results_tx: MemoryObjectSendStream[dict[str, Any]],
+    ) -> None:
+        async with jobs_tx, results_tx:
+            batches = self._batches()
+            while not self.stopping:
+                batch = await anyio.to_thread.run_sync(next, batches, None)
+                if batch is None:
+                    break
+                for item in batch:
+                    if self.stopping:
+                        break
+                    if isinstance(item, Rejected):
+                        await results_tx.send(invalid_row(self.ctx, item))
+                    else:
+                        await jobs_tx.send(item)
+
+    # -- sending --------------------------------------------------------------------
+
+    async def _worker(
+        self,
+        jobs_rx: MemoryObjectReceiveStream[Job],
+        results_tx: MemoryObjectSendStream[dict[str, Any]],
+    ) -> None:
+        async with jobs_rx, results_tx:
+            async for job in jobs_rx:
+                if self.stopping:
+                    self.result.pending += 1
+                    continue
+                row = await self._process(job)
+                if row is None:
+                    self.result.pending += 1
+                else:
+                    await results_tx.send(row)
+
+    async def _process(self, job: Job) -> dict[str, Any] | None:
+        """Send one job with retries. None means the run stopped before it was answered."""
+        started_at = utcnow()
+        attempts = 0
+        reply: Reply | None = None
+        try:
+            async for attempt in retrying(
+                self.opts.max_attempts, self.opts.max_retry_time, sleep=self._retry_wait
+            ):
+                with attempt:
+                    attempts += 1
+                    if attempts > 1:
+                        self.tally.retries += 1
+                    reply = await self._send_once(job)
+        except _Stopped:
+            return None
+        except RequestError as exc:
+            return error_row(self.ctx, job, exc, attempts=attempts, started_at=started_at)
+        assert reply is not None
+        return ok_row(
+            self.ctx,
+            job,
+            reply.answer,
+            base_url=reply.base_url,
+            http_status=reply.http_status,
+            attempts=attempts,
+            latency_ms=reply.latency_ms,
+            started_at=started_at,
+        )
+
+    async def _send_once(self, job: Job) -> Reply:
+        if self.stopping:
+            raise _Stopped
+        permit = await self.limiter.acquire(job.est_prompt_tokens)
+        if self.stopping:
+            self.limiter.release(permit, retry_after=0.0)
+            raise _Stopped
+        try:
+            reply = await self.client.complete(job.body)
+        except RequestError as exc:
+            rate_limited = getattr(exc, "is_rate_limit", False)
+            if rate_limited:
+                self.tally.rate_limited += 1
+            self.limiter.release(permit, rate_limited=rate_limited, retry_after=exc.retry_after)
+            if exc.kind is Kind.FATAL:
+                self.stop(f"{exc}. {fatal_advice(exc).capitalize()}.")
+                raise _Stopped from None
+            raise
+        usage = reply.answer.usage
+        used = None
+        if usage.prompt_tokens is not None:
+            used = usage.prompt_tokens + (usage.completion_tokens or 0)
+        self.limiter.release(permit, used_tokens=used, headers=reply.headers)
+        return reply
+
+    # -- writing --------------------------------------------------------------------
+
+    async def _writer(self, results_rx: MemoryObjectReceiveStream[dict[str, Any]]) -> None:
+        async with results_rx:
+            try:
+                await self._write_loop(results_rx)
+            finally:
+                # Cancelled (second signal, grace over): keep every answer that arrived.
+                while True:
+                    try:
+                        self._write(results_rx.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                        break
+                self.sink.flush()
+
+    async def _write_loop(self, results_rx: MemoryObjectReceiveStream[dict[str, Any]]) -> None:
+        while True:
+            try:
+                row = await results_rx.receive()
+            except anyio.EndOfStream:
+                break
+            self._write(row)
+            # Drain whatever else is ready, then flush once: a small group per flush.
+            while True:
+                try:
+                    self._write(results_rx.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+            self.sink.flush()
+            if self.sink.part_due:
+                taken = self.sink.take_part()
+                if taken is not None:
+                    rows, part, segment = taken
+                    await anyio.to_thread.run_sync(write_part, rows, part)
+                    self.sink.part_done(segment)
+            self.progress.tick()
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self.sink.write(row)
+        t = self.tally
+        status = row["status"]
+        t.status["invalid_input" if row.get("error_type") == "invalid_input" else status] += 1
+        t.prompt_tokens += row.get("prompt_tokens") or 0
+        t.completion_tokens += row.get("completion_tokens") or 0
+        t.cached_tokens += row.get("cached_tokens") or 0
+        t.reasoning_tokens += row.get("reasoning_tokens") or 0
+
+
+def sim_client(opts: RunOptions, base_urls: list[str]) -> tuple[ChatClient, Any]:
+    """A client wired to the in-process simulator, and the simulator (for its ledger)."""
+    from pipeline.simulator import SimConfig, Simulator, sim_transport
+
+    sim = Simulator(SimConfig(**opts.sim))
+    client = make_client(opts, base_urls, None, transport=sim_transport(sim))
+    return client, sim
+
+
+def make_client(
+    opts: RunOptions,
+    base_urls: list[str],
+    api_key: str | None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> ChatClient:
+    return ChatClient(
+        base_urls,
+        api_key,
+        transport=transport,
+        timeout=opts.timeout,
+        stream=opts.stream,
+        max_connections=opts.concurrency,
+    )

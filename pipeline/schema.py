@@ -1,0 +1,103 @@
+"""The results table: one row per job per run that reached an outcome.
+
+This module is the single definition of the columns that `OUT/results/**/*.parquet`
+holds, so the sink, the DuckDB views and the tests agree on names and types. Input
+columns that are not part of the request are carried through after these columns,
+under their own names (prefixed with ``input_`` when a name collides with ours).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("id", pa.string()),
+        ("status", pa.string()),  # 'ok' | 'error'
+        ("provider", pa.string()),
+        ("base_url", pa.string()),
+        ("model", pa.string()),
+        ("response_model", pa.string()),
+        ("response_id", pa.string()),
+        ("finish_reason", pa.string()),
+        ("content", pa.string()),
+        ("reasoning_content", pa.string()),
+        ("tool_calls", pa.string()),  # JSON text
+        ("parsed", pa.string()),  # JSON text, when response_format asks for JSON
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("total_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
+        ("reasoning_tokens", pa.int64()),
+        ("image_tokens", pa.int64()),
+        ("audio_tokens", pa.int64()),
+        ("attempts", pa.int32()),
+        ("http_status", pa.int32()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("fallback_suggestion", pa.string()),
+        ("latency_ms", pa.float64()),
+        ("started_at", UTC_TS),
+        ("finished_at", UTC_TS),
+        ("request_hash", pa.string()),
+        ("metadata", pa.string()),  # JSON text
+        ("source_file", pa.string()),
+        ("source_line", pa.int64()),
+    ]
+)
+
+RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
+_RESULT_COLUMN_SET = frozenset(RESULT_COLUMNS)
+
+
+def carried_name(column: str) -> str:
+    """The results column name for an input column carried through untouched."""
+    return f"input_{column}" if column in _RESULT_COLUMN_SET else column
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _carried_array(values: list[Any]) -> pa.Array:
+    """Arrow array for one carried column; mixed or nested values fall back to JSON text.
+
+    Input files are free-form, so one column can hold ints in one row and strings in
+    the next. Rather than fail the whole batch, such a column is stored as text.
+    """
+    try:
+        arr = pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return pa.array([None if v is None else _as_text(v) for v in values], pa.string())
+    if pa.types.is_null(arr.type):
+        return pa.array(values, pa.string())
+    if pa.types.is_nested(arr.type) or pa.types.is_struct(arr.type):
+        return pa.array([None if v is None else _json_text(v) for v in values], pa.string())
+    return arr
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else _json_text(value)
+
+
+def results_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Build an Arrow table of result rows: our columns first, carried columns after."""
+    rows = list(rows)
+    columns: dict[str, pa.Array] = {}
+    for field in RESULT_SCHEMA:
+        columns[field.name] = pa.array([r.get(field.name) for r in rows], field.type)
+    extra: dict[str, None] = {}
+    for r in rows:
+        for key in r.get("carried", {}) or {}:
+            extra.setdefault(key, None)
+    for key in extra:
+        values = [(r.get("carried") or {}).get(key) for r in rows]
+        columns[carried_name(key)] = _carried_array(values)
+    return pa.table(columns)

@@ -1,0 +1,303 @@
+"""The wire format: turn gateway answers (JSON bodies, SSE streams, error bodies) into values.
+
+Shapes follow the gateways' own docs (shared/seeds): the usage block with
+``prompt_tokens_details`` / ``completion_tokens_details``, the ``input_tokens`` /
+``output_tokens`` compatibility fields, ``reasoning_content``, ``tool_calls``, and
+the error body ``{"error": {"code", "message", "type", "param", "fallback_suggestion"}}``.
+Nothing here does I/O, so every shape is testable from the seeds' example bodies.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import ApiError, TransportError
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts exactly as the server reported them (never estimates)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    image_tokens: int | None = None
+    audio_tokens: int | None = None
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _details(block: Mapping[str, Any], *names: str) -> Mapping[str, Any]:
+    for name in names:
+        value = block.get(name)
+        if isinstance(value, Mapping):
+            return value
+    return {}
+
+
+def parse_usage(block: Any) -> Usage:
+    """Read a usage block, falling back to the compatibility fields gateways also send.
+
+    StarMagic and EvoLink send ``input_tokens``/``output_tokens`` as 0 next to the real
+    ``prompt_tokens``/``completion_tokens``, while Responses-style servers send only the
+    former; so the standard field wins whenever it is present.
+    """
+    if not isinstance(block, Mapping):
+        return Usage()
+    prompt = _int(block.get("prompt_tokens"))
+    if prompt is None:
+        prompt = _int(block.get("input_tokens"))
+    completion = _int(block.get("completion_tokens"))
+    if completion is None:
+        completion = _int(block.get("output_tokens"))
+    total = _int(block.get("total_tokens"))
+    if total is None and prompt is not None and completion is not None:
+        total = prompt + completion
+    p_details = _details(block, "prompt_tokens_details", "input_tokens_details")
+    c_details = _details(block, "completion_tokens_details", "output_tokens_details")
+    audio_in = _int(p_details.get("audio_tokens"))
+    audio_out = _int(c_details.get("audio_tokens"))
+    audio = None if audio_in is None and audio_out is None else (audio_in or 0) + (audio_out or 0)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        cached_tokens=_int(p_details.get("cached_tokens")),
+        reasoning_tokens=_int(c_details.get("reasoning_tokens")),
+        image_tokens=_int(p_details.get("image_tokens")),
+        audio_tokens=audio,
+    )
+
+
+@dataclass(slots=True)
+class Answer:
+    """One successful completion, reduced to what the results table keeps."""
+
+    response_id: str | None
+    response_model: str | None
+    finish_reason: str | None
+    content: str | None
+    reasoning_content: str | None
+    tool_calls: list[Any] | None
+    usage: Usage = field(default_factory=Usage)
+
+
+def parse_completion(body: bytes | str) -> Answer:
+    """Parse a non-streamed chat.completion body. A cut or malformed body is retryable."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TransportError("malformed_response", f"response body is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise TransportError("malformed_response", "response body is not a JSON object")
+    if isinstance(data.get("error"), Mapping):
+        raise error_from_body(200, data, {})
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        raise TransportError("malformed_response", "response has no choices")
+    choice = choices[0]
+    raw_message = choice.get("message")
+    message: Mapping[str, Any] = raw_message if isinstance(raw_message, Mapping) else {}
+    tool_calls = message.get("tool_calls")
+    return Answer(
+        response_id=_str(data.get("id")),
+        response_model=_str(data.get("model")),
+        finish_reason=_str(choice.get("finish_reason")),
+        content=_str(message.get("content")),
+        reasoning_content=_str(message.get("reasoning_content") or message.get("reasoning")),
+        tool_calls=tool_calls if isinstance(tool_calls, list) and tool_calls else None,
+        usage=parse_usage(data.get("usage")),
+    )
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """The wait the server asked for: ``retry-after-ms``, then ``Retry-After`` in seconds
+    or as an HTTP date (the order the openai SDK uses). None when it said nothing usable."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    ms = lowered.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def error_from_body(status: int, data: Any, headers: Mapping[str, str]) -> ApiError:
+    """Build the ApiError for an error answer, from the seeds' body when there is one."""
+    err = data.get("error") if isinstance(data, Mapping) else None
+    if not isinstance(err, Mapping):
+        err = {}
+    code = err.get("code")
+    error_type = _str(err.get("type")) or (code if isinstance(code, str) else None)
+    message = _str(err.get("message")) or f"HTTP {status}"
+    return ApiError(
+        status if status >= 400 else 500,
+        error_type or _default_type(status),
+        message,
+        param=_str(err.get("param")),
+        code=code,
+        fallback_suggestion=_str(err.get("fallback_suggestion")),
+        retry_after=retry_after_seconds(headers),
+    )
+
+
+def parse_error(status: int, body: bytes, headers: Mapping[str, str]) -> ApiError:
+    """Turn a non-2xx answer into an ApiError, tolerating bodies that are not JSON."""
+    try:
+        data: Any = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    error = error_from_body(status, data, headers)
+    if data is None and body:
+        error.message = body[:200].decode("utf-8", "replace").strip() or error.message
+    return error
+
+
+_DEFAULT_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout",
+    413: "request_too_large_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    502: "upstream_error",
+    503: "service_unavailable_error",
+    504: "gateway_timeout",
+}
+
+
+def _default_type(status: int) -> str:
+    return _DEFAULT_TYPES.get(status, f"http_{status}")
+
+
+class StreamAssembler:
+    """Assemble SSE ``chat.completion.chunk`` events into one Answer.
+
+    Gateways cut long streams; a stream that never reached ``data: [DONE]`` is an
+    error to retry, never a partial answer marked ok.
+    """
+
+    def __init__(self) -> None:
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self._tools: dict[int, dict[str, Any]] = {}
+        self.response_id: str | None = None
+        self.response_model: str | None = None
+        self.finish_reason: str | None = None
+        self.usage = Usage()
+        self.done = False
+        self._buffer = ""
+
+    def feed_text(self, text: str) -> None:
+        """Feed raw text from the socket; complete lines are parsed as they arrive."""
+        self._buffer += text
+        *lines, self._buffer = self._buffer.split("\n")
+        for line in lines:
+            self.feed_line(line)
+
+    def feed_line(self, line: str) -> None:
+        line = line.strip()
+        if not line.startswith("data:"):
+            return  # comments (": ping"), event names, blank separators
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            raise TransportError(
+                "malformed_response", "stream sent a chunk that is not JSON"
+            ) from None
+        if isinstance(chunk, Mapping) and isinstance(chunk.get("error"), Mapping):
+            raise error_from_body(500, chunk, {})
+        self._chunk(chunk)
+
+    def _chunk(self, chunk: Any) -> None:
+        if not isinstance(chunk, Mapping):
+            return
+        self.response_id = self.response_id or _str(chunk.get("id"))
+        self.response_model = self.response_model or _str(chunk.get("model"))
+        if isinstance(chunk.get("usage"), Mapping):
+            self.usage = parse_usage(chunk["usage"])
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, Mapping):
+                continue
+            if choice.get("finish_reason"):
+                self.finish_reason = _str(choice["finish_reason"])
+            delta = choice.get("delta")
+            if isinstance(delta, Mapping):
+                self._delta(delta)
+
+    def _delta(self, delta: Mapping[str, Any]) -> None:
+        if isinstance(delta.get("content"), str):
+            self._content.append(delta["content"])
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str):
+            self._reasoning.append(reasoning)
+        for call in delta.get("tool_calls") or []:
+            if not isinstance(call, Mapping):
+                continue
+            slot = self._tools.setdefault(
+                _int(call.get("index")) or 0,
+                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+            )
+            if call.get("id"):
+                slot["id"] = call["id"]
+            if call.get("type"):
+                slot["type"] = call["type"]
+            fn = call.get("function")
+            if isinstance(fn, Mapping):
+                slot["function"]["name"] += fn.get("name") or ""
+                slot["function"]["arguments"] += fn.get("arguments") or ""
+
+    def finish(self) -> Answer:
+        if self._buffer.strip():
+            self.feed_line(self._buffer)
+            self._buffer = ""
+        if not self.done:
+            raise TransportError("stream_cut", "the stream ended before [DONE]")
+        return Answer(
+            response_id=self.response_id,
+            response_model=self.response_model,
+            finish_reason=self.finish_reason,
+            content="".join(self._content) if self._content or not self._tools else None,
+            reasoning_content="".join(self._reasoning) or None,
+            tool_calls=[self._tools[i] for i in sorted(self._tools)] or None,
+            usage=self.usage,
+        )
