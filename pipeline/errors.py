@@ -118,9 +118,9 @@ def _quota_hint(error_type: str, code: Any) -> str:
 
 
 FATAL_ADVICE = {
-    401: "the API key was refused: check the variable named by --api-key-env",
-    403: "the key may not use this model or endpoint: check its permissions",
-    402: "the account is out of balance or quota: top it up, then re-run the same command",
+    401: "The API key was refused: check the variable named by --api-key-env",
+    403: "The key may not use this model or endpoint: check its permissions",
+    402: "The account is out of balance or quota: top it up, then re-run the same command",
 }
 
 
@@ -129,4 +129,4 @@ def fatal_advice(error: RequestError) -> str:
     status = error.http_status or 0
     if error.error_type in _QUOTA_TYPES or status == 402:
         return FATAL_ADVICE[402]
-    return FATAL_ADVICE.get(status, "the server refused the run; see the message above")
+    return FATAL_ADVICE.get(status, "The server refused the run; see the message above")

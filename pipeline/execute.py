@@ -48,6 +48,7 @@ def execute(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
+    clock: Callable[[], float] | None = None,
     progress_stream: Any = None,
 ) -> RunResult:
     """Run a job to the end and return what happened. Raises UsageError / LockedError
@@ -94,6 +95,7 @@ def execute(
             provider_name=provider.name,
             progress=progress,
             sleep=sleep,
+            clock=clock,
             row_filter=shard_filter(opts.shard),
         )
         manifest: dict[str, Any] = {

@@ -50,7 +50,7 @@ class TokenBucket:
         full bucket instead of forever."""
         self.refill(now)
         need = min(amount, self.capacity)
-        if self.level >= need:
+        if self.level >= need - 1e-9:  # float refills land a hair short of whole tokens
             return 0.0
         return (need - self.level) / self.rate
 
@@ -70,6 +70,8 @@ class Permit:
 
     estimated_tokens: int
 
+
+MAX_PAUSE = 300.0  # seconds: the longest run-wide pause a server's word can cause
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -197,7 +199,8 @@ class RateLimiter:
         elif retry_after is None:
             self._on_success(now)
         if retry_after:
-            self.paused_until = max(self.paused_until, now + retry_after)
+            # A server asking for hours is broken, not busy: cap the run-wide pause.
+            self.paused_until = max(self.paused_until, now + min(retry_after, MAX_PAUSE))
         self._freed.set()
 
     def _on_rate_limited(self, now: float, retry_after: float | None) -> None:
@@ -261,9 +264,9 @@ class RateLimiter:
         if remaining == 0:
             reset = parse_reset(headers.get("x-ratelimit-reset-requests"))
             if reset:
-                self.paused_until = max(self.paused_until, now + min(reset, 60.0))
+                self.paused_until = max(self.paused_until, now + min(reset, MAX_PAUSE))
         remaining_tokens = _header_int(headers, "x-ratelimit-remaining-tokens")
         if remaining_tokens == 0:
             reset = parse_reset(headers.get("x-ratelimit-reset-tokens"))
             if reset:
-                self.paused_until = max(self.paused_until, now + min(reset, 60.0))
+                self.paused_until = max(self.paused_until, now + min(reset, MAX_PAUSE))

@@ -294,8 +294,8 @@ def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
 
 
 def _row_id(raw: Any) -> str | None:
-    if raw is None:
-        return None
+    if raw is None or raw == "":
+        return None  # no id: the request's hash names the row
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
         raise InvalidRow(f"id must be a string or an integer, got {type(raw).__name__}")
     return str(raw)
@@ -314,16 +314,23 @@ def build_job(row: SourceRow, opts: RequestOptions) -> Job | Rejected:
     data = row.data
     is_batch = isinstance(data.get("body"), Mapping) and "custom_id" in data
     id_key = "custom_id" if is_batch else opts.id_column
+    metadata = data.get("metadata")
+    consumed = {*BATCH_FIELDS, "metadata"} if is_batch else {id_key, "metadata", *FLAT_FIELDS}
+    if not is_batch:
+        consumed.update(PASSTHROUGH_FIELDS)
+        consumed.update(("messages", "stream"))
+    carried = {k: v for k, v in data.items() if k not in consumed}
     try:
         row_id = _row_id(data.get(id_key))
     except InvalidRow as exc:
-        return Rejected(f"{row.file.name}:{row.line}", f"{row.where}: {exc}", where_file, row.line)
-    metadata = data.get("metadata")
-    consumed = set(BATCH_FIELDS) if is_batch else {id_key, "metadata", *FLAT_FIELDS, "messages"}
-    if not is_batch:
-        consumed.update(PASSTHROUGH_FIELDS)
-        consumed.add("stream")
-    carried = {k: v for k, v in data.items() if k not in consumed}
+        return Rejected(
+            f"{row.file.name}:{row.line}",
+            f"{row.where}: {exc}",
+            where_file,
+            row.line,
+            metadata=metadata,
+            carried=carried,
+        )
     try:
         body = _body(data, is_batch, opts, row.file.parent)
     except InvalidRow as exc:

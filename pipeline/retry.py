@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
-from tenacity.wait import wait_base, wait_exponential_jitter
+from tenacity.wait import wait_base, wait_random_exponential
 
 from pipeline.errors import ApiError, Kind, RequestError
 
@@ -79,7 +79,7 @@ def retrying(
     return AsyncRetrying(
         retry=retry_if_exception(is_retryable),
         stop=stop_after_failures(max_attempts, max_time),
-        wait=wait_server_or(wait_exponential_jitter(initial=initial_wait, max=max_wait)),
+        wait=wait_server_or(wait_random_exponential(multiplier=initial_wait, max=max_wait)),
         sleep=sleeper,
         reraise=True,
     )

@@ -92,6 +92,7 @@ class Runner:
         provider_name: str,
         progress: Progress | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        clock: Callable[[], float] | None = None,
         row_filter: Callable[[str], bool] | None = None,
     ) -> None:
         self.opts = opts
@@ -102,7 +103,14 @@ class Runner:
         self.tally = Tally()
         self.progress = progress or Progress(self.tally, quiet=True)
         self.progress.tally = self.tally
-        self.limiter = RateLimiter(opts.concurrency, opts.rpm, opts.tpm, sleep=self._sleep)
+        # Tests hand in a fake clock and sleep; a real run sleeps in a way a stop can cut short.
+        self.limiter = RateLimiter(
+            opts.concurrency,
+            opts.rpm,
+            opts.tpm,
+            clock=clock or time.monotonic,
+            sleep=sleep or self._sleep,
+        )
         self.request_options = RequestOptions(
             model=opts.model,
             id_column=opts.id_column,
@@ -308,7 +316,7 @@ class Runner:
                 self.tally.rate_limited += 1
             self.limiter.release(permit, rate_limited=rate_limited, retry_after=exc.retry_after)
             if exc.kind is Kind.FATAL:
-                self.stop(f"{exc}. {fatal_advice(exc).capitalize()}.")
+                self.stop(f"{exc}. {fatal_advice(exc)}.")
                 raise _Stopped from None
             raise
         usage = reply.answer.usage

@@ -71,10 +71,10 @@ def expand_sources(specs: list[str | Path]) -> list[Path]:
             found.append(path)
         else:
             raise UsageError(f"{text}: no such file or folder")
-    unique: dict[Path, None] = {}
+    unique: dict[Path, Path] = {}  # resolved path -> the path as the user wrote it
     for p in found:
-        unique.setdefault(p, None)
-    return list(unique)
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def check_readable(path: Path) -> None:
@@ -83,7 +83,7 @@ def check_readable(path: Path) -> None:
         if path.name.lower().endswith(PARQUET_SUFFIXES):
             pq.ParquetFile(path)
         else:
-            with _open_text(path) as fh:
+            with _open_bytes(path) as fh:
                 fh.read(1)
     except (OSError, EOFError, ValueError) as exc:
         raise UsageError(f"{path}: cannot read input ({exc})") from None
@@ -91,16 +91,22 @@ def check_readable(path: Path) -> None:
         raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def _open_text(path: Path) -> IO[str]:
+def _open_bytes(path: Path) -> IO[bytes]:
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
 
 
 def _jsonl_rows(path: Path) -> Iterator[SourceRow]:
-    with _open_text(path) as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
+    """Lines are decoded one by one, so one bad byte costs one row, not the file."""
+    with _open_bytes(path) as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield SourceRow(path, number, None, f"line is not valid UTF-8 ({exc.reason})")
                 continue
             try:
                 data = json.loads(line)
