@@ -1,0 +1,134 @@
+"""The command line: exit codes, stdout for data and stderr for the rest, job files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.lock import OutLock
+from tests.conftest import prompts, read_results, write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def rows(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "rows.jsonl", prompts(20))  # type: ignore[arg-type]
+
+
+def test_run_ok_prints_summary_on_stdout(tmp_path: Path, rows: Path) -> None:
+    code, out, err = invoke("run", str(rows), "--out", str(tmp_path / "out"), "--quiet")
+    assert code == 0, err
+    assert "20 ok, 0 failed" in out and "results in" in out
+    assert len(read_results(tmp_path / "out")) == 20
+    code, out, _ = invoke("run", str(rows), "--out", str(tmp_path / "out"), "--quiet")
+    assert code == 0 and "20 already done" in out
+
+
+def test_some_rows_failed_exits_1(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b"}])
+    code, out, _ = invoke("run", str(src), "--out", str(tmp_path / "out"), "-q")
+    assert code == 1 and "1 invalid" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "missing.jsonl"], "no such file"),
+        (["run", "ROWS", "--concurrency", "0"], "--concurrency"),
+        (["run", "ROWS", "--shard", "3/2"], "--shard"),
+        (["run", "ROWS", "--provider", "nope"], "unknown provider"),
+        (["run", "ROWS", "--provider", "evolink"], "EVOLINK_API_KEY"),
+        (["run"], "nothing to run"),
+    ],
+)
+def test_bad_usage_exits_2_and_sends_nothing(
+    tmp_path: Path, rows: Path, args: list[str], message: str
+) -> None:
+    argv = [str(rows) if a == "ROWS" else a for a in args]
+    code, out, err = invoke(*argv, "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert message in err and out == ""
+    assert not (tmp_path / "out" / "results").exists()
+
+
+def test_unknown_job_file_option_exits_2(tmp_path: Path, rows: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(f'source = ["{rows.name}"]\nconcurency = 4\n')
+    code, _, err = invoke("run", str(job))
+    assert code == 2 and "unknown option 'concurency'" in err
+
+
+def test_fatal_auth_exits_3_without_leaking_key(
+    tmp_path: Path, rows: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIM_KEY", "sk-not-the-right-one")
+    code, out, err = invoke(
+        "run", str(rows), "--out", str(tmp_path / "out"), "-q",
+        "--api-key-env", "SIM_KEY", "--sim", 'api_key="sk-right"',
+    )  # fmt: skip
+    assert code == 3
+    assert "stopped early" in err and "--api-key-env" in err
+    assert "sk-not-the-right-one" not in out + err
+
+
+def test_locked_out_exits_4(tmp_path: Path, rows: Path) -> None:
+    out_dir = tmp_path / "out"
+    with OutLock(out_dir) as lock:
+        lock.acquire("other-run")
+        code, out, err = invoke("run", str(rows), "--out", str(out_dir), "-q")
+    assert code == 4 and "in use by another run" in err and out == ""
+
+
+def test_job_file_paths_are_relative_to_it_and_cli_wins(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    write_jsonl(tmp_path / "in.jsonl", prompts(5))  # type: ignore[arg-type]
+    (jobs / "job.toml").write_text(
+        'source = ["../in.jsonl"]\nout = "../results"\nmodel = "gpt-5.1"\nconcurrency = 2\n'
+    )
+    code, _, err = invoke("run", str(jobs / "job.toml"), "--model", "gpt-5.5", "-q")
+    assert code == 0, err
+    rows = read_results(tmp_path / "results")
+    assert len(rows) == 5 and {r["model"] for r in rows} == {"gpt-5.5"}
+
+
+def test_runs_lists_past_runs(tmp_path: Path, rows: Path) -> None:
+    invoke("run", str(rows), "--out", str(tmp_path / "out"), "-q")
+    code, out, _ = invoke("runs", str(tmp_path / "out"), "--format", "json")
+    assert code == 0
+    runs = json.loads(out)
+    assert len(runs) == 1 and runs[0]["counts"]["ok"] == 20 and runs[0]["exit_code"] == 0
+    assert "api_key" not in json.dumps(runs[0]["options"]).replace("api_key_env", "")
+
+
+def test_providers_lists_the_gateways() -> None:
+    code, out, _ = invoke("providers")
+    assert code == 0
+    assert "https://direct.evolink.ai/v1, https://api.evolink.ai/v1" in out
+    assert "STARMAGIC_API_KEY" in out and "MODELSTREAM_API_KEY" in out
+
+
+@pytest.mark.parametrize("command", ["run", "report", "sql", "sim", "runs", "providers"])
+def test_every_command_help_shows_an_example(command: str) -> None:
+    code, out, _ = invoke(command, "--help")
+    assert code == 0 and "Example" in out
+
+
+def test_python_dash_m_works() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--version"],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and "pipeline" in done.stdout

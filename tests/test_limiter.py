@@ -1,0 +1,148 @@
+"""The shared limiter, on virtual time: caps, buckets, 429 back-off, headers."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from anyio.lowlevel import checkpoint
+
+from pipeline.limiter import MAX_PAUSE, RateLimiter, TokenBucket, parse_reset
+from tests.conftest import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+async def wait_all_tasks_blocked() -> None:
+    """Let every started task run until it blocks (anyio's own helper is trio-only)."""
+    for _ in range(200):
+        await checkpoint()
+
+
+async def admit_times(limiter: RateLimiter, clock: FakeClock, n: int) -> list[float]:
+    """Acquire and immediately release n permits in sequence; return admission times."""
+    times = []
+    for _ in range(n):
+        permit = await limiter.acquire()
+        times.append(clock.now)
+        limiter.release(permit)
+    return times
+
+
+async def test_rpm_has_no_burst_above_one_second_at_start(clock: FakeClock) -> None:
+    limiter = RateLimiter(100, rpm=600, clock=clock, sleep=clock.sleep)  # 10/s
+    times = await admit_times(limiter, clock, 40)
+    assert sum(1 for t in times if t < clock.now - 0 and t <= times[0]) == 10  # one burst
+    for start in times:  # no window of one second holds more than a burst + 10/s
+        assert sum(1 for t in times if start <= t < start + 1.0) <= 20
+    assert times[-1] - times[0] == pytest.approx(3.0, abs=0.05)
+
+
+async def test_in_flight_cap_is_never_exceeded(clock: FakeClock) -> None:
+    limiter = RateLimiter(4, clock=clock, sleep=clock.sleep)
+    peak = 0
+    answered = anyio.Event()
+
+    async def one() -> None:
+        nonlocal peak
+        permit = await limiter.acquire()
+        peak = max(peak, limiter.in_flight)
+        await answered.wait()
+        limiter.release(permit)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(one)
+        await wait_all_tasks_blocked()
+        assert limiter.in_flight == 4
+        answered.set()
+    assert peak == 4 and limiter.in_flight == 0
+
+
+async def test_429_halves_concurrency_once_per_burst_then_recovers(clock: FakeClock) -> None:
+    limiter = RateLimiter(32, clock=clock, sleep=clock.sleep)
+    permits = [await limiter.acquire() for _ in range(10)]
+    for p in permits[:5]:  # five 429s from one burst cut once
+        limiter.release(p, rate_limited=True)
+    assert limiter.limit == 16
+    assert limiter.rate_limited == 5
+    for p in permits[5:]:
+        limiter.release(p)
+    clock.now += 5
+    await admit_times(limiter, clock, 500)
+    assert limiter.limit == 32
+
+
+async def test_429_without_rpm_learns_a_rate(clock: FakeClock) -> None:
+    limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
+    assert limiter.rpm is None
+    await admit_times(limiter, clock, 40)  # 40 admissions in no time
+    permit = await limiter.acquire()
+    limiter.release(permit, rate_limited=True, retry_after=None)
+    assert limiter.rpm is not None and limiter.rpm > 0
+
+
+async def test_retry_after_pauses_everyone(clock: FakeClock) -> None:
+    limiter = RateLimiter(8, rpm=6000, clock=clock, sleep=clock.sleep)
+    permit = await limiter.acquire()
+    start = clock.now
+    limiter.release(permit, rate_limited=True, retry_after=7.0)
+    await limiter.acquire()
+    assert clock.now - start >= 7.0
+
+
+async def test_absurd_retry_after_is_capped(clock: FakeClock) -> None:
+    limiter = RateLimiter(8, clock=clock, sleep=clock.sleep)
+    permit = await limiter.acquire()
+    start = clock.now
+    limiter.release(permit, rate_limited=True, retry_after=10**8)
+    await limiter.acquire()
+    assert clock.now - start <= MAX_PAUSE + 1
+
+
+async def test_ratelimit_headers_set_the_pace_and_pause(clock: FakeClock) -> None:
+    limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
+    permit = await limiter.acquire()
+    limiter.release(permit, headers={"x-ratelimit-limit-requests": "1200"})
+    assert 1200 * 0.97 <= (limiter.rpm or 0) <= 1200
+    permit = await limiter.acquire()
+    start = clock.now
+    limiter.release(
+        permit,
+        headers={"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0s"},
+    )
+    await limiter.acquire()
+    assert clock.now - start == pytest.approx(360.0 if MAX_PAUSE >= 360 else MAX_PAUSE)
+
+
+async def test_user_rpm_is_a_ceiling_for_learned_rates(clock: FakeClock) -> None:
+    limiter = RateLimiter(64, rpm=300, clock=clock, sleep=clock.sleep)
+    permit = await limiter.acquire()
+    limiter.release(permit, headers={"x-ratelimit-limit-requests": "100000"})
+    assert limiter.rpm == pytest.approx(300)
+
+
+async def test_tokens_per_minute_reconciles_with_usage(clock: FakeClock) -> None:
+    limiter = RateLimiter(64, tpm=6000, clock=clock, sleep=clock.sleep)  # 100 tokens/s
+    permit = await limiter.acquire(100)
+    limiter.release(permit, used_tokens=10)  # the estimate was 10x too high: refund 90
+    start = clock.now
+    await limiter.acquire(90)
+    assert clock.now == start, "refunded tokens should be spendable at once"
+
+
+def test_token_bucket_large_request_waits_for_full_bucket_not_forever() -> None:
+    bucket = TokenBucket(rate=10, capacity=10, now=0)
+    bucket.spend(10)
+    assert bucket.wait_for(1000, now=0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1.0), ("6m0s", 360.0), ("12ms", 0.012), ("1h2m3s", 3723.0), ("2.5", 2.5)],
+)
+def test_parse_reset(text: str, seconds: float) -> None:
+    assert parse_reset(text) == pytest.approx(seconds)
+
+
+def test_parse_reset_garbage() -> None:
+    assert parse_reset("soon") is None and parse_reset(None) is None
