@@ -75,6 +75,9 @@ def cli() -> None:
 @click.option("--max-attempts", type=int, help="Attempts per row, 429s aside [default: 6].")
 @click.option("--timeout", type=float, help="Seconds per request [default: 600].")
 @click.option("--stream/--no-stream", default=None, help="Use SSE streaming.")
+@click.option(
+    "--http-transport", type=click.Choice(["aiohttp", "httpx"]), help="[default: aiohttp]"
+)
 @click.option("--max-cost", type=float, metavar="USD", help="Stop before spend passes this.")
 @click.option("--pricing", type=click.Path(path_type=Path), help="Price table CSV override.")
 @click.option("--limit", type=int, help="Only the first N pending rows.")

@@ -36,6 +36,7 @@ class RunOptions:
     max_retry_time: float = 900.0  # seconds a row may spend retrying before it gives up
     timeout: float = 600.0  # per request; streamed requests: per idle gap between chunks
     stream: bool = False
+    http_transport: str = "aiohttp"  # "aiohttp" (fast, default) or "httpx" (httpx's own pool)
     max_cost: float | None = None
     pricing: Path | None = None
     limit: int | None = None

@@ -397,4 +397,5 @@ def make_client(
         timeout=opts.timeout,
         stream=opts.stream,
         max_connections=opts.concurrency,
+        http_transport=opts.http_transport,
     )
