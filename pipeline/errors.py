@@ -18,6 +18,7 @@ tests agree on it (DESIGN.md, "Errors from the server").
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -88,8 +89,10 @@ class ApiError(RequestError):
         code: Any = None,
         fallback_suggestion: str | None = None,
         retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = dict(headers or {})  # the x-ratelimit-* headers that came with it
         self.http_status = status
         self.error_type = error_type
         self.message = message

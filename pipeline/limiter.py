@@ -1,18 +1,19 @@
 """One limiter shared by every task: in-flight cap, requests/min, tokens/min, and back-off.
 
-Why one object: a 429 tells us the *gateway* is full, not that one row was unlucky,
-so the whole run must slow down (USERS.md #3). The limiter therefore keeps
+Why one object: when 429s pile up, the *gateway* is full, not one row unlucky, so
+the whole run must slow down (USERS.md #3). The limiter therefore keeps
 
-- a cap on requests in flight, lowered on a 429 (multiplicative decrease) and raised
-  again one step per clean round (additive increase);
+- a cap on requests in flight, lowered when 429s pile up (multiplicative decrease)
+  and raised again one step per clean round (additive increase);
 - a requests/min token bucket, at the user's ``--rpm``, or at the rate the server
   states in ``x-ratelimit-limit-requests``, or, when neither is known, at a rate
   learned from the 429s themselves (start unlimited, cut to what actually got
   through, creep back up);
 - a tokens/min bucket charged with an estimate before the call and corrected with
   the reported usage after it;
-- a pause for everyone until the ``Retry-After`` the server gave has passed, and
-  until ``x-ratelimit-reset-*`` when it says nothing is left.
+- a pause for everyone for the server's ``Retry-After`` when the run is overloading
+  it, and until ``x-ratelimit-reset-*`` when the server says nothing is left. A lone
+  429 only makes its own row wait (the retry policy honours ``Retry-After``).
 
 Waiters are served first come, first served: the head of the queue holds ``_gate``
 while it waits, so a big request is not starved by small ones behind it. Time comes
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -72,6 +74,9 @@ class Permit:
 
 
 MAX_PAUSE = 300.0  # seconds: the longest run-wide pause a server's word can cause
+OUTCOME_WINDOW = 5.0  # seconds of answers the overload share is measured over
+OVERLOAD_SHARE = 0.10  # share of 429s among recent answers that means "we are too fast"
+MIN_RATE = 0.2  # requests/s: the slowest a learned rate goes
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -129,7 +134,11 @@ class RateLimiter:
         self.rate_limited = 0  # 429s seen, for progress and reports
         self._last_cut = -math.inf  # clock time of the last decrease, to cut once per burst
         self._clean_since_cut = 0  # successes since then, for the additive increase
-        self._recent: list[float] = []  # admission times in the last few seconds
+        self._outcomes: deque[tuple[float, bool]] = deque()  # (time, was 429), last few seconds
+        self._window_total = 0  # answers in _outcomes
+        self._window_limited = 0  # 429s in _outcomes
+        self._server_rpm: float | None = None  # the limit the server states in its headers
+        self._last_growth = now  # clock time the learned rate last grew
         self._clock = clock
         self._sleep = sleep
         self._gate = anyio.Lock()
@@ -167,15 +176,7 @@ class RateLimiter:
             if self._tokens is not None:
                 self._tokens.spend(estimated_tokens)
             self.in_flight += 1
-            self._note_admission(now)
             return Permit(estimated_tokens)
-
-    def _note_admission(self, now: float) -> None:
-        recent = self._recent
-        recent.append(now)
-        if len(recent) > 4096 or (recent and recent[0] < now - 5.0):
-            cutoff = now - 5.0
-            self._recent = [t for t in recent if t >= cutoff]
 
     def release(
         self,
@@ -185,8 +186,13 @@ class RateLimiter:
         rate_limited: bool = False,
         retry_after: float | None = None,
         headers: Mapping[str, str] | None = None,
+        answered: bool = True,
     ) -> None:
-        """Hand back a permit, telling the limiter what the server said."""
+        """Hand back a permit, telling the limiter what the server said.
+
+        ``answered=False`` means the request never got an answer that says anything
+        about the server's load (it was cancelled, or the connection failed).
+        """
         self.in_flight -= 1
         now = self._clock()
         if self._tokens is not None and used_tokens is not None:
@@ -194,39 +200,55 @@ class RateLimiter:
             self._tokens.level += permit.estimated_tokens - used_tokens
         if headers:
             self._learn_from_headers(headers, now)
-        if rate_limited:
-            self._on_rate_limited(now, retry_after)
-        elif retry_after is None:
-            self._on_success(now)
-        if retry_after:
-            # A server asking for hours is broken, not busy: cap the run-wide pause.
-            self.paused_until = max(self.paused_until, now + min(retry_after, MAX_PAUSE))
+        if answered:
+            self._note_outcome(now, rate_limited)
+            if rate_limited:
+                self._on_rate_limited(now, retry_after)
+            else:
+                self._on_success(now)
         self._freed.set()
 
+    def _note_outcome(self, now: float, rate_limited: bool) -> None:
+        window = self._outcomes
+        window.append((now, rate_limited))
+        self._window_total += 1
+        self._window_limited += rate_limited
+        while window and window[0][0] < now - OUTCOME_WINDOW:
+            _, was_limited = window.popleft()
+            self._window_total -= 1
+            self._window_limited -= was_limited
+
     def _on_rate_limited(self, now: float, retry_after: float | None) -> None:
+        """Slow the whole run down, but only on evidence that the run itself is too fast.
+
+        A 429 now and then (a shared gateway's hiccup, another client's burst) is
+        retried by its row after the server's ``Retry-After``; cutting the whole run
+        for each would let random 429s grind it to a halt. When at least
+        ``OVERLOAD_SHARE`` of recent answers are 429s, the run is over the limit:
+        cut concurrency and rate to what the server actually took, and hold everyone
+        for the server's ``Retry-After``.
+        """
         self.rate_limited += 1
         if not self.adaptive:
             return
-        # Everything already in flight was sent at the old pace: cut once per burst.
-        if now - self._last_cut < 1.0:
+        total, limited = self._window_total, self._window_limited
+        if total < 4 or limited / total < OVERLOAD_SHARE:
+            return
+        if now - self._last_cut < 1.0:  # what is in flight was sent at the old pace
             return
         self._last_cut = now
         self._clean_since_cut = 0
-        self.limit = max(1.0, self.limit * 0.5)
-        if self.user_rpm is None or (self._requests and self._requests.rate * 60 >= self.user_rpm):
-            achieved = self._achieved_rate(now)
-            current = self._requests.rate if self._requests else math.inf
-            new_rate = min(current * 0.8, achieved * 0.9) if achieved else current * 0.8
-            if math.isfinite(new_rate) and new_rate > 0:
-                self._set_rate(new_rate, now)
-        if retry_after is None:
-            self.paused_until = max(self.paused_until, now + 0.5)
-
-    def _achieved_rate(self, now: float) -> float:
-        """Admissions per second over the last two seconds: what the server took."""
-        window = 2.0
-        count = sum(1 for t in self._recent if t >= now - window)
-        return count / window
+        self.limit = max(1.0, self.limit * 0.7)
+        current = self._requests.rate if self._requests else math.inf
+        accepted = total - limited
+        if accepted >= 5:  # enough answers to measure what the server takes per second
+            span = max(1.0, now - self._outcomes[0][0])
+            self._set_rate(max(MIN_RATE, min(current * 0.8, accepted / span)), now)
+        elif math.isfinite(current):
+            self._set_rate(max(MIN_RATE, current * 0.5), now)
+        # else: nothing measured yet; the in-flight cut slows us until the next look
+        if retry_after:
+            self.paused_until = max(self.paused_until, now + min(retry_after, MAX_PAUSE))
 
     def _on_success(self, now: float) -> None:
         if not self.adaptive:
@@ -235,12 +257,21 @@ class RateLimiter:
         if self.limit < self.max_concurrency and self._clean_since_cut >= int(self.limit):
             self.limit = min(float(self.max_concurrency), self.limit + 1.0)
             self._clean_since_cut = 0
-        # A learned rate creeps back up, about 5% a second of clean traffic, up to the cap.
-        if self._requests is not None and now - self._last_cut > 2.0:
-            ceiling = self.user_rpm / 60.0 if self.user_rpm else math.inf
+        # A cut rate grows back by 25% + 0.5 req/s per second without a cut, up to the
+        # ceiling: fast enough to recover in seconds, slow enough to find the edge.
+        if self._requests is not None and now - self._last_cut > 1.0:
             rate = self._requests.rate
-            if rate < ceiling:
-                self._set_rate(min(ceiling, rate * (1.0 + 0.05 / max(rate, 1.0))), now)
+            ceiling = self._ceiling
+            dt = min(1.0, now - self._last_growth)
+            if rate < ceiling and dt > 0:
+                self._set_rate(min(ceiling, rate + (0.25 * rate + 0.5) * dt), now)
+        self._last_growth = now
+
+    @property
+    def _ceiling(self) -> float:
+        """The fastest the run may go: the user's --rpm, else what the server stated."""
+        ceilings = [c for c in (self.user_rpm, self._server_rpm) if c]
+        return min(ceilings) / 60.0 if ceilings else math.inf
 
     def _set_rate(self, per_second: float, now: float) -> None:
         if self._requests is None:
@@ -255,9 +286,12 @@ class RateLimiter:
         limit = _header_int(headers, "x-ratelimit-limit-requests")
         if limit and self.adaptive:
             # Aim a little under the stated limit: our sends reach the server with jitter.
-            target = limit / 60.0 * 0.98
-            if self.user_rpm:
-                target = min(target, self.user_rpm / 60.0)
+            if self._server_rpm is None:
+                # The first word from the server: what was sent before it was a guess,
+                # so its 429s should not also cut the rate.
+                self._last_cut = now
+            self._server_rpm = limit * 0.98
+            target = self._ceiling
             if self._requests is None or self._requests.rate > target:
                 self._set_rate(target, now)
         remaining = _header_int(headers, "x-ratelimit-remaining-requests")

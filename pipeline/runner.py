@@ -29,7 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.client import ChatClient, Reply
 from pipeline.config import RunOptions
-from pipeline.errors import Kind, RequestError, fatal_advice
+from pipeline.errors import ApiError, Kind, RequestError, fatal_advice
 from pipeline.limiter import RateLimiter
 from pipeline.outcome import RunContext, error_row, invalid_row, ok_row, utcnow
 from pipeline.progress import Progress, Tally
@@ -306,15 +306,21 @@ class Runner:
             raise _Stopped
         permit = await self.limiter.acquire(job.est_prompt_tokens)
         if self.stopping:
-            self.limiter.release(permit, retry_after=0.0)
+            self.limiter.release(permit, answered=False)
             raise _Stopped
         try:
             reply = await self.client.complete(job.body)
         except RequestError as exc:
-            rate_limited = getattr(exc, "is_rate_limit", False)
+            rate_limited = isinstance(exc, ApiError) and exc.is_rate_limit
             if rate_limited:
                 self.tally.rate_limited += 1
-            self.limiter.release(permit, rate_limited=rate_limited, retry_after=exc.retry_after)
+            self.limiter.release(
+                permit,
+                rate_limited=rate_limited,
+                retry_after=exc.retry_after,
+                headers=exc.headers if isinstance(exc, ApiError) else None,
+                answered=isinstance(exc, ApiError),
+            )
             if exc.kind is Kind.FATAL:
                 self.stop(f"{exc}. {fatal_advice(exc)}.")
                 raise _Stopped from None

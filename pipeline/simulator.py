@@ -345,6 +345,19 @@ class Simulator:
         billed = self._by_id.get(response_id)
         return None if billed is None else billed.usage
 
+    def stats_json(self) -> bytes:
+        """Counters and billing totals, for benchmarks that run the server in another process
+        (``GET /sim/stats``): how many answers were billed, and the most any one request was."""
+        per_key = collections.Counter(b.request_key for b in self.ledger)
+        body = {
+            "stats": dict(self.stats),
+            "billed": len(self.ledger),
+            "billed_total_tokens": sum(int(b.usage.get("total_tokens", 0)) for b in self.ledger),
+            "most_billed_per_request": max(per_key.values(), default=0),
+            "usage_by_response_id": {b.response_id: b.usage for b in self.ledger},
+        }
+        return json.dumps(body).encode()
+
     async def handle(self, request: SimRequest) -> SimResponse:
         """Answer one request as a gateway would, faults and all."""
         self.stats["requests"] += 1
@@ -362,6 +375,8 @@ class Simulator:
         method = request.method.upper()
         if path == "/health" and method == "GET":
             return SimResponse(200, dict(_JSON_HEADERS), b'{"status":"ok"}')
+        if path == "/sim/stats" and method == "GET":
+            return SimResponse(200, dict(_JSON_HEADERS), self.stats_json())
         if path in MODELS_PATHS and method == "GET":
             self._check_auth(request.headers)
             return SimResponse(200, dict(_JSON_HEADERS), self._models_body)

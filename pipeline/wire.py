@@ -177,6 +177,7 @@ def error_from_body(status: int, data: Any, headers: Mapping[str, str]) -> ApiEr
         code=code,
         fallback_suggestion=_str(err.get("fallback_suggestion")),
         retry_after=retry_after_seconds(headers),
+        headers={k: v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")},
     )
 
 

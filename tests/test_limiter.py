@@ -58,12 +58,19 @@ async def test_in_flight_cap_is_never_exceeded(clock: FakeClock) -> None:
     assert peak == 4 and limiter.in_flight == 0
 
 
-async def test_429_halves_concurrency_once_per_burst_then_recovers(clock: FakeClock) -> None:
+async def overload(limiter: RateLimiter, retry_after: float | None = None) -> None:
+    """Five 429s out of ten answers: the run is clearly over the server's limit."""
+    permits = [await limiter.acquire() for _ in range(10)]
+    for i, p in enumerate(permits):
+        limiter.release(p, rate_limited=i % 2 == 0, retry_after=retry_after if i % 2 == 0 else None)
+
+
+async def test_429_storm_cuts_concurrency_once_per_burst_then_recovers(clock: FakeClock) -> None:
     limiter = RateLimiter(32, clock=clock, sleep=clock.sleep)
     permits = [await limiter.acquire() for _ in range(10)]
     for p in permits[:5]:  # five 429s from one burst cut once
         limiter.release(p, rate_limited=True)
-    assert limiter.limit == 16
+    assert limiter.limit == pytest.approx(32 * 0.7)
     assert limiter.rate_limited == 5
     for p in permits[5:]:
         limiter.release(p)
@@ -72,29 +79,37 @@ async def test_429_halves_concurrency_once_per_burst_then_recovers(clock: FakeCl
     assert limiter.limit == 32
 
 
-async def test_429_without_rpm_learns_a_rate(clock: FakeClock) -> None:
+async def test_429_storm_without_rpm_learns_the_rate_that_got_through(clock: FakeClock) -> None:
     limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
     assert limiter.rpm is None
-    await admit_times(limiter, clock, 40)  # 40 admissions in no time
+    await overload(limiter)  # too few answers yet to measure: only the in-flight cap drops
+    assert limiter.rpm is None and limiter.limit < 64
+    clock.now += 1.5
+    await overload(limiter)  # now 5 of 20 answers got through in 1.5 s
+    assert limiter.rpm == pytest.approx(5 / 1.5 * 60)
+
+
+async def test_a_lone_429_slows_only_its_row(clock: FakeClock) -> None:
+    limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
+    await admit_times(limiter, clock, 40)
     permit = await limiter.acquire()
-    limiter.release(permit, rate_limited=True, retry_after=None)
-    assert limiter.rpm is not None and limiter.rpm > 0
+    limiter.release(permit, rate_limited=True, retry_after=30.0)
+    assert limiter.rate_limited == 1
+    assert (limiter.limit, limiter.rpm, limiter.paused_until) == (64, None, 0.0)
 
 
 async def test_retry_after_pauses_everyone(clock: FakeClock) -> None:
-    limiter = RateLimiter(8, rpm=6000, clock=clock, sleep=clock.sleep)
-    permit = await limiter.acquire()
+    limiter = RateLimiter(16, rpm=6000, clock=clock, sleep=clock.sleep)
     start = clock.now
-    limiter.release(permit, rate_limited=True, retry_after=7.0)
+    await overload(limiter, retry_after=7.0)
     await limiter.acquire()
     assert clock.now - start >= 7.0
 
 
 async def test_absurd_retry_after_is_capped(clock: FakeClock) -> None:
-    limiter = RateLimiter(8, clock=clock, sleep=clock.sleep)
-    permit = await limiter.acquire()
+    limiter = RateLimiter(16, clock=clock, sleep=clock.sleep)
     start = clock.now
-    limiter.release(permit, rate_limited=True, retry_after=10**8)
+    await overload(limiter, retry_after=10**8)
     await limiter.acquire()
     assert clock.now - start <= MAX_PAUSE + 1
 
