@@ -77,6 +77,7 @@ MAX_PAUSE = 300.0  # seconds: the longest run-wide pause a server's word can cau
 OUTCOME_WINDOW = 5.0  # seconds of answers the overload share is measured over
 OVERLOAD_SHARE = 0.10  # share of 429s among recent answers that means "we are too fast"
 MIN_RATE = 0.2  # requests/s: the slowest a learned rate goes
+MIN_EVIDENCE = 10  # answers in the window before their 429 share means anything
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -232,7 +233,7 @@ class RateLimiter:
         if not self.adaptive:
             return
         total, limited = self._window_total, self._window_limited
-        if total < 4 or limited / total < OVERLOAD_SHARE:
+        if total < MIN_EVIDENCE or limited / total < OVERLOAD_SHARE:
             return
         if now - self._last_cut < 1.0:  # what is in flight was sent at the old pace
             return

@@ -59,34 +59,37 @@ async def test_in_flight_cap_is_never_exceeded(clock: FakeClock) -> None:
 
 
 async def overload(limiter: RateLimiter, retry_after: float | None = None) -> None:
-    """Five 429s out of ten answers: the run is clearly over the server's limit."""
-    permits = [await limiter.acquire() for _ in range(10)]
-    for i, p in enumerate(permits):
-        limiter.release(p, rate_limited=i % 2 == 0, retry_after=retry_after if i % 2 == 0 else None)
+    """Ten answers, then ten 429s, within a second: the run is over the server's limit."""
+    permits = [await limiter.acquire() for _ in range(20)]
+    for p in permits[:10]:
+        limiter.release(p)
+    for p in permits[10:]:
+        limiter.release(p, rate_limited=True, retry_after=retry_after)
 
 
 async def test_429_storm_cuts_concurrency_once_per_burst_then_recovers(clock: FakeClock) -> None:
     limiter = RateLimiter(32, clock=clock, sleep=clock.sleep)
-    permits = [await limiter.acquire() for _ in range(10)]
-    for p in permits[:5]:  # five 429s from one burst cut once
-        limiter.release(p, rate_limited=True)
+    await overload(limiter)  # ten 429s from one burst cut once
+    assert limiter.rate_limited == 10
     assert limiter.limit == pytest.approx(32 * 0.7)
-    assert limiter.rate_limited == 5
-    for p in permits[5:]:
-        limiter.release(p)
     clock.now += 5
-    await admit_times(limiter, clock, 500)
+    await admit_times(limiter, clock, 2000)
     assert limiter.limit == 32
 
 
 async def test_429_storm_without_rpm_learns_the_rate_that_got_through(clock: FakeClock) -> None:
     limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
     assert limiter.rpm is None
-    await overload(limiter)  # too few answers yet to measure: only the in-flight cap drops
-    assert limiter.rpm is None and limiter.limit < 64
-    clock.now += 1.5
-    await overload(limiter)  # now 5 of 20 answers got through in 1.5 s
-    assert limiter.rpm == pytest.approx(5 / 1.5 * 60)
+    await overload(limiter)  # 10 answers got through within the first second
+    assert limiter.rpm == pytest.approx(10 * 60)
+
+
+async def test_429s_before_any_answer_cut_only_the_in_flight_cap(clock: FakeClock) -> None:
+    limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
+    permits = [await limiter.acquire() for _ in range(12)]
+    for p in permits:
+        limiter.release(p, rate_limited=True)
+    assert limiter.rpm is None and limiter.limit == pytest.approx(64 * 0.7)
 
 
 async def test_a_lone_429_slows_only_its_row(clock: FakeClock) -> None:
@@ -99,7 +102,7 @@ async def test_a_lone_429_slows_only_its_row(clock: FakeClock) -> None:
 
 
 async def test_retry_after_pauses_everyone(clock: FakeClock) -> None:
-    limiter = RateLimiter(16, rpm=6000, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(32, rpm=6000, clock=clock, sleep=clock.sleep)
     start = clock.now
     await overload(limiter, retry_after=7.0)
     await limiter.acquire()
@@ -107,7 +110,7 @@ async def test_retry_after_pauses_everyone(clock: FakeClock) -> None:
 
 
 async def test_absurd_retry_after_is_capped(clock: FakeClock) -> None:
-    limiter = RateLimiter(16, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(32, clock=clock, sleep=clock.sleep)
     start = clock.now
     await overload(limiter, retry_after=10**8)
     await limiter.acquire()
