@@ -47,6 +47,9 @@ class RunOptions:
     shard: str | None = None  # "I/N"
     prompt_template: str | None = None
     system_prompt: str | None = None
+    labels: list[str] | None = None  # answer must be one of these: a validated `label` column
+    json_schema: dict[str, Any] | None = None  # or: answer must fit this JSON schema
+    json_retries: int = 2  # re-asks when a JSON answer is invalid, before the row fails
     id_column: str = "id"
     image_root: Path | None = None
     providers_file: Path | None = None
@@ -149,6 +152,14 @@ def validate(opts: RunOptions) -> None:
         raise UsageError("--log-format must be text or json")
     if opts.shard is not None:
         parse_shard(opts.shard)
+    if opts.labels is not None and (
+        not opts.labels or not all(isinstance(x, str) and x for x in opts.labels)
+    ):
+        raise UsageError("labels must be a non-empty list of non-empty strings")
+    if opts.labels and opts.json_schema:
+        raise UsageError("give labels or json_schema, not both")
+    if opts.json_schema is not None and not isinstance(opts.json_schema, dict):
+        raise UsageError("json_schema must be a JSON schema object")
 
 
 def parse_shard(text: str) -> tuple[int, int]:

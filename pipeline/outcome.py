@@ -48,17 +48,10 @@ def _base(ctx: RunContext, job: Job | Rejected, status: str) -> dict[str, Any]:
     }
 
 
-def parse_json_content(job: Job, content: str | None) -> str | None:
-    """The reply as JSON text when the request asked for JSON output, else None."""
-    fmt = job.body.get("response_format")
-    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):
-        return None
-    if content is None:
-        return None
-    try:
-        return _json(json.loads(content))
-    except ValueError:
-        return None
+def _label(parsed: Any) -> str | None:
+    if isinstance(parsed, dict) and isinstance(parsed.get("label"), str):
+        return str(parsed["label"])
+    return None
 
 
 def ok_row(
@@ -71,7 +64,9 @@ def ok_row(
     attempts: int,
     latency_ms: float,
     started_at: datetime,
+    parsed: Any = None,
 ) -> dict[str, Any]:
+    """An answered row. ``parsed`` is the checked JSON answer when JSON was asked for."""
     usage = answer.usage
     row = _base(ctx, job, "ok")
     row.update(
@@ -83,7 +78,8 @@ def ok_row(
         content=answer.content,
         reasoning_content=answer.reasoning_content,
         tool_calls=_json(answer.tool_calls),
-        parsed=parse_json_content(job, answer.content),
+        parsed=_json(parsed),
+        label=_label(parsed),
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
@@ -97,6 +93,19 @@ def ok_row(
         started_at=started_at,
         finished_at=utcnow(),
     )
+    return row
+
+
+def invalid_json_row(ok: dict[str, Any], problem: str, *, final: bool) -> dict[str, Any]:
+    """An answer that was billed but broke the JSON or schema the request asked for.
+
+    It is kept as an error row with its tokens, so the cost report still matches the
+    invoice; when the row is asked again, this one is marked superseded for the tally.
+    """
+    row = dict(ok, status="error", error_type="invalid_json", error_message=problem)
+    row["parsed"] = row["label"] = None
+    if not final:
+        row["superseded"] = True
     return row
 
 

@@ -24,6 +24,7 @@ class Tally:
     status: Counter[str] = field(default_factory=Counter)  # 'ok', 'error', 'invalid_input'
     rate_limited: int = 0
     retries: int = 0
+    superseded: int = 0  # billed answers kept as error rows and asked again (bad JSON)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0

@@ -93,6 +93,7 @@ class RequestOptions:
     system_prompt: str | None = None  # likewise; a row's own system_prompt wins
     image_root: Path | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict)  # e.g. temperature from a job file
+    response_format: Mapping[str, Any] | None = None  # for rows that ask for none (labels)
 
 
 def _number(lo: float | None, hi: float | None, *, integer: bool = False) -> Callable[[Any], None]:
@@ -375,6 +376,8 @@ def _body(
             body["messages"] = _flat_messages(data, opts, base_dir)
     for key, value in opts.defaults.items():
         body.setdefault(key, value)
+    if opts.response_format is not None:
+        body.setdefault("response_format", dict(opts.response_format))
     if not body.get("model"):
         if not opts.model:
             raise InvalidRow("no model: the row names none and no --model was given")

@@ -29,9 +29,18 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.client import ChatClient, Reply
 from pipeline.config import RunOptions
+from pipeline.dedupe import Dedupe
 from pipeline.errors import ApiError, Kind, RequestError, fatal_advice
+from pipeline.jsoncheck import check_answer, label_format, wants_json
 from pipeline.limiter import RateLimiter
-from pipeline.outcome import RunContext, error_row, invalid_row, ok_row, utcnow
+from pipeline.outcome import (
+    RunContext,
+    error_row,
+    invalid_json_row,
+    invalid_row,
+    ok_row,
+    utcnow,
+)
 from pipeline.progress import Progress, Tally
 from pipeline.request import Job, Rejected, RequestOptions, build_job
 from pipeline.resume import Outcomes
@@ -118,7 +127,9 @@ class Runner:
             system_prompt=opts.system_prompt,
             image_root=opts.image_root,
             defaults=opts.request_defaults,
+            response_format=_answer_format(opts),
         )
+        self.dedupe = Dedupe() if opts.dedupe else None
         self.sink = ResultSink(opts.out, run_id)
         self.result = RunResult(run_id, opts.out, self.tally, time.monotonic())
         self._row_filter = row_filter  # e.g. shard membership, by id
@@ -265,41 +276,70 @@ class Runner:
                 if self.stopping:
                     self.result.pending += 1
                     continue
-                row = await self._process(job)
-                if row is None:
+                rows = await self._dispatch(job, results_tx)
+                if rows is None:
                     self.result.pending += 1
-                else:
-                    await results_tx.send(row)
 
-    async def _process(self, job: Job) -> dict[str, Any] | None:
-        """Send one job with retries. None means the run stopped before it was answered."""
+    async def _dispatch(
+        self, job: Job, results_tx: MemoryObjectSendStream[dict[str, Any]]
+    ) -> list[dict[str, Any]] | None:
+        """Send a job, or share the answer of an identical request already sent."""
+        if self.dedupe is None:
+            rows = await self._process(job, results_tx)
+        else:
+            rows = await self.dedupe.run(job, lambda: self._process(job, results_tx))
+        if rows:
+            await results_tx.send(rows[-1])
+        return rows
+
+    async def _process(
+        self, job: Job, results_tx: MemoryObjectSendStream[dict[str, Any]]
+    ) -> list[dict[str, Any]] | None:
+        """Send one job with retries; returns its final row (last), or None if the run
+        stopped first. Billed answers that broke the asked-for JSON are sent to the
+        writer as they happen (their tokens were paid for) and the row is asked again."""
         started_at = utcnow()
         attempts = 0
-        reply: Reply | None = None
-        try:
-            async for attempt in retrying(
-                self.opts.max_attempts, self.opts.max_retry_time, sleep=self._retry_wait
-            ):
-                with attempt:
-                    attempts += 1
-                    if attempts > 1:
-                        self.tally.retries += 1
-                    reply = await self._send_once(job)
-        except _Stopped:
-            return None
-        except RequestError as exc:
-            return error_row(self.ctx, job, exc, attempts=attempts, started_at=started_at)
-        assert reply is not None
-        return ok_row(
-            self.ctx,
-            job,
-            reply.answer,
-            base_url=reply.base_url,
-            http_status=reply.http_status,
-            attempts=attempts,
-            latency_ms=reply.latency_ms,
-            started_at=started_at,
-        )
+        json_failures = 0
+        while True:
+            reply: Reply | None = None
+            try:
+                async for attempt in retrying(
+                    self.opts.max_attempts, self.opts.max_retry_time, sleep=self._retry_wait
+                ):
+                    with attempt:
+                        attempts += 1
+                        if attempts > 1:
+                            self.tally.retries += 1
+                        reply = await self._send_once(job)
+            except _Stopped:
+                return None
+            except RequestError as exc:
+                return [error_row(self.ctx, job, exc, attempts=attempts, started_at=started_at)]
+            assert reply is not None
+            fmt = job.body.get("response_format")
+            parsed, problem = (
+                check_answer(fmt, reply.answer.content) if wants_json(fmt) else (None, None)
+            )
+            row = ok_row(
+                self.ctx,
+                job,
+                reply.answer,
+                base_url=reply.base_url,
+                http_status=reply.http_status,
+                attempts=attempts,
+                latency_ms=reply.latency_ms,
+                started_at=started_at,
+                parsed=parsed,
+            )
+            if problem is None:
+                return [row]
+            json_failures += 1
+            final = json_failures > self.opts.json_retries or self.stopping
+            rejected = invalid_json_row(row, problem, final=final)
+            if final:
+                return [rejected]
+            await results_tx.send(rejected)
 
     async def _send_once(self, job: Job) -> Reply:
         if self.stopping:
@@ -372,12 +412,25 @@ class Runner:
     def _write(self, row: dict[str, Any]) -> None:
         self.sink.write(row)
         t = self.tally
-        status = row["status"]
-        t.status["invalid_input" if row.get("error_type") == "invalid_input" else status] += 1
         t.prompt_tokens += row.get("prompt_tokens") or 0
         t.completion_tokens += row.get("completion_tokens") or 0
         t.cached_tokens += row.get("cached_tokens") or 0
         t.reasoning_tokens += row.get("reasoning_tokens") or 0
+        if row.pop("superseded", False):
+            t.superseded += 1  # billed, kept, and asked again: not the row's outcome
+            return
+        status = row["status"]
+        t.status["invalid_input" if row.get("error_type") == "invalid_input" else status] += 1
+
+
+def _answer_format(opts: RunOptions) -> dict[str, Any] | None:
+    """The response_format a labeling job asks every row for."""
+    if opts.labels:
+        return label_format(list(opts.labels))
+    if opts.json_schema:
+        schema = opts.json_schema
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    return None
 
 
 def sim_client(opts: RunOptions, base_urls: list[str]) -> tuple[ChatClient, Any]:

@@ -31,6 +31,7 @@ RESULT_SCHEMA = pa.schema(
         ("reasoning_content", pa.string()),
         ("tool_calls", pa.string()),  # JSON text
         ("parsed", pa.string()),  # JSON text, when response_format asks for JSON
+        ("label", pa.string()),  # the validated label, for labeling jobs
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("total_tokens", pa.int64()),
@@ -47,6 +48,7 @@ RESULT_SCHEMA = pa.schema(
         ("started_at", UTC_TS),
         ("finished_at", UTC_TS),
         ("request_hash", pa.string()),
+        ("shared_from", pa.string()),  # id whose identical request paid for this answer
         ("metadata", pa.string()),  # JSON text
         ("source_file", pa.string()),
         ("source_line", pa.int64()),

@@ -1,0 +1,88 @@
+"""Send identical requests once per run and share the answer.
+
+Datasets repeat themselves (the same text under two ids, a prompt with no varying
+column), and paying twice for one answer is waste. A request whose ``request_hash``
+is already in flight waits for that one; a request whose twin finished recently
+takes a copy of its answer. The copy carries ``shared_from`` (the id that paid)
+and zero tokens, so costs still add up to the invoice.
+
+Memory stays bounded: finished answers are remembered for the last ``window``
+distinct requests only. ``--no-dedupe`` turns this off (sampling with temperature
+may want repeats).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from pipeline.request import Job
+
+_TOKEN_FIELDS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "image_tokens",
+    "audio_tokens",
+)
+
+Rows = list[dict[str, Any]] | None
+
+
+class Dedupe:
+    def __init__(self, window: int = 20_000) -> None:
+        self.window = window  # finished answers remembered (distinct requests)
+        self._in_flight: dict[str, anyio.Event] = {}
+        self._done: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.shared = 0  # rows answered by a copy
+
+    async def run(self, job: Job, send: Callable[[], Awaitable[Rows]]) -> Rows:
+        key = job.request_hash
+        while True:
+            finished = self._done.get(key)
+            if finished is not None:
+                self._done.move_to_end(key)
+                self.shared += 1
+                return [self._copy(finished, job)]
+            waiting = self._in_flight.get(key)
+            if waiting is None:
+                break
+            await waiting.wait()
+            if key not in self._done:
+                break  # the twin failed or was stopped: send this one itself
+        event = self._in_flight[key] = anyio.Event()
+        try:
+            rows = await send()
+        finally:
+            del self._in_flight[key]
+            event.set()
+        if rows and rows[-1]["status"] == "ok":
+            self._done[key] = rows[-1]
+            if len(self._done) > self.window:
+                self._done.popitem(last=False)
+        return rows
+
+    @staticmethod
+    def _copy(row: dict[str, Any], job: Job) -> dict[str, Any]:
+        copy = dict(row, id=job.id, shared_from=row["id"], attempts=0)
+        copy.update(
+            metadata=_json_or_none(job.metadata),
+            carried=job.carried,
+            source_file=job.source_file,
+            source_line=job.source_line,
+        )
+        for name in _TOKEN_FIELDS:
+            if copy.get(name) is not None:
+                copy[name] = 0
+        return copy
+
+
+def _json_or_none(value: Any) -> str | None:
+    import json
+
+    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
