@@ -160,5 +160,6 @@ def summary_line(result: RunResult) -> str:
         ", ".join(parts)
         + f" | tokens in {t.prompt_tokens:,} (cached {t.cached_tokens:,})"
         + f" out {t.completion_tokens:,} (reasoning {t.reasoning_tokens:,})"
+        + (f" | ${t.cost_usd:,.4f}" if t.cost_usd else "")
         + f" | {secs:.1f}s, {rate:,.0f} rows/s | results in {result.out}/results"
     )

@@ -27,10 +27,11 @@ import anyio.to_thread
 import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from pipeline.budget import Budget, BudgetExceeded
 from pipeline.client import ChatClient, Reply
 from pipeline.config import RunOptions
 from pipeline.dedupe import Dedupe
-from pipeline.errors import ApiError, Kind, RequestError, fatal_advice
+from pipeline.errors import ApiError, Kind, RequestError, UsageError, fatal_advice
 from pipeline.jsoncheck import check_answer, label_format, wants_json
 from pipeline.limiter import RateLimiter
 from pipeline.outcome import (
@@ -41,6 +42,7 @@ from pipeline.outcome import (
     ok_row,
     utcnow,
 )
+from pipeline.pricing import PricingError, load_prices
 from pipeline.progress import Progress, Tally
 from pipeline.request import Job, Rejected, RequestOptions, build_job
 from pipeline.resume import Outcomes
@@ -130,6 +132,12 @@ class Runner:
             response_format=_answer_format(opts),
         )
         self.dedupe = Dedupe() if opts.dedupe else None
+        self.budget = None
+        if opts.max_cost is not None:
+            try:
+                self.budget = Budget(opts.max_cost, load_prices(opts.pricing), provider_name)
+            except PricingError as exc:
+                raise UsageError(str(exc)) from None
         self.sink = ResultSink(opts.out, run_id)
         self.result = RunResult(run_id, opts.out, self.tally, time.monotonic())
         self._row_filter = row_filter  # e.g. shard membership, by id
@@ -348,9 +356,19 @@ class Runner:
         if self.stopping:
             self.limiter.release(permit, answered=False)
             raise _Stopped
+        reservation = None
+        if self.budget is not None:
+            try:
+                reservation = self.budget.reserve(job)
+            except BudgetExceeded as exc:
+                self.limiter.release(permit, answered=False)
+                self.stop(str(exc))
+                raise _Stopped from None
         try:
             reply = await self.client.complete(job.body)
         except RequestError as exc:
+            if reservation is not None and self.budget is not None:
+                self.budget.settle(reservation, job.model, None)
             rate_limited = isinstance(exc, ApiError) and exc.is_rate_limit
             if rate_limited:
                 self.tally.rate_limited += 1
@@ -366,6 +384,8 @@ class Runner:
                 raise _Stopped from None
             raise
         usage = reply.answer.usage
+        if reservation is not None and self.budget is not None:
+            self.tally.cost_usd += self.budget.settle(reservation, job.model, usage)
         used = None
         if usage.prompt_tokens is not None:
             used = usage.prompt_tokens + (usage.completion_tokens or 0)

@@ -1,0 +1,82 @@
+"""``--max-cost``: stop before spend passes the cap, never after.
+
+Spend is tracked live from the usage each answer reports, priced with the same
+table and rule as ``pipeline report``. A request in flight has not reported yet, so
+it holds a reservation: its prompt estimate plus the most it may write (its
+``max_completion_tokens`` / ``max_tokens``, else the largest completion seen so far
+with a margin). A request is sent only if spent + reserved + its own reservation
+stays within the cap; the first that would not fit stops the run (exit 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pipeline.pricing import Price, PriceTable, find_price
+from pipeline.request import Job
+from pipeline.wire import Usage
+
+DEFAULT_COMPLETION_GUESS = 512  # tokens reserved per request before any answer is seen
+MARGIN = 1.25  # over the largest completion seen, for requests with no max_tokens
+
+
+class BudgetExceeded(Exception):
+    """The next request would not fit under the cap."""
+
+
+@dataclass(slots=True)
+class Reservation:
+    amount: float
+
+
+class Budget:
+    def __init__(self, cap: float, prices: PriceTable, provider: str) -> None:
+        self.cap = cap  # USD
+        self.prices = prices
+        self.provider = provider
+        self.spent = 0.0  # USD reported by answers so far
+        self.reserved = 0.0  # USD held by requests in flight
+        self._largest_completion = 0  # tokens, for reservations without max_tokens
+
+    def _price(self, model: str, response_model: str | None = None) -> Price:
+        today = datetime.now(UTC)
+        price = find_price(self.prices, model, self.provider, today, response_model=response_model)
+        if price is None:
+            raise BudgetExceeded(
+                f"--max-cost is set but model '{model}' has no price in {self.prices.path}; "
+                "add it with --pricing FILE"
+            )
+        return price
+
+    def reserve(self, job: Job) -> Reservation:
+        """Hold the most this request may cost, or raise BudgetExceeded."""
+        price = self._price(job.model)
+        body = job.body
+        ceiling = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(ceiling, int) and ceiling > 0:
+            completion = ceiling
+        elif self._largest_completion:
+            completion = int(self._largest_completion * MARGIN)
+        else:
+            completion = DEFAULT_COMPLETION_GUESS
+        amount = price.cost(job.est_prompt_tokens, 0, completion)
+        if self.spent + self.reserved + amount > self.cap:
+            raise BudgetExceeded(
+                f"budget: ${self.spent:.4f} spent and ${self.reserved:.4f} in flight; the next "
+                f"request (up to ${amount:.4f}) would pass --max-cost ${self.cap:g}"
+            )
+        self.reserved += amount
+        return Reservation(amount)
+
+    def settle(self, reservation: Reservation, model: str, usage: Usage | None) -> float:
+        """Release the hold and book what the server reported. Returns the cost booked."""
+        self.reserved -= reservation.amount
+        if usage is None or usage.prompt_tokens is None:
+            return 0.0
+        completion = usage.completion_tokens or 0
+        self._largest_completion = max(self._largest_completion, completion)
+        price = self._price(model)
+        cost = price.cost(usage.prompt_tokens, usage.cached_tokens or 0, completion)
+        self.spent += cost
+        return cost
