@@ -87,6 +87,9 @@ def cli() -> None:
 @click.option("--prompt-template", help="Prompt with {column} placeholders.")
 @click.option("--system-prompt", help="System prompt with {column} placeholders.")
 @click.option("--id-column", help="Column holding each row's id [default: id].")
+@click.option("--labels", help="Comma-separated allowed labels: asks for one, checks it.")
+@click.option("--json-retries", type=int, help="Re-asks for a bad JSON answer [default: 2].")
+@click.option("--providers-file", type=click.Path(path_type=Path), help="Extra gateways (TOML).")
 @click.option(
     "--image-root", type=click.Path(path_type=Path), help="Folder local images may be in."
 )
@@ -107,6 +110,8 @@ def run(source: tuple[str, ...], sim_settings: tuple[str, ...], **options: Any) 
         if not overrides["sources"]:
             overrides["sources"] = None
         overrides["base_url"] = list(options["base_url"]) or None
+        if options["labels"] is not None:
+            overrides["labels"] = [x.strip() for x in options["labels"].split(",") if x.strip()]
         opts = merge(base, overrides)
         if sim_settings:
             opts.sim = {**opts.sim, **_parse_assignments(sim_settings, "--sim")}
@@ -245,6 +250,41 @@ def sql(out: Path, query: str, fmt: str, pricing: Path | None) -> None:
 
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
+@click.argument("source", nargs=-1)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["parquet", "jsonl", "csv"]),
+    default="parquet",
+    show_default=True,
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    help="File to write [default: OUT/export.FORMAT].",
+)
+def export(out: Path, source: tuple[str, ...], fmt: str, output: Path | None) -> None:
+    """Input rows with their label / answer joined back by id, one row per input row.
+
+    Reads the inputs of the last run (or the SOURCE files given), in input order.
+
+    \b
+    Example:
+      pipeline export out/products --format csv -o products_labeled.csv
+    """
+    from pipeline.export import export as run_export
+
+    target = output or out / f"export.{fmt}"
+    try:
+        count = run_export(out, target, fmt, list(source) or None)
+    except (UsageError, ValueError) as exc:
+        _fail(UsageError(str(exc)))
+    click.echo(f"{count:,} rows written to {target}")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def runs(out: Path, fmt: str) -> None:
     """Past runs in OUT: when, counts, exit code.
@@ -277,16 +317,21 @@ def runs(out: Path, fmt: str) -> None:
 
 
 @cli.command()
-def providers() -> None:
+@click.option("--providers-file", type=click.Path(path_type=Path), help="Extra gateways (TOML).")
+def providers(providers_file: Path | None) -> None:
     """The built-in gateway profiles: base URLs, key variable, models.
 
     \b
     Example:
       pipeline providers
     """
-    from pipeline.providers import BUILTIN
+    from pipeline.providers import load_providers
 
-    for p in BUILTIN.values():
+    try:
+        table = load_providers(providers_file)
+    except UsageError as exc:
+        _fail(exc)
+    for p in table.values():
         click.echo(f"{p.name}")
         click.echo(f"  base URLs: {', '.join(p.base_urls)}")
         click.echo(f"  key from:  {p.api_key_env or '(no key needed)'}")

@@ -68,7 +68,7 @@ def _json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
 
 
-def _carried_array(values: list[Any]) -> pa.Array:
+def carried_array(values: list[Any]) -> pa.Array:
     """Arrow array for one carried column; mixed or nested values fall back to JSON text.
 
     Input files are free-form, so one column can hold ints in one row and strings in
@@ -101,5 +101,5 @@ def results_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
             extra.setdefault(key, None)
     for key in extra:
         values = [(r.get("carried") or {}).get(key) for r in rows]
-        columns[carried_name(key)] = _carried_array(values)
+        columns[carried_name(key)] = carried_array(values)
     return pa.table(columns)
