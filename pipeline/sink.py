@@ -12,6 +12,7 @@ which makes recovery idempotent.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -63,6 +64,25 @@ def write_part(rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _run_is_live(journal_dir: Path, run_id: str) -> bool:
+    """True while the run that owns these segments still holds its journal lock.
+
+    Shards of one job share ``OUT``: a shard starting up must not compact the live
+    journal of another shard, only those of runs that died.
+    """
+    lock_path = journal_dir / f"{run_id}.lock"
+    if not lock_path.exists():
+        return False
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    lock_path.unlink(missing_ok=True)
+    return False
+
+
 def recover_journals(out: Path) -> int:
     """Compact journal segments left by runs that died. Returns the rows recovered."""
     journal_dir = out / "journal"
@@ -71,6 +91,8 @@ def recover_journals(out: Path) -> int:
     recovered = 0
     for segment in sorted(journal_dir.glob("*.jsonl")):
         run_id, _, seq = segment.stem.rpartition("-")
+        if _run_is_live(journal_dir, run_id):
+            continue
         rows = list(_journal_rows(segment))
         if rows:
             write_part(rows, out / "results" / run_id / f"part-{seq}.parquet")
@@ -93,6 +115,10 @@ class ResultSink:
         self._journal_path: Path | None = None
         (out / "journal").mkdir(parents=True, exist_ok=True)
         (out / "results").mkdir(parents=True, exist_ok=True)
+        # Held until the process ends (the kernel drops it even on kill -9): while it
+        # is held, no other run on this OUT will compact our journal under us.
+        self._live = open(out / "journal" / f"{run_id}.lock", "a+")  # noqa: SIM115
+        fcntl.flock(self._live.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def _open_segment(self) -> IO[str]:
         self._seq += 1
@@ -138,9 +164,12 @@ class ResultSink:
         segment.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Compact what is left into a last part."""
+        """Compact what is left into a last part, then let go of the journal lock."""
         taken = self.take_part()
         if taken is not None:
             rows, part, segment = taken
             write_part(rows, part)
             self.part_done(segment)
+        if not self._live.closed:
+            (self.out / "journal" / f"{self.run_id}.lock").unlink(missing_ok=True)
+            self._live.close()

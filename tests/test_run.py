@@ -271,3 +271,15 @@ def test_journal_left_by_a_killed_run_is_recovered(tmp_path: Path) -> None:
     assert second.result.exit_code == 0
     assert first.sim.stats["requests"] == 10 + 4, "recovered rows were sent again"
     assert not journal.exists()
+
+
+def test_live_journal_of_another_shard_is_left_alone(tmp_path: Path) -> None:
+    from pipeline.sink import ResultSink, recover_journals
+
+    out = tmp_path / "out"
+    live = ResultSink(out, "20260101T000000Z-live00")
+    live.write({"id": "a", "status": "ok", "run_id": "20260101T000000Z-live00"})
+    live.flush()
+    assert recover_journals(out) == 0, "compacted a journal its run is still writing"
+    live.close()
+    assert len(read_results(out)) == 1

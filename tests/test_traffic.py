@@ -160,3 +160,18 @@ def test_json_log_format_for_log_shippers() -> None:
     Progress(tally(), stream=stream, log_format="json").tick(force=True)
     event = json.loads(stream.getvalue())
     assert event["event"] == "progress" and event["ok"] == 240 and event["rate_limited"] == 7
+
+
+def test_two_shards_on_one_out_equal_one_run_and_bill_each_row_once(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "rows.jsonl", prompts(300))  # type: ignore[arg-type]
+    clock = FakeClock()
+    sim = Simulator(SimConfig(), clock=clock, sleep=clock.sleep)
+    out = tmp_path / "out"
+    first = run_with_sim([src], out, sim=sim, clock=clock, shard="0/2")
+    second = run_with_sim([src], out, sim=sim, clock=clock, shard="1/2")
+    n0, n1 = first.result.tally.status["ok"], second.result.tally.status["ok"]
+    assert n0 + n1 == 300 and 100 < n0 < 200, "a shard split should be roughly even"
+    rows = read_results(out)
+    assert sorted(r["id"] for r in rows) == sorted(f"row-{i}" for i in range(300))
+    assert sim.stats["requests"] == 300
+    assert (out / ".lock-shard-0-of-2").exists() and (out / ".lock-shard-1-of-2").exists()
