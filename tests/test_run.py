@@ -283,3 +283,44 @@ def test_live_journal_of_another_shard_is_left_alone(tmp_path: Path) -> None:
     assert recover_journals(out) == 0, "compacted a journal its run is still writing"
     live.close()
     assert len(read_results(out)) == 1
+
+
+def test_failed_rows_are_resent_only_with_retry_failed(tmp_path: Path) -> None:
+    src = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [{"id": "good", "prompt": "hi"}, {"id": "bad", "prompt": "hi", "model": "gone-model"}],
+    )
+    clock = FakeClock()
+    picky = Simulator(SimConfig(models=("gpt-5.5",)), clock=clock, sleep=clock.sleep)
+    first = run_with_sim([src], tmp_path / "out", sim=picky, clock=clock)
+    assert first.result.exit_code == 1
+    again = run_with_sim([src], tmp_path / "out", sim=picky, clock=clock)
+    assert again.result.exit_code == 0 and picky.stats["requests"] == 2, "error re-sent"
+    lenient = Simulator(SimConfig(), clock=clock, sleep=clock.sleep)
+    fixed = run_with_sim([src], tmp_path / "out", sim=lenient, clock=clock, retry_failed=True)
+    assert fixed.result.exit_code == 0 and lenient.stats["requests"] == 1
+    latest = {
+        r["id"]: r for r in sorted(read_results(tmp_path / "out"), key=lambda r: r["finished_at"])
+    }
+    assert latest["bad"]["status"] == "ok"
+
+
+def test_tools_pass_through_and_tool_calls_are_recorded(tmp_path: Path) -> None:
+    tool = {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather for a city",
+                     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+    }  # fmt: skip
+    src = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [{"id": "t", "prompt": "Call get_weather for Paris", "tools": [tool],
+          "tool_choice": "auto"}],
+    )  # fmt: skip
+    for stream in (False, True):
+        out = tmp_path / f"out-{stream}"
+        run = run_with_sim([src], out, stream=stream)
+        (row,) = run.rows()
+        calls = json.loads(row["tool_calls"])
+        assert row["finish_reason"] == "tool_calls"
+        assert calls[0]["function"]["name"] == "get_weather"
+        assert isinstance(json.loads(calls[0]["function"]["arguments"]), dict)
