@@ -125,6 +125,16 @@ def run_with_sim(
     return SimRun(result, sim, out)
 
 
+def invoke(*args: str) -> tuple[int, str, str]:
+    """Run the CLI in process: (exit code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any] | str]) -> Path:
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:

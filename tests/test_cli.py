@@ -8,18 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from pipeline.lock import OutLock
-from tests.conftest import prompts, read_results, write_jsonl
+from tests.conftest import invoke, prompts, read_results, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture
