@@ -100,19 +100,8 @@ def run(source: tuple[str, ...], sim_settings: tuple[str, ...], **options: Any) 
     """Run jobs from JSONL, JSONL.gz, Parquet files, folders, globs or a job file (.toml)."""
     from pipeline.execute import execute, summary_line
 
-    job_files = [s for s in source if s.endswith(".toml")]
-    if len(job_files) > 1:
-        _fail(UsageError("give at most one job file"))
     try:
-        base = load_job_file(Path(job_files[0])) if job_files else RunOptions()
-        overrides = dict(options)
-        overrides["sources"] = [s for s in source if not s.endswith(".toml")]
-        if not overrides["sources"]:
-            overrides["sources"] = None
-        overrides["base_url"] = list(options["base_url"]) or None
-        if options["labels"] is not None:
-            overrides["labels"] = [x.strip() for x in options["labels"].split(",") if x.strip()]
-        opts = merge(base, overrides)
+        opts = _options(source, options)
         if sim_settings:
             opts.sim = {**opts.sim, **_parse_assignments(sim_settings, "--sim")}
         result = execute(opts)
@@ -128,6 +117,54 @@ def run(source: tuple[str, ...], sim_settings: tuple[str, ...], **options: Any) 
 def _fail(exc: Exception) -> None:
     click.echo(f"error: {exc}", err=True)
     sys.exit(4 if isinstance(exc, LockedError) else 2)
+
+
+@cli.command()
+@click.argument("source", nargs=-1)
+@click.option("--out", type=click.Path(path_type=Path), help="Results folder, for resume.")
+@click.option("--provider", help="Provider whose prices apply.")
+@click.option("--model", help="Model for rows that name none.")
+@click.option("--pricing", type=click.Path(path_type=Path), help="Price table CSV override.")
+@click.option("--limit", type=int, help="Only the first N pending rows.")
+@click.option("--retry-failed", is_flag=True, default=None, help="Count failed rows too.")
+@click.option("--prompt-template", help="Prompt with {column} placeholders.")
+@click.option("--system-prompt", help="System prompt with {column} placeholders.")
+@click.option("--id-column", help="Column holding each row's id [default: id].")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def estimate(source: tuple[str, ...], fmt: str, **options: Any) -> None:
+    """Tokens and dollars a run would cost, before spending anything.
+
+    Prompt tokens are counted exactly (o200k_base, offline); completion tokens and
+    dollars come as a range. Rows already done in --out are left out, as a re-run would.
+
+    \b
+    Example:
+      pipeline estimate jobs/label_products.toml
+      pipeline estimate data/reviews.jsonl --model gpt-5.5 --format json
+    """
+    from pipeline.estimate import estimate as run_estimate
+    from pipeline.estimate import format_estimate
+
+    try:
+        opts = _options(source, options)
+        click.echo(format_estimate(run_estimate(opts, options.get("pricing")), fmt))
+    except (UsageError, ValueError) as exc:
+        _fail(UsageError(str(exc)))
+
+
+def _options(source: tuple[str, ...], options: dict[str, Any]) -> RunOptions:
+    """A job file (if one is given) with the command line's options over it."""
+    job_files = [s for s in source if s.endswith(".toml")]
+    if len(job_files) > 1:
+        raise UsageError("give at most one job file")
+    base = load_job_file(Path(job_files[0])) if job_files else RunOptions()
+    overrides = dict(options)
+    overrides["sources"] = [s for s in source if not s.endswith(".toml")] or None
+    if "base_url" in options:
+        overrides["base_url"] = list(options["base_url"]) or None
+    if options.get("labels") is not None:
+        overrides["labels"] = [x.strip() for x in options["labels"].split(",") if x.strip()]
+    return merge(base, overrides)
 
 
 @cli.command()
@@ -203,6 +240,12 @@ def sim(
 @click.option("--pricing", type=click.Path(path_type=Path), help="Price table CSV override.")
 @click.option("--since", help="Only results finished on or after this date (YYYY-MM-DD).")
 @click.option("--until", help="Only results finished before this date (YYYY-MM-DD).")
+@click.option(
+    "--html",
+    "html",
+    type=click.Path(path_type=Path),
+    help="Also write a self-contained HTML report (cost by day and model) here.",
+)
 def report(
     out: Path,
     by: tuple[str, ...],
@@ -210,6 +253,7 @@ def report(
     pricing: Path | None,
     since: str | None,
     until: str | None,
+    html: Path | None,
 ) -> None:
     """Cost and usage report from the results, via DuckDB.
 
@@ -218,14 +262,22 @@ def report(
       pipeline report out/demo
       pipeline report out/ --by day --by model --format markdown
       pipeline report out/ --by run --format json | jq '.[].cost_usd'
+      pipeline report out/ --html cost.html
     """
     from pipeline import report as reporting
+    from pipeline.report_html import write_html_report
 
     try:
         text = reporting.report(out, list(by), fmt, pricing_file=pricing, since=since, until=until)
+        if html is not None:
+            if since or until:
+                raise UsageError("--html covers all results: drop --since / --until")
+            write_html_report(out, html, pricing_file=pricing)
     except (UsageError, ValueError) as exc:
         _fail(UsageError(str(exc)))
     click.echo(text)
+    if html is not None:
+        click.echo(f"HTML report written to {html}", err=True)
 
 
 @cli.command()
