@@ -1,7 +1,7 @@
 """Traffic control against a rate-limited, faulty simulator (issue 3's acceptance figures).
 
-    python bench/traffic.py            # all scenarios, about two minutes
-    python bench/traffic.py --only rpm # one scenario
+    python -m bench.traffic            # all scenarios, about two minutes
+    python -m bench.traffic --only rpm # one scenario
 
 Each scenario starts ``pipeline sim`` in its own process on loopback, runs
 ``pipeline run`` as a user would, and reads the figures from the server's own

@@ -302,6 +302,19 @@ def _row_id(raw: Any) -> str | None:
     return str(raw)
 
 
+def explicit_id(row: SourceRow, id_column: str) -> str | None:
+    """The id a row names itself, by the same rules as ``build_job``; None when the row
+    has none (or an unusable one), so only ``build_job`` can name it."""
+    data = row.data
+    if data is None:
+        return None
+    is_batch = isinstance(data.get("body"), Mapping) and "custom_id" in data
+    try:
+        return _row_id(data.get("custom_id" if is_batch else id_column))
+    except InvalidRow:
+        return None
+
+
 def build_job(row: SourceRow, opts: RequestOptions) -> Job | Rejected:
     """Turn one source row into a Job, or a Rejected row that names the file and line."""
     where_file = str(row.file)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -44,7 +45,7 @@ from pipeline.outcome import (
 )
 from pipeline.pricing import PricingError, load_prices
 from pipeline.progress import Progress, Tally
-from pipeline.request import Job, Rejected, RequestOptions, build_job
+from pipeline.request import Job, Rejected, RequestOptions, build_job, explicit_id
 from pipeline.resume import Outcomes
 from pipeline.retry import retrying
 from pipeline.sink import ResultSink, write_part
@@ -138,11 +139,12 @@ class Runner:
                 self.budget = Budget(opts.max_cost, load_prices(opts.pricing), provider_name)
             except PricingError as exc:
                 raise UsageError(str(exc)) from None
-        self.sink = ResultSink(opts.out, run_id)
+        self.sink = ResultSink(opts.out, run_id, part_rows=opts.part_rows)
         self.result = RunResult(run_id, opts.out, self.tally, time.monotonic())
         self._row_filter = row_filter  # e.g. shard membership, by id
         self._retry_sleep = sleep
         self._stop = anyio.Event()
+        self._compacting = anyio.Lock()
         self._cancel_all: anyio.CancelScope | None = None
 
     # -- stopping -------------------------------------------------------------------
@@ -245,13 +247,24 @@ class Runner:
                 return
 
     def _prepare(self, row: SourceRow) -> Job | Rejected | None:
-        item = build_job(row, self.request_options)
-        if self._row_filter is not None and not self._row_filter(item.id):
+        # Most rows of a resumed run are done: skip them by their own id before the
+        # (costlier) request is built. Rows without an id are named by their request.
+        row_id = explicit_id(row, self.request_options.id_column)
+        if row_id is not None and not self._wanted(row_id):
             return None
-        if self.outcomes.done(item.id, self.opts.retry_failed):
-            self.tally.skipped += 1
+        item = build_job(row, self.request_options)
+        if row_id is None and not self._wanted(item.id):
             return None
         return item
+
+    def _wanted(self, row_id: str) -> bool:
+        """In this shard and not done yet (counted as skipped when done)."""
+        if self._row_filter is not None and not self._row_filter(row_id):
+            return False
+        if self.outcomes.done(row_id, self.opts.retry_failed):
+            self.tally.skipped += 1
+            return False
+        return True
 
     async def _reader(
         self,
@@ -397,7 +410,10 @@ class Runner:
     async def _writer(self, results_rx: MemoryObjectReceiveStream[dict[str, Any]]) -> None:
         async with results_rx:
             try:
-                await self._write_loop(results_rx)
+                # Parts are compacted in a task of their own: journaling never waits on
+                # Parquet, so a kill -9 during compaction loses no more than in flight.
+                async with anyio.create_task_group() as compactions:
+                    await self._write_loop(results_rx, compactions)
             finally:
                 # Cancelled (second signal, grace over): keep every answer that arrived.
                 while True:
@@ -407,7 +423,11 @@ class Runner:
                         break
                 self.sink.flush()
 
-    async def _write_loop(self, results_rx: MemoryObjectReceiveStream[dict[str, Any]]) -> None:
+    async def _write_loop(
+        self,
+        results_rx: MemoryObjectReceiveStream[dict[str, Any]],
+        compactions: anyio.abc.TaskGroup,
+    ) -> None:
         while True:
             try:
                 row = await results_rx.receive()
@@ -424,10 +444,15 @@ class Runner:
             if self.sink.part_due:
                 taken = self.sink.take_part()
                 if taken is not None:
-                    rows, part, segment = taken
-                    await anyio.to_thread.run_sync(write_part, rows, part)
-                    self.sink.part_done(segment)
+                    compactions.start_soon(self._compact, *taken)
             self.progress.tick()
+
+    async def _compact(self, rows: list[dict[str, Any]], part: Path, segment: Path) -> None:
+        """Write one Parquet part from a closed journal segment, one part at a time."""
+        async with self._compacting:
+            with anyio.CancelScope(shield=True):  # a part is written whole or not at all
+                await anyio.to_thread.run_sync(write_part, rows, part)
+                self.sink.part_done(segment)
 
     def _write(self, row: dict[str, Any]) -> None:
         self.sink.write(row)
