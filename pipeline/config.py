@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UsageError
+from pipeline.jsoncheck import label_format
 from pipeline.providers import Provider, get_provider, load_providers
+from pipeline.request import RequestOptions
 
 
 @dataclass
@@ -82,6 +84,24 @@ class RunOptions:
                 f"(or name another with --api-key-env)"
             )
         return key
+
+    def request_options(self, model: str | None = None) -> RequestOptions:
+        """How each row becomes a request: one rule for run, estimate and export."""
+        answer_format: dict[str, Any] | None = None
+        if self.labels:
+            answer_format = label_format(list(self.labels))
+        elif self.json_schema:
+            schema = {"name": "answer", "schema": self.json_schema}
+            answer_format = {"type": "json_schema", "json_schema": schema}
+        return RequestOptions(
+            model=model or self.model,
+            id_column=self.id_column,
+            prompt_template=self.prompt_template,
+            system_prompt=self.system_prompt,
+            image_root=self.image_root,
+            defaults=self.request_defaults,
+            response_format=answer_format,
+        )
 
     def redacted(self) -> dict[str, Any]:
         """Options for the run manifest. Holds no secret: keys live only in the env."""

@@ -63,7 +63,7 @@ import tiktoken
 
 from pipeline.config import RunOptions, validate
 from pipeline.pricing import Price, PriceTable, find_price, load_prices, strip_snapshot
-from pipeline.request import Job, RequestOptions, build_job
+from pipeline.request import Job, build_job
 from pipeline.resume import load_outcomes
 from pipeline.source import check_readable, expand_sources, read_rows
 
@@ -526,14 +526,7 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     prices = load_prices(pricing_file if pricing_file is not None else opts.pricing)
     history = completion_history(Path(opts.out), prices.path)
     outcomes = load_outcomes(Path(opts.out))
-    request_options = RequestOptions(
-        model=model,
-        id_column=opts.id_column,
-        prompt_template=opts.prompt_template,
-        system_prompt=opts.system_prompt,
-        image_root=opts.image_root,
-        defaults=opts.request_defaults,
-    )
+    request_options = opts.request_options(model)
     in_shard = _shard_filter(opts.shard)
     result = Estimate(
         files=[str(f) for f in files],

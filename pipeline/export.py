@@ -9,6 +9,7 @@ DuckDB, keeping input order. Rows never sent come out with ``status`` NULL.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import RunOptions
 from pipeline.errors import UsageError
 from pipeline.manifest import list_runs
 from pipeline.report import open_views
@@ -53,13 +55,14 @@ def _last_run_options(out: Path) -> tuple[list[str], dict[str, Any]]:
 
 
 def _request_options(options: dict[str, Any]) -> RequestOptions:
-    return RequestOptions(
-        model=options.get("model") or "export",  # rows need a model to be built; not sent
-        id_column=options.get("id_column") or "id",
-        prompt_template=options.get("prompt_template"),
-        system_prompt=options.get("system_prompt"),
-        image_root=Path(options["image_root"]) if options.get("image_root") else None,
-    )
+    """The run's own request rule, rebuilt from its manifest: rows without an id are
+    named by their request's hash, so every field that shapes the request matters."""
+    known = {f.name for f in dataclasses.fields(RunOptions)}
+    values = {k: v for k, v in options.items() if k in known}
+    if values.get("image_root"):
+        values["image_root"] = Path(values["image_root"])
+    values.pop("out", None)
+    return RunOptions(**values).request_options(values.get("model") or "export")
 
 
 def _stage_inputs(files: list[Path], opts: RequestOptions, folder: Path) -> int:

@@ -33,7 +33,7 @@ from pipeline.client import ChatClient, Reply
 from pipeline.config import RunOptions
 from pipeline.dedupe import Dedupe
 from pipeline.errors import ApiError, Kind, RequestError, UsageError, fatal_advice
-from pipeline.jsoncheck import check_answer, label_format, wants_json
+from pipeline.jsoncheck import check_answer, wants_json
 from pipeline.limiter import RateLimiter
 from pipeline.outcome import (
     RunContext,
@@ -45,7 +45,7 @@ from pipeline.outcome import (
 )
 from pipeline.pricing import PricingError, load_prices
 from pipeline.progress import Progress, Tally
-from pipeline.request import Job, Rejected, RequestOptions, build_job, explicit_id
+from pipeline.request import Job, Rejected, build_job, explicit_id
 from pipeline.resume import Outcomes
 from pipeline.retry import retrying
 from pipeline.sink import ResultSink, write_part
@@ -123,15 +123,7 @@ class Runner:
             clock=clock or time.monotonic,
             sleep=sleep or self._sleep,
         )
-        self.request_options = RequestOptions(
-            model=opts.model,
-            id_column=opts.id_column,
-            prompt_template=opts.prompt_template,
-            system_prompt=opts.system_prompt,
-            image_root=opts.image_root,
-            defaults=opts.request_defaults,
-            response_format=_answer_format(opts),
-        )
+        self.request_options = opts.request_options()
         self.dedupe = Dedupe() if opts.dedupe else None
         self.budget = None
         if opts.max_cost is not None:
@@ -466,16 +458,6 @@ class Runner:
             return
         status = row["status"]
         t.status["invalid_input" if row.get("error_type") == "invalid_input" else status] += 1
-
-
-def _answer_format(opts: RunOptions) -> dict[str, Any] | None:
-    """The response_format a labeling job asks every row for."""
-    if opts.labels:
-        return label_format(list(opts.labels))
-    if opts.json_schema:
-        schema = opts.json_schema
-        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
-    return None
 
 
 def sim_client(opts: RunOptions, base_urls: list[str]) -> tuple[ChatClient, Any]:

@@ -36,7 +36,7 @@ from pipeline.estimate import (
     image_tokens,
     o200k_base,
 )
-from pipeline.request import Job, RequestOptions, build_job
+from pipeline.request import Job, build_job
 from pipeline.schema import results_table
 from pipeline.source import expand_sources, read_rows
 from tests.conftest import prompts, run_with_sim, write_jsonl
@@ -165,12 +165,7 @@ def _reference_count(body: Mapping[str, Any], harmony: tiktoken.Encoding) -> int
 
 
 def _jobs(opts: RunOptions) -> Iterator[Job]:
-    request_options = RequestOptions(
-        model=opts.model,
-        id_column=opts.id_column,
-        prompt_template=opts.prompt_template,
-        system_prompt=opts.system_prompt,
-    )
+    request_options = opts.request_options()
     for batch in read_rows(expand_sources(list(opts.sources))):
         for row in batch:
             job = build_job(row, request_options)
@@ -189,6 +184,9 @@ def test_sample_data_within_2_percent_of_exact_o200k(
     )
     products = load_job_file(ROOT / "jobs" / "label_products.toml")
     products.out, products.dedupe = tmp_path / "out2", False
+    # The exact reference counts messages; a labels job also sends its JSON schema,
+    # whose server-side rendering no one can count exactly (checked separately below).
+    products.labels = None
 
     estimated = exact = rows = 0
     for opts in (jsonl, products):
@@ -464,3 +462,12 @@ def test_json_format_round_trips_and_bad_format_is_refused(tmp_path: Path) -> No
     assert data["rows"]["to_send"] == 1
     with pytest.raises(ValueError, match="unknown format"):
         format_estimate(Estimate(files=[], out="o", provider="p", price_table="t"), "xml")
+
+
+def test_labels_schema_adds_prompt_tokens(tmp_path: Path) -> None:
+    job = load_job_file(ROOT / "jobs" / "label_products.toml")
+    job.out = tmp_path / "out"
+    with_schema = estimate(job).prompt_tokens
+    job.labels = None
+    without = estimate(job).prompt_tokens
+    assert with_schema > without

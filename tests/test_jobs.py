@@ -109,3 +109,19 @@ def test_shipped_jobs_run_against_the_simulator(job: str, tmp_path: Path) -> Non
     assert code == 0, err
     rows = read_results(out)
     assert rows and all(r["status"] == "ok" for r in rows)
+
+
+def test_export_joins_rows_without_ids_by_their_request(tmp_path: Path) -> None:
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"text": f"item {i}"}) + "\n" for i in range(12)))
+    out = tmp_path / "out"
+    code, _, err = invoke(
+        "run", str(src), "--out", str(out), "-q", "--labels", "a,b",
+        "--prompt-template", "Label: {text}",
+    )  # fmt: skip
+    assert code == 0, err
+    target = tmp_path / "x.parquet"
+    invoke("export", str(out), "-o", str(target))
+    rows = pq.read_table(target).to_pylist()
+    assert [r["text"] for r in rows] == [f"item {i}" for i in range(12)]
+    assert all(r["label"] in ("a", "b") and r["id"].startswith("h-") for r in rows)
