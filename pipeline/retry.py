@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -50,12 +51,17 @@ class wait_server_or(wait_base):
 class stop_after_failures:
     """Stop after ``max_attempts`` non-429 failures, many 429s, or ``max_time`` seconds."""
 
-    def __init__(self, max_attempts: int, max_time: float) -> None:
+    def __init__(
+        self, max_attempts: int, max_time: float, first_failure: BaseException | None = None
+    ) -> None:
         self.max_attempts = max_attempts
         self.max_time = max_time
+        self.first = {"other": 0, "429": 0}  # a failure seen before the loop began
+        if first_failure is not None:
+            self.first["429" if _is_rate_limit(first_failure) else "other"] += 1
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        counts = retry_state.__dict__.setdefault("_failures", {"other": 0, "429": 0})
+        counts = retry_state.__dict__.setdefault("_failures", dict(self.first))
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         counts["429" if _is_rate_limit(exc) else "other"] += 1
         if counts["other"] >= self.max_attempts:
@@ -73,13 +79,32 @@ def retrying(
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     initial_wait: float = 0.5,
     max_wait: float = 60.0,
+    first_failure: RequestError | None = None,
 ) -> AsyncRetrying:
-    """A fresh AsyncRetrying for one row. ``sleep`` is injectable so tests never wait."""
+    """A fresh AsyncRetrying for one row. ``sleep`` is injectable so tests never wait.
+
+    ``first_failure``: the row's first attempt was made outside this loop (the fast
+    path) and failed with it; the loop counts it (wait ``first_wait`` before entering).
+    """
     sleeper: Any = sleep
+    wait = wait_server_or(wait_random_exponential(multiplier=initial_wait, max=max_wait))
     return AsyncRetrying(
         retry=retry_if_exception(is_retryable),
-        stop=stop_after_failures(max_attempts, max_time),
-        wait=wait_server_or(wait_random_exponential(multiplier=initial_wait, max=max_wait)),
+        stop=stop_after_failures(max_attempts, max_time, first_failure),
+        wait=wait,
         sleep=sleeper,
         reraise=True,
     )
+
+
+def first_wait(error: RequestError, initial_wait: float = 0.5, cap: float = 300.0) -> float:
+    """The wait after a row's first failure, by the same rule as the loop's waits:
+    the server's Retry-After, else full jitter on ``initial_wait``."""
+    if error.retry_after:
+        return float(min(error.retry_after, cap))
+    return random.uniform(0, initial_wait)
+
+
+def gives_up_at_once(error: RequestError, max_attempts: int) -> bool:
+    """True when the first failure already ends the row (not retryable, or no retries)."""
+    return not is_retryable(error) or (max_attempts <= 1 and not _is_rate_limit(error))

@@ -121,7 +121,10 @@ def _jsonl_rows(path: Path) -> Iterator[SourceRow]:
 
 def _parquet_rows(path: Path, batch_size: int) -> Iterator[SourceRow]:
     number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+    # Stream pages, not whole row groups: pyarrow's default loads a row group (often
+    # hundreds of MB of prompts) to produce the first batch (bench/memory.py).
+    parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+    for batch in parquet.iter_batches(batch_size=batch_size):
         for data in batch.to_pylist():
             number += 1
             yield SourceRow(path, number, data)

@@ -324,3 +324,15 @@ def test_tools_pass_through_and_tool_calls_are_recorded(tmp_path: Path) -> None:
         assert row["finish_reason"] == "tool_calls"
         assert calls[0]["function"]["name"] == "get_weather"
         assert isinstance(json.loads(calls[0]["function"]["arguments"]), dict)
+
+
+@pytest.mark.parametrize("max_attempts", [1, 3])
+def test_a_failing_row_makes_exactly_max_attempts(tmp_path: Path, max_attempts: int) -> None:
+    src = write_jsonl(tmp_path / "rows.jsonl", prompts(1))  # type: ignore[arg-type]
+    clock = FakeClock()
+    sim = Simulator(SimConfig(fail_5xx_rate=1.0), clock=clock, sleep=clock.sleep)
+    run = run_with_sim([src], tmp_path / "out", sim=sim, clock=clock, max_attempts=max_attempts)
+    assert run.result.exit_code == 1
+    (row,) = run.rows()
+    assert row["attempts"] == max_attempts == sim.stats["requests"]
+    assert row["http_status"] in (500, 502, 503)
