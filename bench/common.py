@@ -53,16 +53,7 @@ def sim_server(*args: str, env: dict[str, str] | None = None) -> Iterator[Server
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("simulator did not start")
-            time.sleep(0.05)
+        wait_healthy(url, [proc], timeout=20)
         yield Server(f"{url}/v1", proc)
     finally:
         proc.terminate()
@@ -70,6 +61,20 @@ def sim_server(*args: str, env: dict[str, str] | None = None) -> Iterator[Server
             proc.wait(10)
         if proc.poll() is None:
             proc.kill()
+
+
+def wait_healthy(root: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Wait until the simulator at ``root`` answers /health; fail if it died or hung."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{root}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            raise RuntimeError("simulator did not start")
+        time.sleep(0.05)
 
 
 def write_prompts(path: Path, n: int, *, prompt_chars: int = 80, model: str | None = None) -> Path:

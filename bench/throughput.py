@@ -57,11 +57,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import pyarrow.parquet as pq
 
-from bench.common import free_port, verdict, write_prompts
+from bench.common import free_port, verdict, wait_healthy, write_prompts
 
 MODEL = "gpt-5.5"
 PROMPT_CHARS = 80  # bench.common.write_prompts' default: a short labeling prompt
@@ -145,16 +144,7 @@ def sim_servers(latency_ms: float, procs: int = 1) -> Iterator[SimServers]:
     ]
     root = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{root}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or any(p.poll() is not None for p in popens):
-                raise RuntimeError("simulator did not start")
-            time.sleep(0.05)
+        wait_healthy(root, popens, timeout=30)
         if procs > 1:
             time.sleep(0.5)  # let every copy bind before traffic starts
         yield SimServers(f"{root}/v1", [psutil.Process(p.pid) for p in popens])
