@@ -106,6 +106,8 @@ class RunOptions:
     def redacted(self) -> dict[str, Any]:
         """Options for the run manifest. Holds no secret: keys live only in the env."""
         data = dataclasses.asdict(self)
+        if "api_key" in data["sim"]:  # the simulator's expected key: a secret all the same
+            data["sim"] = {**data["sim"], "api_key": "***"}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
 
 

@@ -74,6 +74,9 @@ def test_fatal_auth_exits_3_without_leaking_key(
     assert code == 3
     assert "stopped early" in err and "--api-key-env" in err
     assert "sk-not-the-right-one" not in out + err
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert b"sk-right" not in path.read_bytes(), f"a key was written to {path}"
 
 
 def test_locked_out_exits_4(tmp_path: Path, rows: Path) -> None:
