@@ -21,11 +21,12 @@ import httpx
 
 from pipeline import __version__
 from pipeline.config import RunOptions, parse_shard, validate
+from pipeline.errors import UsageError
 from pipeline.lock import OutLock
 from pipeline.manifest import new_run_id, write_manifest
 from pipeline.progress import Progress, Tally
 from pipeline.resume import load_outcomes
-from pipeline.runner import Runner, RunResult, make_client, sim_client
+from pipeline.runner import Runner, RunResult, make_client
 from pipeline.sink import recover_journals
 from pipeline.source import check_readable, expand_sources
 
@@ -41,6 +42,17 @@ def shard_filter(shard: str | None) -> Callable[[str], bool] | None:
         return int.from_bytes(digest, "big") % count == index
 
     return member
+
+
+def _sim_transport(opts: RunOptions) -> httpx.AsyncBaseTransport:
+    """The in-process simulator, with the knobs of the job's [sim] table / --sim."""
+    from pipeline.simulator import SimConfig, Simulator, sim_transport
+
+    try:
+        config = SimConfig(**opts.sim)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"simulator settings: {exc}") from None
+    return sim_transport(Simulator(config))
 
 
 def execute(
@@ -81,11 +93,9 @@ def execute(
         if recovered:
             progress.message(f"recovered {recovered} results journaled by an interrupted run")
         outcomes = load_outcomes(out)
-        sim = None
         if transport is None and provider.name == "sim":
-            client, sim = sim_client(opts, base_urls)
-        else:
-            client = make_client(opts, base_urls, api_key, transport=transport)
+            transport = _sim_transport(opts)
+        client = make_client(opts, base_urls, api_key, transport=transport)
         runner = Runner(
             opts,
             run_id=run_id,
@@ -111,8 +121,6 @@ def execute(
         }
         write_manifest(out, run_id, manifest)
         result = anyio.run(runner.run)
-        if sim is not None:
-            result.extra["sim"] = sim
         t = result.tally
         manifest.update(
             status="finished" if result.exit_code in (0, 1) else "stopped",

@@ -18,7 +18,7 @@ import math
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,6 @@ class RunResult:
     fatal: str | None = None  # why the run stopped early, with advice
     signal: int | None = None
     pending: int = 0  # rows read but never sent (stopped early)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -124,13 +123,11 @@ class Runner:
         self.tally = Tally()
         self.progress = progress or Progress(self.tally, quiet=True)
         self.progress.tally = self.tally
-        # Tests hand in a fake clock and sleep; a real run sleeps in a way a stop can cut short.
+        # Tests hand in a fake clock and sleep; a real run sleeps in a way a stop can cut
+        # short. The limiter and the retry waits share the one chosen here.
+        self._wait = sleep or self._sleep
         self.limiter = RateLimiter(
-            opts.concurrency,
-            opts.rpm,
-            opts.tpm,
-            clock=clock or time.monotonic,
-            sleep=sleep or self._sleep,
+            opts.concurrency, opts.rpm, opts.tpm, clock=clock or time.monotonic, sleep=self._wait
         )
         self.request_options = opts.request_options()
         self.dedupe = Dedupe() if opts.dedupe else None
@@ -143,10 +140,8 @@ class Runner:
         self.sink = ResultSink(opts.out, run_id, part_rows=opts.part_rows)
         self.result = RunResult(run_id, opts.out, self.tally, time.monotonic())
         self._row_filter = row_filter  # e.g. shard membership, by id
-        self._retry_sleep = sleep
         self._stop = anyio.Event()
         self._compacting = anyio.Lock()
-        self._cancel_all: anyio.CancelScope | None = None
 
     # -- stopping -------------------------------------------------------------------
 
@@ -167,12 +162,6 @@ class Runner:
         with anyio.move_on_after(seconds):
             await self._stop.wait()
 
-    async def _retry_wait(self, seconds: float) -> None:
-        if self._retry_sleep is not None:
-            await self._retry_sleep(seconds)
-        else:
-            await self._sleep(seconds)
-
     # -- the run --------------------------------------------------------------------
 
     async def run(self) -> RunResult:
@@ -184,7 +173,6 @@ class Runner:
         )
         try:
             async with anyio.create_task_group() as tg:
-                self._cancel_all = tg.cancel_scope
                 tg.start_soon(self._watch_signals, tg.cancel_scope)
                 tg.start_soon(self._count_total)
                 async with anyio.create_task_group() as work:
@@ -374,12 +362,12 @@ class Runner:
             first = exc
         attempts = 1
         reply: Reply | None = None
-        await self._retry_wait(first_wait(first))
+        await self._wait(first_wait(first))
         try:
             async for attempt in retrying(
                 self.opts.max_attempts,
                 self.opts.max_retry_time,
-                sleep=self._retry_wait,
+                sleep=self._wait,
                 first_failure=first,
             ):
                 with attempt:
@@ -495,15 +483,6 @@ class Runner:
             return
         status = row["status"]
         t.status["invalid_input" if row.get("error_type") == "invalid_input" else status] += 1
-
-
-def sim_client(opts: RunOptions, base_urls: list[str]) -> tuple[ChatClient, Any]:
-    """A client wired to the in-process simulator, and the simulator (for its ledger)."""
-    from pipeline.simulator import SimConfig, Simulator, sim_transport
-
-    sim = Simulator(SimConfig(**opts.sim))
-    client = make_client(opts, base_urls, None, transport=sim_transport(sim))
-    return client, sim
 
 
 def make_client(
