@@ -230,9 +230,9 @@ def manifest_of(out: Path, pid: int) -> dict[str, Any]:
 
 
 def start_and_wait_for_a_third(
-    procs: Processes, src: Path, out: Path, server: Server
+    procs: Processes, src: Path, out: Path, server: Server, cmd: list[str] | None = None
 ) -> subprocess.Popen[bytes]:
-    run = procs.start(run_cmd(src, out, server))
+    run = procs.start(cmd or run_cmd(src, out, server))
     wait_for(lambda: server.billed() >= ROWS // 3 or run.poll() is not None, 30, "a third billed")
     assert run.poll() is None, f"the run ended before a third of its rows: {finish(run)}"
     return run
@@ -424,8 +424,7 @@ def test_kill_9_during_compaction_loses_at_most_what_was_in_flight(
     server = start_server(procs, "--latency-ms", str(LATENCY_MS))
     cmd = run_cmd(src, out, server)
     cmd[cmd.index(str(src))] = str(job)
-    run = procs.start(cmd)
-    wait_for(lambda: server.billed() >= ROWS // 3 or run.poll() is not None, 30, "a third billed")
+    run = start_and_wait_for_a_third(procs, src, out, server, cmd)
     run.send_signal(signal.SIGKILL)
     assert finish(run, timeout=10)[0] == -signal.SIGKILL
     assert len(list((out / "results").rglob("part-*.parquet"))) > 1, "no part was compacted"
