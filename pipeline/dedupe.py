@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 
+from pipeline.outcome import json_text
 from pipeline.request import Job
 
 _TOKEN_FIELDS = (
@@ -71,7 +72,7 @@ class Dedupe:
     def _copy(row: dict[str, Any], job: Job) -> dict[str, Any]:
         copy = dict(row, id=job.id, shared_from=row["id"], attempts=0)
         copy.update(
-            metadata=_json_or_none(job.metadata),
+            metadata=json_text(job.metadata),
             carried=job.carried,
             source_file=job.source_file,
             source_line=job.source_line,
@@ -80,9 +81,3 @@ class Dedupe:
             if copy.get(name) is not None:
                 copy[name] = 0
         return copy
-
-
-def _json_or_none(value: Any) -> str | None:
-    import json
-
-    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)

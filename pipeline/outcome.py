@@ -28,7 +28,8 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _json(value: Any) -> str | None:
+def json_text(value: Any) -> str | None:
+    """A value as the JSON text the results table stores (None stays NULL)."""
     if value is None:
         return None
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
@@ -40,7 +41,7 @@ def _base(ctx: RunContext, job: Job | Rejected, status: str) -> dict[str, Any]:
         "id": job.id,
         "status": status,
         "provider": ctx.provider,
-        "metadata": _json(job.metadata),
+        "metadata": json_text(job.metadata),
         "source_file": job.source_file,
         "source_line": job.source_line,
         "request_hash": job.request_hash,
@@ -77,8 +78,8 @@ def ok_row(
         finish_reason=answer.finish_reason,
         content=answer.content,
         reasoning_content=answer.reasoning_content,
-        tool_calls=_json(answer.tool_calls),
-        parsed=_json(parsed),
+        tool_calls=json_text(answer.tool_calls),
+        parsed=json_text(parsed),
         label=_label(parsed),
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
