@@ -45,7 +45,9 @@ class RunOptions:
     retry_failed: bool = False
     dedupe: bool = True  # identical requests in one run are sent once
     engine: str = "local"
-    ray_address: str | None = None
+    ray_address: str | None = None  # None: start a local Ray instance
+    ray_workers: int | None = None  # Ray worker actors; None: one per CPU of the cluster
+    split_rows: int | None = None  # rows per Ray split; None: about 4 splits per worker
     shard: str | None = None  # "I/N"
     prompt_template: str | None = None
     system_prompt: str | None = None
@@ -169,9 +171,17 @@ def validate(opts: RunOptions) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if opts.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
-    if opts.engine != "local":
-        # Ray (issue 9) is not built yet; --shard I/N covers several processes or hosts.
-        raise UsageError(f"--engine {opts.engine}: only 'local' is available; use --shard I/N")
+    if opts.engine not in ("local", "ray"):
+        raise UsageError(f"--engine {opts.engine}: expected local or ray")
+    if opts.engine == "ray":
+        if opts.shard is not None:
+            raise UsageError("--shard is for schedulers other than Ray: drop it or --engine ray")
+        if opts.limit is not None:
+            raise UsageError("--limit works with --engine local only")
+    if opts.ray_workers is not None and opts.ray_workers < 1:
+        raise UsageError("--ray-workers must be at least 1")
+    if opts.split_rows is not None and opts.split_rows < 1:
+        raise UsageError("split_rows must be at least 1")
     if opts.log_format not in ("text", "json"):
         raise UsageError("--log-format must be text or json")
     if opts.shard is not None:

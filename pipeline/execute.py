@@ -20,6 +20,7 @@ import anyio
 import httpx
 
 from pipeline import __version__
+from pipeline.client import ChatClient
 from pipeline.config import RunOptions, parse_shard, validate
 from pipeline.errors import UsageError
 from pipeline.lock import OutLock
@@ -44,7 +45,23 @@ def shard_filter(shard: str | None) -> Callable[[str], bool] | None:
     return member
 
 
-def _sim_transport(opts: RunOptions) -> httpx.AsyncBaseTransport:
+def share_limits(runner: Runner, opts: RunOptions, parts: int) -> None:
+    """Give one of ``parts`` processes its share of limits meant for the whole job.
+
+    ``--rpm``, ``--tpm``, ``--concurrency`` and ``--max-cost`` describe the job: N
+    shards each at the full ``--rpm`` would hit the gateway N times too fast.
+    """
+    runner.limiter.set_share(
+        max(1, opts.concurrency // parts),
+        opts.rpm / parts if opts.rpm else None,
+        opts.tpm / parts if opts.tpm else None,
+        workers=parts,
+    )
+    if runner.budget is not None and opts.max_cost is not None:
+        runner.budget.cap = opts.max_cost / parts
+
+
+def sim_transport_for(opts: RunOptions) -> httpx.AsyncBaseTransport:
     """The in-process simulator, with the knobs of the job's [sim] table / --sim."""
     from pipeline.simulator import SimConfig, Simulator, sim_transport
 
@@ -66,9 +83,21 @@ def execute(
     """Run a job to the end and return what happened. Raises UsageError / LockedError
     before anything is sent."""
     validate(opts)
-    files = expand_sources(list(opts.sources))
-    for path in files:
-        check_readable(path)
+    on_ray = opts.engine == "ray"
+    if on_ray:
+        from pipeline.ray_engine import import_ray
+        from pipeline.splits import check_location, expand_locations
+
+        import_ray()  # not installed: exit 2 now, not after the lock and the manifest
+        locations = expand_locations(list(opts.sources))
+        for location in locations:
+            check_location(location)
+        files: list[Path] = []
+    else:
+        files = expand_sources(list(opts.sources))
+        for path in files:
+            check_readable(path)
+        locations = [str(f) for f in files]
     provider = opts.resolved_provider()
     base_urls = opts.base_urls(provider)
     api_key = opts.api_key(provider)
@@ -81,32 +110,12 @@ def execute(
     lock_name = ".lock" if opts.shard is None else f".lock-shard-{opts.shard.replace('/', '-of-')}"
     with OutLock(out, lock_name) as lock:
         lock.acquire(run_id)
-        tally = Tally()
         progress = Progress(
-            tally,
+            Tally(),
             quiet=opts.quiet,
             log_format=opts.log_format,
             every=opts.progress_seconds,
             stream=progress_stream or sys.stderr,
-        )
-        recovered = recover_journals(out)
-        if recovered:
-            progress.message(f"recovered {recovered} results journaled by an interrupted run")
-        outcomes = load_outcomes(out)
-        if transport is None and provider.name == "sim":
-            transport = _sim_transport(opts)
-        client = make_client(opts, base_urls, api_key, transport=transport)
-        runner = Runner(
-            opts,
-            run_id=run_id,
-            files=files,
-            outcomes=outcomes,
-            client=client,
-            provider_name=provider.name,
-            progress=progress,
-            sleep=sleep,
-            clock=clock,
-            row_filter=shard_filter(opts.shard),
         )
         manifest: dict[str, Any] = {
             "run_id": run_id,
@@ -114,13 +123,34 @@ def execute(
             "started_at": datetime.now(UTC).isoformat(),
             "pid": os.getpid(),
             "command": "run",
-            "inputs": [str(f) for f in files],
+            "inputs": locations,
             "base_urls": base_urls,
             "options": opts.redacted(),
             "status": "running",
         }
-        write_manifest(out, run_id, manifest)
-        result = anyio.run(runner.run)
+        if on_ray:
+            from pipeline.ray_engine import run_on_ray
+
+            write_manifest(out, run_id, manifest)
+
+            result, manifest["engine"] = run_on_ray(
+                opts,
+                run_id=run_id,
+                locations=locations,
+                provider_name=provider.name,
+                base_urls=base_urls,
+                api_key=api_key,
+                progress=progress,
+            )
+        else:
+            if transport is None and provider.name == "sim":
+                transport = sim_transport_for(opts)
+            client = make_client(opts, base_urls, api_key, transport=transport)
+            runner = _local_runner(
+                opts, run_id, files, client, provider.name, progress, sleep, clock
+            )
+            write_manifest(out, run_id, manifest)
+            result = anyio.run(runner.run)
         t = result.tally
         manifest.update(
             status="finished" if result.exit_code in (0, 1) else "stopped",
@@ -147,6 +177,38 @@ def execute(
         )
         write_manifest(out, run_id, manifest)
         return result
+
+
+def _local_runner(
+    opts: RunOptions,
+    run_id: str,
+    files: list[Path],
+    client: ChatClient,
+    provider_name: str,
+    progress: Progress,
+    sleep: Callable[[float], Awaitable[None]] | None,
+    clock: Callable[[], float] | None,
+) -> Runner:
+    """This process runs every row (or every row of one ``--shard``)."""
+    out = Path(opts.out)
+    recovered = recover_journals(out)
+    if recovered:
+        progress.message(f"recovered {recovered} results journaled by an interrupted run")
+    runner = Runner(
+        opts,
+        run_id=run_id,
+        files=files,
+        outcomes=load_outcomes(out),
+        client=client,
+        provider_name=provider_name,
+        progress=progress,
+        sleep=sleep,
+        clock=clock,
+        row_filter=shard_filter(opts.shard),
+    )
+    if opts.shard is not None:
+        share_limits(runner, opts, parse_shard(opts.shard)[1])
+    return runner
 
 
 def summary_line(result: RunResult) -> str:

@@ -138,12 +138,65 @@ class RateLimiter:
         self._outcomes: deque[tuple[float, bool]] = deque()  # (time, was 429), last few seconds
         self._window_total = 0  # answers in _outcomes
         self._window_limited = 0  # 429s in _outcomes
-        self._server_rpm: float | None = None  # the limit the server states in its headers
+        self._server_rpm: float | None = None  # our pace under the server's stated limit
+        self._server_rpm_stated: float | None = None  # x-ratelimit-limit-requests as sent
+        self.workers = 1  # processes sharing the server's stated limit (set_share)
         self._last_growth = now  # clock time the learned rate last grew
         self._clock = clock
         self._sleep = sleep
         self._gate = anyio.Lock()
         self._freed = anyio.Event()
+
+    def set_share(
+        self,
+        concurrency: int,
+        rpm: float | None,
+        tpm: float | None,
+        *,
+        workers: int = 1,
+    ) -> None:
+        """Take this process's share of limits that hold for a whole job (Ray workers).
+
+        The new caps apply at once; what was learned from 429s stays (a learned rate
+        above the new ceiling is lowered to it). ``workers`` divides the limit a
+        server states in its headers, which is the job's limit too, not ours alone.
+        """
+        now = self._clock()
+        self.workers = max(1, workers)
+        self.max_concurrency = max(1, concurrency)
+        self.limit = min(self.limit, float(self.max_concurrency))
+        old_ceiling = self._ceiling
+        self.user_rpm = rpm
+        if self._server_rpm_stated is not None:
+            self._server_rpm = self._server_rpm_stated * 0.98 / self.workers
+        ceiling = self._ceiling
+        if self._requests is None and math.isfinite(ceiling):
+            self._requests = self._bucket(ceiling * 60.0, now)
+        elif self._requests is not None:
+            rate = self._requests.rate
+            # At the old ceiling (not cut): follow the share up or down. Cut: stay, capped.
+            target = ceiling if rate >= old_ceiling - 1e-9 else min(rate, ceiling)
+            if math.isfinite(target) and target != rate:
+                self._requests.set_rate(target, self.burst_seconds, now)
+            elif not math.isfinite(target):
+                self._requests = None
+        if tpm:
+            if self._tokens is None:
+                self._tokens = self._bucket(tpm, now)
+            else:
+                self._tokens.set_rate(tpm / 60.0, self.burst_seconds, now)
+        else:
+            self._tokens = None
+        if self.in_flight < int(self.limit):
+            self._freed.set()
+
+    def start_empty(self) -> None:
+        """No burst at the start: for a process that joins a job already running at the
+        limit (a Ray worker taking its next split), a full bucket would be a burst on
+        top of the others' steady pace."""
+        for bucket in (self._requests, self._tokens):
+            if bucket is not None:
+                bucket.level = 0.0
 
     def _bucket(self, per_minute: float | None, now: float) -> TokenBucket | None:
         if not per_minute:
@@ -291,7 +344,8 @@ class RateLimiter:
                 # The first word from the server: what was sent before it was a guess,
                 # so its 429s should not also cut the rate.
                 self._last_cut = now
-            self._server_rpm = limit * 0.98
+            self._server_rpm_stated = float(limit)
+            self._server_rpm = limit * 0.98 / self.workers
             target = self._ceiling
             if self._requests is None or self._requests.rate > target:
                 self._set_rate(target, now)

@@ -114,9 +114,19 @@ class Runner:
         sleep: Callable[[float], Awaitable[None]] | None = None,
         clock: Callable[[], float] | None = None,
         row_filter: Callable[[str], bool] | None = None,
+        rows: Callable[[], Iterator[list[SourceRow]]] | None = None,
+        sink_name: str | None = None,
+        budget_topup: Callable[[Budget], Awaitable[bool]] | None = None,
+        handle_signals: bool = True,
     ) -> None:
         self.opts = opts
         self.files = files
+        # What to read: the files (one process), or a piece of them (a Ray partition).
+        self._rows = rows or (lambda: read_rows(files))
+        # A job-wide budget (Ray) tops this process's allowance up instead of stopping.
+        self._budget_topup = budget_topup
+        # A Ray worker leaves signals to Ray; the driver relays a stop to every worker.
+        self._handle_signals = handle_signals
         self.outcomes = outcomes
         self.client = client
         self.ctx = RunContext(run_id=run_id, provider=provider_name)
@@ -137,7 +147,8 @@ class Runner:
                 self.budget = Budget(opts.max_cost, load_prices(opts.pricing), provider_name)
             except PricingError as exc:
                 raise UsageError(str(exc)) from None
-        self.sink = ResultSink(opts.out, run_id, part_rows=opts.part_rows)
+        # Ray workers write under names of their own, with the job's run_id in the rows.
+        self.sink = ResultSink(opts.out, sink_name or run_id, part_rows=opts.part_rows)
         self.result = RunResult(run_id, opts.out, self.tally, time.monotonic())
         self._row_filter = row_filter  # e.g. shard membership, by id
         self._stop = anyio.Event()
@@ -173,7 +184,8 @@ class Runner:
         )
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_signals, tg.cancel_scope)
+                if self._handle_signals:
+                    tg.start_soon(self._watch_signals, tg.cancel_scope)
                 tg.start_soon(self._count_total)
                 async with anyio.create_task_group() as work:
                     work.start_soon(self._writer, results_rx)
@@ -221,7 +233,7 @@ class Runner:
     def _batches(self) -> Iterator[list[Job | Rejected]]:
         limit = self.opts.limit if self.opts.limit is not None else math.inf
         taken = 0
-        for rows in read_rows(self.files):
+        for rows in self._rows():
             batch: list[Job | Rejected] = []
             for row in rows:
                 item = self._prepare(row)
@@ -388,12 +400,16 @@ class Runner:
             raise _Stopped
         reservation = None
         if self.budget is not None:
-            try:
-                reservation = self.budget.reserve(job)
-            except BudgetExceeded as exc:
-                self.limiter.release(permit, answered=False)
-                self.stop(str(exc))
-                raise _Stopped from None
+            while True:
+                try:
+                    reservation = self.budget.reserve(job)
+                    break
+                except BudgetExceeded as exc:
+                    if self._budget_topup is not None and await self._budget_topup(self.budget):
+                        continue
+                    self.limiter.release(permit, answered=False)
+                    self.stop(str(exc))
+                    raise _Stopped from None
         try:
             reply = await self.client.complete(job.body)
         except RequestError as exc:

@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -64,23 +65,26 @@ def write_part(rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _run_is_live(journal_dir: Path, run_id: str) -> bool:
-    """True while the run that owns these segments still holds its journal lock.
+@contextmanager
+def _dead_run(journal_dir: Path, run_id: str) -> Iterator[bool]:
+    """Yield True, holding the run's journal lock, when the run that wrote these
+    segments is gone; False while it (or another process recovering it) holds the lock.
 
-    Shards of one job share ``OUT``: a shard starting up must not compact the live
-    journal of another shard, only those of runs that died.
+    Shards and Ray workers share ``OUT``: one starting up must not compact the live
+    journal of another, nor compact a dead one at the same time as a third process.
     """
     lock_path = journal_dir / f"{run_id}.lock"
-    if not lock_path.exists():
-        return False
     with open(lock_path, "a+") as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-    lock_path.unlink(missing_ok=True)
-    return False
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock_path.unlink(missing_ok=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def recover_journals(out: Path) -> int:
@@ -88,16 +92,23 @@ def recover_journals(out: Path) -> int:
     journal_dir = out / "journal"
     if not journal_dir.is_dir():
         return 0
-    recovered = 0
+    runs: dict[str, list[tuple[str, Path]]] = {}
     for segment in sorted(journal_dir.glob("*.jsonl")):
         run_id, _, seq = segment.stem.rpartition("-")
-        if _run_is_live(journal_dir, run_id):
-            continue
-        rows = list(_journal_rows(segment))
-        if rows:
-            write_part(rows, out / "results" / run_id / f"part-{seq}.parquet")
-            recovered += len(rows)
-        segment.unlink()
+        runs.setdefault(run_id, []).append((seq, segment))
+    recovered = 0
+    for run_id, segments in runs.items():
+        with _dead_run(journal_dir, run_id) as dead:
+            if not dead:
+                continue
+            for seq, segment in segments:
+                if not segment.exists():
+                    continue  # another process recovered it between our listing and lock
+                rows = list(_journal_rows(segment))
+                if rows:
+                    write_part(rows, out / "results" / run_id / f"part-{seq}.parquet")
+                    recovered += len(rows)
+                segment.unlink()
     return recovered
 
 
@@ -119,6 +130,10 @@ class ResultSink:
         # is held, no other run on this OUT will compact our journal under us.
         self._live = open(out / "journal" / f"{run_id}.lock", "a+")  # noqa: SIM115
         fcntl.flock(self._live.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Who holds it, for a person (or a test) looking at a stuck or crashed job.
+        self._live.truncate(0)
+        self._live.write(f"{os.getpid()}\n")
+        self._live.flush()
 
     def _open_segment(self) -> IO[str]:
         self._seq += 1

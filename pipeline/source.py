@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -24,11 +24,45 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".jso
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
+class RemoteFile:
+    """An input named by a URL that pyarrow reads (``s3://``, ``gs://``, ``file://``...).
+
+    It shows the little of ``Path`` that naming a row needs; a relative image path in
+    such a file resolves against a local folder that does not exist, so it fails with
+    "not found" unless ``--image-root`` names one.
+    """
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> Path:
+        return Path("/nonexistent-remote-input-folder")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemoteFile) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+
+InputFile = Path | RemoteFile
+
+
 @dataclass(slots=True)
 class SourceRow:
     """One input row, or the reason it could not be read."""
 
-    file: Path
+    file: InputFile
     line: int  # line number in a JSONL file, row number in a Parquet file; from 1
     data: dict[str, Any] | None
     error: str | None = None
@@ -98,25 +132,30 @@ def _open_bytes(path: Path) -> IO[bytes]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[SourceRow]:
-    """Lines are decoded one by one, so one bad byte costs one row, not the file."""
     with _open_bytes(path) as fh:
-        for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                yield SourceRow(path, number, None, f"line is not valid UTF-8 ({exc.reason})")
-                continue
-            try:
-                data = json.loads(line)
-            except ValueError as exc:
-                yield SourceRow(path, number, None, f"line is not valid JSON ({exc.args[0]})")
-                continue
-            if not isinstance(data, dict):
-                yield SourceRow(path, number, None, "line is JSON but not an object")
-                continue
-            yield SourceRow(path, number, data)
+        yield from parse_lines(path, enumerate(fh, start=1))
+
+
+def parse_lines(file: InputFile, lines: Iterable[tuple[int, bytes]]) -> Iterator[SourceRow]:
+    """Numbered raw lines to rows. Lines are decoded one by one, so one bad byte costs
+    one row, not the file."""
+    for number, raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            yield SourceRow(file, number, None, f"line is not valid UTF-8 ({exc.reason})")
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError as exc:
+            yield SourceRow(file, number, None, f"line is not valid JSON ({exc.args[0]})")
+            continue
+        if not isinstance(data, dict):
+            yield SourceRow(file, number, None, "line is JSON but not an object")
+            continue
+        yield SourceRow(file, number, data)
 
 
 def _parquet_rows(path: Path, batch_size: int) -> Iterator[SourceRow]:

@@ -23,6 +23,7 @@ from pipeline.config import RunOptions
 from pipeline.execute import execute
 from pipeline.runner import RunResult
 from pipeline.simulator import SimConfig, Simulator, sim_transport
+from tests.realproc import Processes
 
 
 @pytest.fixture
@@ -177,3 +178,13 @@ def sim_server() -> Iterator[tuple[Simulator, str]]:
     yield sim, state["url"]
     state["loop"].call_soon_threadsafe(state["stop"].set)
     thread.join(10)
+
+
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    """Processes a test starts; all killed and reaped when it ends."""
+    started = Processes()
+    try:
+        yield started
+    finally:
+        started.close()

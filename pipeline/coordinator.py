@@ -1,0 +1,234 @@
+"""Limits that hold for a whole job spread over many processes (``--engine ray``).
+
+One coordinator (a Ray actor in a real job; a plain object in tests) hands each
+worker its share of ``--concurrency``, ``--rpm`` and ``--tpm`` and leases it slices
+of ``--max-cost``. The split is explicit and rebalances: every worker reports on a
+heartbeat and gets its current share back, so when one finishes or dies the others
+take up its share within a heartbeat or two.
+
+Why shares and not a permit per request: a round trip to an actor costs about a
+millisecond, which at thousands of requests a second would make the coordinator the
+bottleneck. Each worker keeps its own fast local limiter and only its *limits* come
+from here.
+
+429s still slow everyone down: workers report how many of their answers were 429s,
+and when at least 10% of the job's answers over the last 5 s were, every share is
+cut by 30% (once a second at most) and then grows back 10% a second. The budget is
+leased: a worker may only spend what it was granted, and grants never add up past
+the cap, so the job as a whole stops before spend passes ``--max-cost``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+HEARTBEAT_SECONDS = 0.5  # how often a worker reports and takes its share
+DEAD_AFTER = 10.0  # seconds without a heartbeat after which a worker's share is freed
+WINDOW = 5.0  # seconds of answers the job-wide 429 share is measured over
+OVERLOAD_SHARE = 0.10
+MIN_EVIDENCE = 10
+CUT = 0.7
+MIN_FACTOR = 0.1
+GROWTH_PER_SECOND = 0.1
+BUDGET_SLICES = 8  # a grant is at most cap / (workers * BUDGET_SLICES) beyond what is asked
+
+COUNTS = (
+    "ok",
+    "error",
+    "invalid_input",
+    "skipped",
+    "pending",
+    "rate_limited",
+    "retries",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+)
+
+
+@dataclass
+class _Worker:
+    seen: float
+    granted: float = 0.0  # USD this worker may spend in all
+    counts: dict[str, float] = field(default_factory=dict)  # its latest cumulative report
+    answers: int = 0  # cumulative answers, for the 429 window
+    limited: int = 0
+
+
+@dataclass
+class Share:
+    """What one worker may use now."""
+
+    concurrency: int
+    rpm: float | None
+    tpm: float | None
+    workers: int  # how many share the job's limits (divides a server's stated limit)
+    stop: str | None = None  # stop dispatch: a fatal answer, the budget, or a signal
+    signal: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Coordinator:
+    """The job's limits and stop flag. Every method is cheap and returns plain data."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int,
+        rpm: float | None,
+        tpm: float | None,
+        max_cost: float | None,
+        pool_size: int,
+        splits: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.concurrency = concurrency
+        self.rpm = rpm
+        self.tpm = tpm
+        self.max_cost = max_cost
+        self.pool_size = max(1, pool_size)
+        self.splits_left = splits  # not yet finished
+        self._clock = clock
+        self._workers: dict[str, _Worker] = {}
+        self._finished = dict.fromkeys(COUNTS, 0.0)  # counts of finished splits
+        self._spent_finished = 0.0  # USD spent by finished splits
+        self._window: deque[tuple[float, int, int]] = deque()  # (time, answers, 429s)
+        self._factor = 1.0
+        self._last_cut = -math.inf
+        self._last_growth = clock()
+        self._stop: str | None = None
+        self._signal: int | None = None
+        self._key: str | None = None
+
+    # -- the key: handed over in memory, never in a task's arguments or environment ------
+
+    def set_key(self, key: str | None) -> None:
+        self._key = key
+
+    def key(self) -> str | None:
+        return self._key
+
+    # -- shares ---------------------------------------------------------------------
+
+    def _live(self, now: float) -> int:
+        for name in [n for n, w in self._workers.items() if now - w.seen > DEAD_AFTER]:
+            dead = self._workers.pop(name)
+            # Its grant stays spent: we cannot know what it spent before it died.
+            self._spent_finished += dead.granted
+        return len(self._workers)
+
+    def _divisor(self, now: float) -> int:
+        # Divide by the pool while enough splits remain to keep it busy, so a worker that
+        # starts a moment after another does not find the whole limit taken.
+        return max(1, self._live(now), min(self.pool_size, self.splits_left))
+
+    def share(self) -> dict[str, Any]:
+        now = self._clock()
+        self._grow(now)
+        n = self._divisor(now)
+        f = self._factor
+        return Share(
+            concurrency=max(1, int(self.concurrency * f / n)),
+            rpm=self.rpm * f / n if self.rpm else None,
+            tpm=self.tpm * f / n if self.tpm else None,
+            workers=n,
+            stop=self._stop,
+            signal=self._signal,
+        ).as_dict()
+
+    def register(self, name: str) -> dict[str, Any]:
+        self._workers[name] = _Worker(seen=self._clock())
+        return self.share()
+
+    def heartbeat(self, name: str, counts: dict[str, float]) -> dict[str, Any]:
+        """A worker's cumulative counts for its split; returns its share now."""
+        now = self._clock()
+        worker = self._workers.get(name)
+        if worker is None:  # declared dead but alive after all: take it back
+            worker = self._workers[name] = _Worker(seen=now)
+        worker.seen = now
+        answers = int(counts.get("answers", 0))
+        limited = int(counts.get("rate_limited", 0))
+        self._note(now, answers - worker.answers, limited - worker.limited)
+        worker.answers, worker.limited = answers, limited
+        worker.counts = counts
+        if counts.get("fatal") and self._stop is None:
+            self._stop = str(counts["fatal"])
+        return self.share()
+
+    def finish(self, name: str, counts: dict[str, float], spent: float) -> None:
+        """A split is done: its counts become final and its unspent grant goes back."""
+        self.heartbeat(name, counts)
+        self._workers.pop(name, None)
+        for key in COUNTS:
+            self._finished[key] += counts.get(key, 0)
+        self._spent_finished += spent
+        self.splits_left = max(0, self.splits_left - 1)
+
+    def _note(self, now: float, answers: int, limited: int) -> None:
+        if answers <= 0:
+            return
+        window = self._window
+        window.append((now, answers, limited))
+        while window and window[0][0] < now - WINDOW:
+            window.popleft()
+        total = sum(a for _, a, _ in window)
+        hits = sum(x for _, _, x in window)
+        if total >= MIN_EVIDENCE and hits / total >= OVERLOAD_SHARE and now - self._last_cut >= 1:
+            self._factor = max(MIN_FACTOR, self._factor * CUT)
+            self._last_cut = now
+
+    def _grow(self, now: float) -> None:
+        if self._factor < 1.0 and now - self._last_cut > 1.0:
+            dt = min(1.0, now - self._last_growth)
+            self._factor = min(1.0, self._factor + GROWTH_PER_SECOND * dt)
+        self._last_growth = now
+
+    # -- stopping -------------------------------------------------------------------
+
+    def stop(self, reason: str, signal: int | None = None) -> None:
+        if self._stop is None:
+            self._stop = reason
+        if signal is not None and self._signal is None:
+            self._signal = signal
+
+    # -- budget ---------------------------------------------------------------------
+
+    def grant(self, name: str, want: float) -> float:
+        """Lease up to ``want`` USD more (a little extra, to save round trips); 0 if none
+        is left. Grants never add up past --max-cost."""
+        if self.max_cost is None:
+            return math.inf
+        now = self._clock()
+        n = self._divisor(now)
+        worker = self._workers.setdefault(name, _Worker(seen=now))
+        available = (
+            self.max_cost - self._spent_finished - sum(w.granted for w in self._workers.values())
+        )
+        amount = min(available, max(want, self.max_cost / (n * BUDGET_SLICES)))
+        if amount < want or amount <= 0:
+            return 0.0
+        worker.granted += amount
+        return amount
+
+    # -- progress -------------------------------------------------------------------
+
+    def totals(self) -> dict[str, float]:
+        """Counts so far over the whole job: finished splits plus the live ones."""
+        totals = dict(self._finished)
+        for worker in self._workers.values():
+            for key in COUNTS:
+                totals[key] += worker.counts.get(key, 0)
+        totals["workers"] = len(self._workers)
+        totals["spent_usd"] = self._spent_finished + sum(
+            w.counts.get("spent_usd", 0) for w in self._workers.values()
+        )
+        return totals

@@ -1,0 +1,444 @@
+"""``--engine ray``: one job across the processes and machines of a Ray cluster.
+
+Ray Data hands the job's splits (``pipeline.splits``: pieces of the input files, cut
+on line breaks or row groups) to a pool of worker actors. Each worker runs the very
+same ``Runner`` as a local run on its split (validation, limiter, retries,
+streaming, journal), so a Ray job behaves like a local one, only wider:
+
+- limits hold for the whole job: a ``Coordinator`` actor gives each worker its share
+  of ``--concurrency``/``--rpm``/``--tpm`` and leases ``--max-cost`` (see
+  ``pipeline.coordinator``);
+- results land in the same ``OUT`` layout, in parts named after each split's writer,
+  with the job's run id in every row, so ``report``, ``sql``, ``export`` and resume
+  work unchanged;
+- a worker that dies loses only its in-flight requests: Ray restarts the actor and
+  retries the split; the new worker first compacts the dead one's journal and skips
+  the ids it finished, so nothing answered is sent again;
+- resume skips ``ok`` ids inside the workers: the driver never loads the ids.
+
+Ray is an optional dependency (``pip install 'pipeline[ray]'``) and is imported only
+here, only when asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import anyio
+import httpx
+
+from pipeline.budget import Budget
+from pipeline.config import RunOptions
+from pipeline.coordinator import HEARTBEAT_SECONDS, Coordinator
+from pipeline.errors import UsageError
+from pipeline.progress import Progress, Tally
+from pipeline.resume import Outcomes, load_outcomes
+from pipeline.runner import Runner, RunResult, make_client
+from pipeline.sink import recover_journals
+from pipeline.splits import Split, plan_splits, read_split
+
+NAMESPACE = "pipeline"
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--engine ray needs Ray: pip install 'pipeline[ray]' (or use --shard I/N)"
+        ) from None
+    return ray
+
+
+@dataclasses.dataclass
+class JobSpec:
+    """What every worker needs to know; holds no secret (the key comes from the
+    coordinator, in memory)."""
+
+    opts: RunOptions
+    run_id: str
+    provider_name: str
+    base_urls: list[str]
+    coordinator: str  # the coordinator actor's name in NAMESPACE
+
+
+def _counts(runner: Runner, *, answers: int) -> dict[str, Any]:
+    t = runner.tally
+    counts: dict[str, Any] = {
+        "ok": t.status["ok"],
+        "error": t.status["error"],
+        "invalid_input": t.status["invalid_input"],
+        "skipped": t.skipped,
+        "pending": runner.result.pending,
+        "rate_limited": t.rate_limited,
+        "retries": t.retries,
+        "prompt_tokens": t.prompt_tokens,
+        "cached_tokens": t.cached_tokens,
+        "completion_tokens": t.completion_tokens,
+        "reasoning_tokens": t.reasoning_tokens,
+        "answers": answers,
+        "spent_usd": runner.budget.spent if runner.budget else 0.0,
+    }
+    if runner.result.fatal and not runner.result.signal:
+        counts["fatal"] = runner.result.fatal
+    return counts
+
+
+class SplitWorker:
+    """A Ray Data actor: runs splits one after another with the local Runner."""
+
+    spec: JobSpec  # set on a subclass made per job (see _worker_class)
+
+    def __init__(self) -> None:
+        ray = import_ray()
+        spec = self.spec
+        self.coordinator = ray.get_actor(spec.coordinator, namespace=NAMESPACE)
+        self.api_key: str | None = ray.get(self.coordinator.key.remote())
+        out = Path(spec.opts.out)
+        # A worker that died before us left a journal: make it Parquet, so the ids it
+        # finished are skipped below instead of being sent (and billed) again.
+        recover_journals(out)
+        self.outcomes: Outcomes = load_outcomes(out)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        names, summaries = [], []
+        for text in batch["split"]:
+            split = Split.from_json(str(text))
+            names.append(split.name)
+            summaries.append(self.run_split(split))
+        return {"split": names, "ok": [s["ok"] for s in summaries]}
+
+    def run_split(self, split: Split) -> dict[str, Any]:
+        spec = self.spec
+        opts = dataclasses.replace(spec.opts, limit=None, shard=None)
+        writer = f"{spec.run_id}-w{secrets.token_hex(4)}"
+        transport: httpx.AsyncBaseTransport | None = None
+        if spec.provider_name == "sim":
+            from pipeline.execute import sim_transport_for
+
+            transport = sim_transport_for(opts)
+        client = make_client(opts, spec.base_urls, self.api_key, transport=transport)
+        runner = Runner(
+            opts,
+            run_id=spec.run_id,
+            files=[],
+            outcomes=self.outcomes,
+            client=client,
+            provider_name=spec.provider_name,
+            rows=lambda: read_split(split),
+            sink_name=writer,
+            budget_topup=lambda budget: self._top_up(writer, budget),
+            handle_signals=False,
+        )
+        if runner.budget is not None:
+            runner.budget.cap = 0.0  # everything this worker spends is leased first
+        share = _get(self.coordinator.register.remote(writer))
+        answers = _Answers(runner)
+        self._apply(runner, share)
+        runner.limiter.start_empty()
+        if share["stop"]:
+            runner.stop()  # the job is stopping: leave the split pending
+        anyio.run(self._run, runner, writer, answers)
+        counts = _counts(runner, answers=answers.count)
+        spent = runner.budget.spent if runner.budget else 0.0
+        _get(self.coordinator.finish.remote(writer, counts, spent))
+        return counts
+
+    async def _run(self, runner: Runner, writer: str, answers: _Answers) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def heartbeat() -> None:
+                while True:
+                    await anyio.sleep(HEARTBEAT_SECONDS)
+                    counts = _counts(runner, answers=answers.count)
+                    share = await self.coordinator.heartbeat.remote(writer, counts)
+                    self._apply(runner, share)
+
+            tg.start_soon(heartbeat)
+            await runner.run()
+            tg.cancel_scope.cancel()
+
+    @staticmethod
+    def _apply(runner: Runner, share: dict[str, Any]) -> None:
+        runner.limiter.set_share(
+            share["concurrency"], share["rpm"], share["tpm"], workers=share["workers"]
+        )
+        if share["stop"] and not runner.stopping:
+            runner.stop()
+
+    async def _top_up(self, writer: str, budget: Budget) -> bool:
+        want = max(0.0, budget.spent + budget.reserved - budget.cap) or 1e-6
+        granted = await self.coordinator.grant.remote(writer, want * 2)
+        if granted <= 0:
+            return False
+        budget.cap += granted
+        return True
+
+
+class _Answers:
+    """Counts answers the server gave (any status), for the job-wide 429 share."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    @property
+    def count(self) -> int:
+        t = self.runner.tally
+        return t.finished + t.superseded + t.rate_limited + t.retries
+
+
+def _get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)
+
+
+def _init_ray(opts: RunOptions) -> tuple[Any, bool]:
+    """Connect to the cluster at --ray-address, or start a local one. Returns (ray,
+    whether we started it and so must shut it down)."""
+    ray = import_ray()
+    _quiet_ray()
+    if ray.is_initialized():
+        return ray, False
+    ray.init(
+        address=opts.ray_address,
+        namespace=NAMESPACE,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    return ray, True
+
+
+class _DropNotices(logging.Filter):
+    """Ray's start-up notices are not the user's business on a cron job's stderr."""
+
+    NOTICES = ("Token authentication is enabled", "Progress bars disabled")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(notice in message for notice in self.NOTICES)
+
+
+def _quiet_ray() -> None:
+    for name in ("ray", "ray.data"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, _DropNotices) for f in logger.filters):
+            logger.addFilter(_DropNotices())
+        for handler in logger.handlers:
+            if not any(isinstance(f, _DropNotices) for f in handler.filters):
+                handler.addFilter(_DropNotices())
+
+
+def pool_size(ray: Any, opts: RunOptions) -> int:
+    """--ray-workers, else one worker per CPU of the cluster."""
+    if opts.ray_workers:
+        return opts.ray_workers
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def run_on_ray(
+    opts: RunOptions,
+    *,
+    run_id: str,
+    locations: list[str],
+    provider_name: str,
+    base_urls: list[str],
+    api_key: str | None,
+    progress: Progress,
+) -> tuple[RunResult, dict[str, Any]]:
+    """Run every split on a Ray worker pool and wait; the caller holds OUT's lock.
+    Returns the result and, for the manifest, how the job was spread."""
+    started_at = time.monotonic()
+    ray, started = _init_ray(opts)
+    try:
+        workers = pool_size(ray, opts)
+        splits = plan_splits(locations, workers, opts.split_rows)
+        workers = min(workers, len(splits)) or 1
+        tally = Tally(total=sum(s.rows for s in splits) or None)
+        progress.tally = tally
+        result = RunResult(run_id, Path(opts.out), tally, started_at)
+        actor = ray.remote(num_cpus=0)(Coordinator)
+        name = f"coordinator-{run_id}"
+        coordinator = actor.options(name=name, namespace=NAMESPACE).remote(
+            concurrency=opts.concurrency,
+            rpm=opts.rpm,
+            tpm=opts.tpm,
+            max_cost=opts.max_cost,
+            pool_size=workers,
+            splits=len(splits),
+        )
+        ray.get(coordinator.set_key.remote(api_key))
+        spec = JobSpec(opts, run_id, provider_name, base_urls, name)
+        progress.message(f"ray: {len(splits)} splits on {workers} workers")
+        _run_dataset(ray, coordinator, spec, splits, workers, tally, progress, result)
+        totals = ray.get(coordinator.totals.remote())
+        stop = ray.get(coordinator.share.remote())["stop"]
+        ray.kill(coordinator)
+    finally:
+        if started:
+            ray.shutdown()
+    tally.cost_usd = totals["spent_usd"]
+    result.pending = int(totals["pending"])
+    if stop and result.signal is None:
+        result.fatal = stop
+    _final_counts(Path(opts.out), run_id, tally, totals)
+    result.finished = time.monotonic()
+    progress.close()
+    return result, {"name": "ray", "workers": workers, "splits": len(splits)}
+
+
+def _run_dataset(
+    ray: Any,
+    coordinator: Any,
+    spec: JobSpec,
+    splits: list[Split],
+    workers: int,
+    tally: Tally,
+    progress: Progress,
+    result: RunResult,
+) -> None:
+    from ray.data import ActorPoolStrategy, DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    items = [{"split": s.to_json()} for s in splits]
+    # The job travels inside the worker class, not as constructor arguments: Ray keeps
+    # those in the object store, where a restart after a crash may no longer find them.
+    worker_class = type("SplitWorker", (SplitWorker,), {"spec": spec})
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        worker_class,
+        batch_size=1,
+        compute=ActorPoolStrategy(size=workers),
+        num_cpus=1,
+    )
+    done = threading.Event()
+
+    def watch() -> None:  # the driver's progress line, from the coordinator's totals
+        while not done.wait(1.0):
+            try:
+                totals = ray.get(coordinator.totals.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - progress must never fail the job
+                continue
+            _fill(tally, totals)
+            progress.tick()
+
+    signals = _SignalRelay(coordinator, result, progress)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with signals:
+            for _ in dataset.iter_rows():
+                pass
+    finally:
+        done.set()
+        watcher.join(5)
+
+
+class _SignalRelay:
+    """First SIGINT/SIGTERM: tell every worker to stop dispatch and finish what is in
+    flight (as a local run does). A second one: stop now."""
+
+    def __init__(self, coordinator: Any, result: RunResult, progress: Progress) -> None:
+        self.coordinator = coordinator
+        self.result = result
+        self.progress = progress
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalRelay:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.result.signal is not None:
+            raise KeyboardInterrupt
+        self.result.signal = signum
+        self.progress.message(
+            f"{signal.Signals(signum).name}: no new requests; workers finish those in "
+            "flight (again to stop now)",
+            "warning",
+        )
+        self.coordinator.stop.remote(f"stopped by {signal.Signals(signum).name}", signum)
+
+
+def _fill(tally: Tally, totals: dict[str, float]) -> None:
+    tally.status["ok"] = int(totals["ok"])
+    tally.status["error"] = int(totals["error"])
+    tally.status["invalid_input"] = int(totals["invalid_input"])
+    tally.skipped = int(totals["skipped"])
+    tally.rate_limited = int(totals["rate_limited"])
+    tally.retries = int(totals["retries"])
+    tally.prompt_tokens = int(totals["prompt_tokens"])
+    tally.cached_tokens = int(totals["cached_tokens"])
+    tally.completion_tokens = int(totals["completion_tokens"])
+    tally.reasoning_tokens = int(totals["reasoning_tokens"])
+
+
+def _final_counts(out: Path, run_id: str, tally: Tally, totals: dict[str, float]) -> None:
+    """The job's counts from what is on disk, not from what workers reported.
+
+    A worker that died took its report with it, but not its journal: the rows it
+    wrote were recovered into Parquet and are counted here, and its split's retry
+    counted them as already done, so they are taken out of ``skipped``.
+    """
+    import duckdb
+
+    _fill(tally, totals)
+    recover_journals(out)
+    parts = sorted(str(p) for p in (out / "results").rglob("*.parquet"))
+    if not parts:
+        return
+    con = duckdb.connect()
+    row = con.execute(
+        """
+        WITH job AS (SELECT * FROM read_parquet(?, union_by_name = true) WHERE run_id = ?),
+        latest AS (
+            SELECT arg_max(status, finished_at) AS status,
+                   arg_max(error_type, finished_at) AS error_type
+            FROM job GROUP BY id
+        )
+        SELECT
+            (SELECT count(*) FILTER (status = 'ok') FROM latest),
+            (SELECT count(*) FILTER (status <> 'ok' AND error_type IS DISTINCT FROM
+                'invalid_input') FROM latest),
+            (SELECT count(*) FILTER (error_type = 'invalid_input') FROM latest),
+            (SELECT coalesce(sum(prompt_tokens), 0) FROM job),
+            (SELECT coalesce(sum(cached_tokens), 0) FROM job),
+            (SELECT coalesce(sum(completion_tokens), 0) FROM job),
+            (SELECT coalesce(sum(reasoning_tokens), 0) FROM job)
+        """,
+        [parts, run_id],
+    ).fetchone()
+    con.close()
+    assert row is not None
+    ok, error, invalid, prompt, cached, completion, reasoning = (int(x) for x in row)
+    reported = tally.finished
+    tally.status["ok"], tally.status["error"], tally.status["invalid_input"] = ok, error, invalid
+    tally.skipped = max(0, tally.skipped - max(0, ok + error + invalid - reported))
+    tally.prompt_tokens, tally.cached_tokens = prompt, cached
+    tally.completion_tokens, tally.reasoning_tokens = completion, reasoning
+
+
+def ray_available() -> bool:
+    try:
+        import_ray()
+    except UsageError:
+        return False
+    return True
