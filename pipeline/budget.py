@@ -5,7 +5,9 @@ table and rule as ``pipeline report``. A request in flight has not reported yet,
 it holds a reservation: its prompt estimate plus the most it may write (its
 ``max_completion_tokens`` / ``max_tokens``, else the largest completion seen so far
 with a margin). A request is sent only if spent + reserved + its own reservation
-stays within the cap; the first that would not fit stops the run (exit 3).
+stays within the cap. A request that does not fit only because of the holds in flight
+waits for them to settle; one that does not fit with nothing in flight stops the run
+(exit 3).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ MARGIN = 1.25  # over the largest completion seen, for requests with no max_toke
 class BudgetExceeded(Exception):
     """The next request would not fit under the cap."""
 
+    def __init__(self, message: str, amount: float = 0.0) -> None:
+        super().__init__(message)
+        self.amount = amount  # USD the request would have held
+
 
 @dataclass(slots=True)
 class Reservation:
@@ -37,7 +43,8 @@ class Budget:
         self.provider = provider
         self.spent = 0.0  # USD reported by answers so far
         self.reserved = 0.0  # USD held by requests in flight
-        self._largest_completion = 0  # tokens, for reservations without max_tokens
+        self.holds = 0  # requests in flight holding part of ``reserved``
+        self.largest_completion = 0  # tokens, for reservations without max_tokens
 
     def _price(self, model: str, response_model: str | None = None) -> Price:
         today = datetime.now(UTC)
@@ -56,26 +63,32 @@ class Budget:
         ceiling = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(ceiling, int) and ceiling > 0:
             completion = ceiling
-        elif self._largest_completion:
-            completion = int(self._largest_completion * MARGIN)
+        elif self.largest_completion:
+            completion = int(self.largest_completion * MARGIN)
         else:
             completion = DEFAULT_COMPLETION_GUESS
         amount = price.cost(job.est_prompt_tokens, 0, completion)
         if self.spent + self.reserved + amount > self.cap:
             raise BudgetExceeded(
-                f"budget: ${self.spent:.4f} spent and ${self.reserved:.4f} in flight; the next "
-                f"request (up to ${amount:.4f}) would pass --max-cost ${self.cap:g}"
+                f"budget: ${self.spent:.4f} spent and ${max(0.0, self.reserved):.4f} in "
+                f"flight; the next request (up to ${amount:.4f}) would pass "
+                f"--max-cost ${self.cap:g}",
+                amount,
             )
         self.reserved += amount
+        self.holds += 1
         return Reservation(amount)
 
     def settle(self, reservation: Reservation, model: str, usage: Usage | None) -> float:
         """Release the hold and book what the server reported. Returns the cost booked."""
         self.reserved -= reservation.amount
+        self.holds -= 1
+        if self.holds == 0:
+            self.reserved = 0.0  # no float residue: nothing is in flight
         if usage is None or usage.prompt_tokens is None:
             return 0.0
         completion = usage.completion_tokens or 0
-        self._largest_completion = max(self._largest_completion, completion)
+        self.largest_completion = max(self.largest_completion, completion)
         price = self._price(model)
         cost = price.cost(usage.prompt_tokens, usage.cached_tokens or 0, completion)
         self.spent += cost

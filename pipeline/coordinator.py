@@ -71,6 +71,8 @@ class Share:
     workers: int  # how many share the job's limits (divides a server's stated limit)
     stop: str | None = None  # stop dispatch: a fatal answer, the budget, or a signal
     signal: int | None = None
+    budget_slice: float = 0.0  # USD a worker may keep unspent; it gives back the rest
+    largest_completion: int = 0  # tokens, the most any answer of the job has written
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -107,6 +109,7 @@ class Coordinator:
         self._stop: str | None = None
         self._signal: int | None = None
         self._key: str | None = None
+        self._largest_completion = 0
 
     # -- the key: handed over in memory, never in a task's arguments or environment ------
 
@@ -142,7 +145,12 @@ class Coordinator:
             workers=n,
             stop=self._stop,
             signal=self._signal,
+            budget_slice=self._slice(n),
+            largest_completion=self._largest_completion,
         ).as_dict()
+
+    def _slice(self, workers: int) -> float:
+        return self.max_cost / (workers * BUDGET_SLICES) if self.max_cost else 0.0
 
     def register(self, name: str) -> dict[str, Any]:
         self._workers[name] = _Worker(seen=self._clock())
@@ -160,6 +168,11 @@ class Coordinator:
         self._note(now, answers - worker.answers, limited - worker.limited)
         worker.answers, worker.limited = answers, limited
         worker.counts = counts
+        # A worker new to the job reserves for answers as long as the job has seen, not
+        # for a blind guess that may be most of the budget on its own.
+        self._largest_completion = max(
+            self._largest_completion, int(counts.get("largest_completion", 0))
+        )
         if counts.get("fatal") and self._stop is None:
             self._stop = str(counts["fatal"])
         return self.share()
@@ -203,21 +216,40 @@ class Coordinator:
     # -- budget ---------------------------------------------------------------------
 
     def grant(self, name: str, want: float) -> float:
-        """Lease up to ``want`` USD more (a little extra, to save round trips); 0 if none
-        is left. Grants never add up past --max-cost."""
+        """Lease at least ``want`` USD more (a slice more when there is room, to save
+        round trips). Returns the amount; ``0.0`` when it does not fit now but may once
+        other workers' answers settle (ask again); ``-1.0`` when it cannot fit even if
+        every other worker gave back all it has not spent: the job is out of budget.
+        Grants never add up past --max-cost."""
         if self.max_cost is None:
             return math.inf
         now = self._clock()
         n = self._divisor(now)
         worker = self._workers.setdefault(name, _Worker(seen=now))
-        available = (
-            self.max_cost - self._spent_finished - sum(w.granted for w in self._workers.values())
+        available = self.budget_left() or 0.0
+        if available >= want:
+            amount = min(available, max(want, self._slice(n)))
+            worker.granted += amount
+            return amount
+        unspent_elsewhere = sum(
+            max(0.0, w.granted - w.counts.get("spent_usd", 0.0))
+            for other, w in self._workers.items()
+            if other != name
         )
-        amount = min(available, max(want, self.max_cost / (n * BUDGET_SLICES)))
-        if amount < want or amount <= 0:
-            return 0.0
-        worker.granted += amount
-        return amount
+        return 0.0 if available + unspent_elsewhere >= want else -1.0
+
+    def give_back(self, name: str, amount: float) -> None:
+        """A worker hands back grant it does not need, for workers that do."""
+        worker = self._workers.get(name)
+        if worker is not None and amount > 0:
+            worker.granted = max(0.0, worker.granted - amount)
+
+    def budget_left(self) -> float | None:
+        """USD neither spent nor granted (None: no --max-cost)."""
+        if self.max_cost is None:
+            return None
+        granted = sum(w.granted for w in self._workers.values())
+        return self.max_cost - self._spent_finished - granted
 
     # -- progress -------------------------------------------------------------------
 

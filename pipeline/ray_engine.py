@@ -87,6 +87,7 @@ def _counts(runner: Runner, *, answers: int) -> dict[str, Any]:
         "reasoning_tokens": t.reasoning_tokens,
         "answers": answers,
         "spent_usd": runner.budget.spent if runner.budget else 0.0,
+        "largest_completion": runner.budget.largest_completion if runner.budget else 0,
     }
     if runner.result.fatal and not runner.result.signal:
         counts["fatal"] = runner.result.fatal
@@ -136,7 +137,7 @@ class SplitWorker:
             provider_name=spec.provider_name,
             rows=lambda: read_split(split),
             sink_name=writer,
-            budget_topup=lambda budget: self._top_up(writer, budget),
+            budget_topup=lambda budget, amount: self._top_up(runner, writer, budget, amount),
             handle_signals=False,
         )
         if runner.budget is not None:
@@ -162,6 +163,7 @@ class SplitWorker:
                     counts = _counts(runner, answers=answers.count)
                     share = await self.coordinator.heartbeat.remote(writer, counts)
                     self._apply(runner, share)
+                    await self._trim_grant(runner, writer, share["budget_slice"])
 
             tg.start_soon(heartbeat)
             await runner.run()
@@ -172,16 +174,52 @@ class SplitWorker:
         runner.limiter.set_share(
             share["concurrency"], share["rpm"], share["tpm"], workers=share["workers"]
         )
+        if runner.budget is not None:
+            budget = runner.budget
+            budget.largest_completion = max(budget.largest_completion, share["largest_completion"])
         if share["stop"] and not runner.stopping:
             runner.stop()
 
-    async def _top_up(self, writer: str, budget: Budget) -> bool:
-        want = max(0.0, budget.spent + budget.reserved - budget.cap) or 1e-6
-        granted = await self.coordinator.grant.remote(writer, want * 2)
-        if granted <= 0:
+    async def _top_up(self, runner: Runner, writer: str, budget: Budget, amount: float) -> bool:
+        """Lease enough of the job's --max-cost for a request of ``amount`` USD.
+
+        Called with nothing of ours in flight, so what we were granted and did not
+        spend goes back first: another worker may need it more than our remainder,
+        which is too small for this request anyway.
+        """
+        spare = budget.cap - budget.spent
+        if spare > 0:
+            budget.cap -= spare
+            await self.coordinator.give_back.remote(writer, spare)
+        want = budget.spent + amount - budget.cap
+        granted = await self.coordinator.grant.remote(writer, max(want, 1e-9))
+        if granted > 0:
+            budget.cap += granted
+            return True
+        if granted < 0:
+            cap = self.spec.opts.max_cost
+            message = (
+                f"budget: the job's --max-cost ${cap:g} is spent or held by requests "
+                f"in flight; the next request (up to ${amount:.4f}) would pass it"
+            )
+            runner.stop(message)
+            await self.coordinator.stop.remote(message)
             return False
-        budget.cap += granted
-        return True
+        # Other workers' answers are settling: look again in a moment (the request's
+        # hold is worked out again too, with what the job has learned meanwhile).
+        await anyio.sleep(HEARTBEAT_SECONDS)
+        return not runner.stopping
+
+    async def _trim_grant(self, runner: Runner, writer: str, keep: float) -> None:
+        """Hand back lease beyond ``keep`` unspent, so no worker sits on budget that
+        another one is refused."""
+        budget = runner.budget
+        if budget is None:
+            return
+        spare = budget.cap - budget.spent - budget.reserved - keep
+        if spare > keep:
+            budget.cap -= spare
+            await self.coordinator.give_back.remote(writer, spare)
 
 
 class _Answers:

@@ -28,7 +28,7 @@ import anyio.to_thread
 import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.budget import Budget, BudgetExceeded
+from pipeline.budget import Budget, BudgetExceeded, Reservation
 from pipeline.client import ChatClient, Reply
 from pipeline.config import RunOptions
 from pipeline.dedupe import Dedupe
@@ -116,7 +116,7 @@ class Runner:
         row_filter: Callable[[str], bool] | None = None,
         rows: Callable[[], Iterator[list[SourceRow]]] | None = None,
         sink_name: str | None = None,
-        budget_topup: Callable[[Budget], Awaitable[bool]] | None = None,
+        budget_topup: Callable[[Budget, float], Awaitable[bool]] | None = None,
         handle_signals: bool = True,
     ) -> None:
         self.opts = opts
@@ -152,6 +152,8 @@ class Runner:
         self.result = RunResult(run_id, opts.out, self.tally, time.monotonic())
         self._row_filter = row_filter  # e.g. shard membership, by id
         self._stop = anyio.Event()
+        self._budget_freed = anyio.Event()  # set (and replaced) whenever a hold is settled
+        self._topping_up = anyio.Lock()
         self._compacting = anyio.Lock()
 
     # -- stopping -------------------------------------------------------------------
@@ -400,21 +402,17 @@ class Runner:
             raise _Stopped
         reservation = None
         if self.budget is not None:
-            while True:
-                try:
-                    reservation = self.budget.reserve(job)
-                    break
-                except BudgetExceeded as exc:
-                    if self._budget_topup is not None and await self._budget_topup(self.budget):
-                        continue
-                    self.limiter.release(permit, answered=False)
-                    self.stop(str(exc))
-                    raise _Stopped from None
+            try:
+                reservation = await self._reserve(self.budget, job)
+            except _Stopped:
+                self.limiter.release(permit, answered=False)
+                raise
         try:
             reply = await self.client.complete(job.body)
         except RequestError as exc:
             if reservation is not None and self.budget is not None:
                 self.budget.settle(reservation, job.model, None)
+                self._budget_settled()
             rate_limited = isinstance(exc, ApiError) and exc.is_rate_limit
             if rate_limited:
                 self.tally.rate_limited += 1
@@ -432,11 +430,48 @@ class Runner:
         usage = reply.answer.usage
         if reservation is not None and self.budget is not None:
             self.tally.cost_usd += self.budget.settle(reservation, job.model, usage)
+            self._budget_settled()
         used = None
         if usage.prompt_tokens is not None:
             used = usage.prompt_tokens + (usage.completion_tokens or 0)
         self.limiter.release(permit, used_tokens=used, headers=reply.headers)
         return reply
+
+    async def _reserve(self, budget: Budget, job: Job) -> Reservation:
+        """Hold this request's worst-case cost under --max-cost, or raise _Stopped.
+
+        A request that does not fit only because of what is in flight waits for those
+        answers: they are held at their worst case (e.g. 512 completion tokens) and
+        usually cost a fraction of it. The run stops when a request does not fit with
+        nothing in flight, and (on Ray) no more budget can be leased for it.
+        """
+        while True:
+            if self.stopping:
+                raise _Stopped
+            try:
+                return budget.reserve(job)
+            except BudgetExceeded as exc:
+                refused = exc
+            if budget.holds > 0:
+                await self._budget_freed.wait()
+                continue
+            if self._budget_topup is not None:
+                async with self._topping_up:  # one lease request at a time
+                    if budget.holds > 0:
+                        continue  # another task sent meanwhile: wait for its answer
+                    try:  # another task may have leased meanwhile; and a fresh hold
+                        return budget.reserve(job)  # reflects what was learned since
+                    except BudgetExceeded as exc:
+                        refused = exc
+                    if await self._budget_topup(budget, refused.amount):
+                        continue
+            if not self.stopping:
+                self.stop(str(refused))
+            raise _Stopped
+
+    def _budget_settled(self) -> None:
+        self._budget_freed.set()
+        self._budget_freed = anyio.Event()
 
     # -- writing --------------------------------------------------------------------
 

@@ -48,3 +48,15 @@ def test_max_cost_large_enough_lets_the_run_finish(tmp_path: Path) -> None:
     run = run_with_sim([src], tmp_path / "out", max_cost=10.0)
     assert run.result.exit_code == 0
     assert abs(run.result.tally.cost_usd - billed_usd(run.sim)) < 1e-9
+
+
+def test_holds_in_flight_make_a_request_wait_not_stop_the_run(tmp_path: Path) -> None:
+    # 32 in flight, each held at its worst case (512 completion tokens, ~$0.015 for
+    # gpt-5.5) against a $0.02 cap: the second request does not fit while the first is
+    # in flight. It must wait for that answer (~$0.0003) instead of ending the run there.
+    src = write_jsonl(tmp_path / "rows.jsonl", prompts(1000))  # type: ignore[arg-type]
+    run = run_with_sim([src], tmp_path / "out", max_cost=0.02, concurrency=32)
+    assert run.result.exit_code == 3
+    billed = billed_usd(run.sim)
+    assert 0.018 <= billed <= 0.02, f"stopped at ${billed:.4f} of a $0.02 cap"
+    assert abs(run.result.tally.cost_usd - billed) < 1e-9

@@ -201,7 +201,12 @@ def test_transient_errors_are_retried_and_billed_once(tmp_path: Path) -> None:
     clock = FakeClock()
     config = SimConfig(fail_429_rate=0.08, fail_5xx_rate=0.10, truncate_rate=0.03, drop_rate=0.02)
     sim = Simulator(config, clock=clock, sleep=clock.sleep)
-    run = run_with_sim([src], tmp_path / "out", sim=sim, clock=clock, concurrency=16)
+    # ~15% of answers fail for good reasons: with the default 6 attempts, 2 of 30
+    # retry-jitter sequences left one row out of attempts. This test is about retrying
+    # and billing, not about giving up, so it allows more attempts.
+    run = run_with_sim(
+        [src], tmp_path / "out", sim=sim, clock=clock, concurrency=16, max_attempts=10
+    )
     assert run.result.exit_code == 0
     rows = run.rows()
     assert len(rows) == 300 and all(r["status"] == "ok" for r in rows)
