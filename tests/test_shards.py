@@ -81,6 +81,7 @@ def test_share_limits_divides_every_job_wide_limit(tmp_path: Path) -> None:
         provider_name="sim",
     )
     share_limits(runner, opts, 3)
+    runner.sink.close()
     assert runner.limiter.max_concurrency == 21
     assert runner.limiter.rpm == pytest.approx(2000)
     assert runner.budget is not None and runner.budget.cap == 3.0
