@@ -28,6 +28,7 @@ from tests.realproc import (
     Processes,
     Server,
     assert_every_id_ok_once,
+    finish,
     results,
     start_server,
     wait_for,
@@ -208,3 +209,32 @@ def test_status_counts_by_id_are_exact(
     ok = collections.Counter(r["id"] for r in results(out) if r["status"] == "ok")
     assert len(ok) == 500 and max(ok.values()) == 1
     assert result.tally.retries > 0
+
+
+def test_ctrl_c_on_the_driver_keeps_every_billed_answer(
+    tmp_path: Path, procs: Processes, ray_instance: None
+) -> None:
+    import sys
+
+    server = start_server(procs, "--latency-ms", "300")
+    src = write_rows(tmp_path / "rows.jsonl", 2000, "i")
+    out = tmp_path / "out"
+    address = ray.get_runtime_context().gcs_address
+    driver = procs.start(
+        [sys.executable, "-m", "pipeline", "run", str(src), "--engine", "ray"]
+        + ["--ray-address", address, "--base-url", server.url, "--model", "gpt-5.5"]
+        + ["--out", str(out), "--quiet", "--concurrency", "32"]
+    )
+    wait_for(lambda: server.billed() >= 200 or driver.poll() is not None, 60, "200 billed")
+    driver.send_signal(signal.SIGINT)
+    code, err = finish(driver, timeout=60)
+
+    assert code == 130, err
+    billed = server.settled_billed()
+    assert billed < 2000, "the run went on after Ctrl-C"
+    ok = [r for r in results(out) if r["status"] == "ok"]
+    assert len(ok) == billed, f"{billed} answers billed, {len(ok)} kept"
+
+    rerun = run_ray(src, out, server, concurrency=256)
+    assert rerun.exit_code == 0
+    assert server.settled_billed() == 2000, "the rerun sent rows that were already ok"
