@@ -6,7 +6,7 @@ import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 
-from pipeline.limiter import MAX_PAUSE, RateLimiter, TokenBucket, parse_reset
+from pipeline.limiter import MAX_PAUSE, Permit, RateLimiter, TokenBucket, parse_reset
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -164,3 +164,190 @@ def test_parse_reset(text: str, seconds: float) -> None:
 
 def test_parse_reset_garbage() -> None:
     assert parse_reset("soon") is None and parse_reset(None) is None
+
+
+# ------------------------------------------------------------------ set_share / start_empty
+# A Ray worker's limiter takes its share of the job's limits from the coordinator on
+# every heartbeat; the share changes while requests are in flight and waiting.
+
+
+async def admitted_within(limiter: RateLimiter, clock: FakeClock, seconds: float) -> int:
+    """Acquire and release back to back for ``seconds`` of virtual time; count admissions."""
+    start, count = clock.now, 0
+    while True:
+        permit = await limiter.acquire()
+        if clock.now >= start + seconds:
+            limiter.release(permit)
+            return count
+        count += 1
+        limiter.release(permit)
+
+
+async def test_share_lowering_concurrency_caps_in_flight_at_the_new_value(
+    clock: FakeClock,
+) -> None:
+    limiter = RateLimiter(8, clock=clock, sleep=clock.sleep)
+    held = [await limiter.acquire() for _ in range(8)]
+    limiter.set_share(3, None, None, workers=3)
+    admitted, peak = 0, 0
+    answered = anyio.Event()
+
+    async def one() -> None:
+        nonlocal admitted, peak
+        permit = await limiter.acquire()
+        admitted += 1
+        peak = max(peak, limiter.in_flight)
+        await answered.wait()
+        limiter.release(permit)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(one)
+        await wait_all_tasks_blocked()
+        assert admitted == 0
+        for permit in held[:5]:  # 3 still in flight: at the new cap, nobody gets in
+            limiter.release(permit)
+        await wait_all_tasks_blocked()
+        assert admitted == 0
+        for permit in held[5:]:
+            limiter.release(permit)
+        await wait_all_tasks_blocked()
+        assert (admitted, limiter.in_flight) == (3, 3)
+        answered.set()
+    assert (admitted, peak, limiter.in_flight) == (10, 3, 0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="limiter.py set_share: self.limit = min(self.limit, new max) never raises the "
+    "in-flight cap, so waiters stay blocked on the old share until releases and the "
+    "additive increase (+1 per `limit` clean answers) creep it up",
+)
+async def test_share_raising_concurrency_lets_waiting_acquirers_in(clock: FakeClock) -> None:
+    limiter = RateLimiter(2, clock=clock, sleep=clock.sleep)
+    for _ in range(2):
+        await limiter.acquire()  # held for the whole test
+    admitted: list[Permit] = []
+
+    async def one() -> None:
+        admitted.append(await limiter.acquire())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(one)
+        await wait_all_tasks_blocked()
+        assert limiter.in_flight == 2
+        limiter.set_share(5, None, None)  # the other worker finished: the whole limit
+        await wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()  # nothing is released: the rest would wait forever
+    assert (len(admitted), limiter.in_flight) == (3, 5)
+
+
+async def test_share_of_rpm_halves_the_admitted_rate(clock: FakeClock) -> None:
+    limiter = RateLimiter(100, rpm=600, clock=clock, sleep=clock.sleep)
+
+    limiter.set_share(100, 300, None, workers=2)
+
+    assert limiter.rpm == pytest.approx(300)
+    admitted = await admitted_within(limiter, clock, 60.0)
+    assert 300 <= admitted <= 300 + 5  # 5/s for a minute, and at most one 1 s burst
+
+
+async def test_share_of_tpm_paces_tokens_and_none_lifts_it(clock: FakeClock) -> None:
+    limiter = RateLimiter(100, tpm=6000, clock=clock, sleep=clock.sleep)
+    limiter.set_share(100, None, 3000, workers=2)  # 50 tokens/s
+    start = clock.now
+    for _ in range(11):  # the first one is the bucket's burst
+        limiter.release(await limiter.acquire(50), used_tokens=50)
+    assert clock.now - start == pytest.approx(10.0)
+
+    limiter.set_share(100, None, None)
+    start = clock.now
+    for _ in range(100):
+        limiter.release(await limiter.acquire(50), used_tokens=50)
+    assert clock.now == start
+
+
+async def test_share_keeps_a_rate_learned_from_429s_under_the_new_ceiling(
+    clock: FakeClock,
+) -> None:
+    limiter = RateLimiter(64, rpm=600, clock=clock, sleep=clock.sleep)
+    await overload(limiter)
+    cut = limiter.rpm
+    assert cut is not None and cut < 600
+
+    limiter.set_share(64, 1200, None, workers=2)  # a bigger share is no reason to speed up
+    assert limiter.rpm == pytest.approx(cut)
+    limiter.set_share(64, cut / 2, None, workers=2)  # a smaller share caps what was learned
+    assert limiter.rpm == pytest.approx(cut / 2)
+
+    clock.now += 5
+    await admit_times(limiter, clock, 500)  # clean answers grow a cut rate...
+    assert limiter.rpm == pytest.approx(cut / 2)  # ...up to the share, not past it
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="limiter.py set_share: once a cut rate is capped to a lower ceiling it counts "
+    "as 'at the ceiling', so the next bigger share raises it past the rate the 429s "
+    "taught (the learned rate is forgotten)",
+)
+async def test_share_going_down_and_up_again_does_not_undo_a_429_cut(clock: FakeClock) -> None:
+    limiter = RateLimiter(64, rpm=600, clock=clock, sleep=clock.sleep)
+    await overload(limiter)
+    cut = limiter.rpm
+    assert cut is not None and cut < 600
+
+    limiter.set_share(64, cut * 0.7, None, workers=2)  # the coordinator cuts every share
+    limiter.set_share(64, 600, None, workers=2)  # and gives it back, 429s or not
+
+    assert (limiter.rpm or 0) <= cut + 1e-6
+
+
+@pytest.mark.parametrize("header_first", [False, True])
+async def test_server_stated_rpm_is_divided_among_workers(
+    clock: FakeClock, header_first: bool
+) -> None:
+    """x-ratelimit-limit-requests is the job's limit (one key), not this worker's."""
+    limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
+    if not header_first:
+        limiter.set_share(64, None, None, workers=2)
+    permit = await limiter.acquire()
+    limiter.release(permit, headers={"x-ratelimit-limit-requests": "600"})
+    if header_first:
+        assert limiter.rpm == pytest.approx(600 * 0.98)
+        limiter.set_share(64, None, None, workers=2)
+
+    assert limiter.rpm == pytest.approx(600 * 0.98 / 2)
+    admitted = await admitted_within(limiter, clock, 60.0)
+    assert admitted == pytest.approx(294, abs=3)  # 4.9/s for a minute
+
+
+async def test_start_empty_means_no_burst_at_start(clock: FakeClock) -> None:
+    """A worker taking its next split joins others already at the limit."""
+    full = RateLimiter(4, rpm=60, clock=clock, sleep=clock.sleep)
+    start = clock.now
+    full.release(await full.acquire())
+    assert clock.now == start  # a fresh limiter spends its one-second burst at once
+
+    empty = RateLimiter(4, rpm=60, clock=clock, sleep=clock.sleep)
+    empty.start_empty()
+    start = clock.now
+    empty.release(await empty.acquire())
+    assert clock.now - start == pytest.approx(1.0)  # one request a second, from nothing
+
+    tokens = RateLimiter(4, tpm=600, clock=clock, sleep=clock.sleep)
+    tokens.start_empty()
+    start = clock.now
+    tokens.release(await tokens.acquire(5), used_tokens=5)
+    assert clock.now - start == pytest.approx(0.5)  # 5 tokens at 10/s, from nothing
+
+
+async def test_start_empty_without_rates_changes_nothing(clock: FakeClock) -> None:
+    limiter = RateLimiter(4, clock=clock, sleep=clock.sleep)
+    limiter.start_empty()
+    start = clock.now
+
+    times = await admit_times(limiter, clock, 100)
+
+    assert times[-1] == start and limiter.rpm is None
