@@ -110,6 +110,7 @@ class Coordinator:
         self._signal: int | None = None
         self._key: str | None = None
         self._largest_completion = 0
+        self._presumed_dead: dict[str, float] = {}  # name -> grant booked as spent
 
     # -- the key: handed over in memory, never in a task's arguments or environment ------
 
@@ -126,7 +127,18 @@ class Coordinator:
             dead = self._workers.pop(name)
             # Its grant stays spent: we cannot know what it spent before it died.
             self._spent_finished += dead.granted
+            self._presumed_dead[name] = dead.granted
         return len(self._workers)
+
+    def _worker(self, name: str, now: float) -> _Worker:
+        """The worker's record; one presumed dead that speaks again gets its grant back
+        (and it leaves the spent books, where it was put when the worker went quiet)."""
+        worker = self._workers.get(name)
+        if worker is None:
+            granted = self._presumed_dead.pop(name, 0.0)
+            self._spent_finished -= granted
+            worker = self._workers[name] = _Worker(seen=now, granted=granted)
+        return worker
 
     def _divisor(self, now: float) -> int:
         # Divide by the pool while enough splits remain to keep it busy, so a worker that
@@ -159,9 +171,7 @@ class Coordinator:
     def heartbeat(self, name: str, counts: dict[str, float]) -> dict[str, Any]:
         """A worker's cumulative counts for its split; returns its share now."""
         now = self._clock()
-        worker = self._workers.get(name)
-        if worker is None:  # declared dead but alive after all: take it back
-            worker = self._workers[name] = _Worker(seen=now)
+        worker = self._worker(name, now)
         worker.seen = now
         answers = int(counts.get("answers", 0))
         limited = int(counts.get("rate_limited", 0))
@@ -225,7 +235,7 @@ class Coordinator:
             return math.inf
         now = self._clock()
         n = self._divisor(now)
-        worker = self._workers.setdefault(name, _Worker(seen=now))
+        worker = self._worker(name, now)
         available = self.budget_left() or 0.0
         if available >= want:
             amount = min(available, max(want, self._slice(n)))

@@ -140,6 +140,7 @@ class RateLimiter:
         self._window_limited = 0  # 429s in _outcomes
         self._server_rpm: float | None = None  # our pace under the server's stated limit
         self._server_rpm_stated: float | None = None  # x-ratelimit-limit-requests as sent
+        self._learned_rate: float | None = None  # req/s a 429 cut set, until back at ceiling
         self.workers = 1  # processes sharing the server's stated limit (set_share)
         self._last_growth = now  # clock time the learned rate last grew
         self._clock = clock
@@ -163,23 +164,25 @@ class RateLimiter:
         """
         now = self._clock()
         self.workers = max(1, workers)
+        cut = self.limit < self.max_concurrency  # by 429s: stays cut, under the new cap
         self.max_concurrency = max(1, concurrency)
-        self.limit = min(self.limit, float(self.max_concurrency))
-        old_ceiling = self._ceiling
+        if cut:
+            self.limit = min(self.limit, float(self.max_concurrency))
+        else:
+            self.limit = float(self.max_concurrency)
         self.user_rpm = rpm
         if self._server_rpm_stated is not None:
             self._server_rpm = self._server_rpm_stated * 0.98 / self.workers
         ceiling = self._ceiling
-        if self._requests is None and math.isfinite(ceiling):
-            self._requests = self._bucket(ceiling * 60.0, now)
-        elif self._requests is not None:
-            rate = self._requests.rate
-            # At the old ceiling (not cut): follow the share up or down. Cut: stay, capped.
-            target = ceiling if rate >= old_ceiling - 1e-9 else min(rate, ceiling)
-            if math.isfinite(target) and target != rate:
-                self._requests.set_rate(target, self.burst_seconds, now)
-            elif not math.isfinite(target):
-                self._requests = None
+        # A rate learned from 429s stays as learned (capped by the new ceiling, and
+        # remembered, so a later, bigger share does not undo it); else follow the share.
+        target = ceiling if self._learned_rate is None else min(ceiling, self._learned_rate)
+        if not math.isfinite(target):
+            self._requests = None
+        elif self._requests is None:
+            self._requests = self._bucket(target * 60.0, now)
+        elif target != self._requests.rate:
+            self._requests.set_rate(target, self.burst_seconds, now)
         if tpm:
             if self._tokens is None:
                 self._tokens = self._bucket(tpm, now)
@@ -301,6 +304,8 @@ class RateLimiter:
         elif math.isfinite(current):
             self._set_rate(max(MIN_RATE, current * 0.5), now)
         # else: nothing measured yet; the in-flight cut slows us until the next look
+        if self._requests is not None:
+            self._learned_rate = self._requests.rate
         if retry_after:
             self.paused_until = max(self.paused_until, now + min(retry_after, MAX_PAUSE))
 
@@ -318,7 +323,9 @@ class RateLimiter:
             ceiling = self._ceiling
             dt = min(1.0, now - self._last_growth)
             if rate < ceiling and dt > 0:
-                self._set_rate(min(ceiling, rate + (0.25 * rate + 0.5) * dt), now)
+                grown = min(ceiling, rate + (0.25 * rate + 0.5) * dt)
+                self._set_rate(grown, now)
+                self._learned_rate = None if grown >= ceiling else grown
         self._last_growth = now
 
     @property

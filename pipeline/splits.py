@@ -69,6 +69,21 @@ def _filesystem(url: str) -> tuple[pafs.FileSystem, str, str]:
     return fs, path, scheme
 
 
+def _glob_match(path: str, pattern: str) -> bool:
+    """Glob rules, as for local paths: ``*`` and ``?`` stay within one folder, ``**``
+    spans any number of folders (none included)."""
+    return _match_parts(path.split("/"), pattern.split("/"))
+
+
+def _match_parts(parts: list[str], patterns: list[str]) -> bool:
+    if not patterns:
+        return not parts
+    head, rest = patterns[0], patterns[1:]
+    if head == "**":
+        return any(_match_parts(parts[i:], rest) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _match_parts(parts[1:], rest)
+
+
 def _expand_url(spec: str) -> list[str]:
     magic = glob.has_magic(spec)
     base = spec
@@ -92,7 +107,7 @@ def _expand_url(spec: str) -> list[str]:
         if item.type == pafs.FileType.File and _is_input(item.base_name)
     )
     if magic:
-        urls = [u for u in urls if fnmatch.fnmatchcase(u, spec)]
+        urls = [u for u in urls if _glob_match(u, spec)]
     if not urls:
         raise UsageError(f"{spec}: no JSONL or Parquet file here")
     return urls

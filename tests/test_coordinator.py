@@ -242,13 +242,18 @@ def test_cuts_stop_at_the_floor(clock: FakeClock) -> None:
 # ------------------------------------------------------------------ stopping
 
 
+def fatal(reason: str) -> dict[str, Any]:
+    """A worker's counts after a fatal answer (the worker sends the message in them)."""
+    return {"ok": 0, "fatal": reason}
+
+
 def test_a_fatal_answer_stops_every_worker_and_the_first_reason_wins(clock: FakeClock) -> None:
     coord = make(clock)
     coord.register("a")
     coord.register("b")
 
-    coord.heartbeat("a", {"fatal": "401: invalid api key"})
-    coord.heartbeat("a", {"fatal": "402: balance is empty"})
+    coord.heartbeat("a", fatal("401: invalid api key"))
+    coord.heartbeat("a", fatal("402: balance is empty"))
     coord.stop("budget: spent")
 
     assert coord.heartbeat("b", {})["stop"] == "401: invalid api key"
@@ -262,7 +267,7 @@ def test_stop_by_signal_reaches_everyone_and_the_first_signal_wins(clock: FakeCl
 
     coord.stop("stopped by SIGINT", 2)
     coord.stop("stopped by SIGTERM", 15)
-    coord.heartbeat("a", {"fatal": "401: invalid api key"})
+    coord.heartbeat("a", fatal("401: invalid api key"))
 
     share = coord.heartbeat("a", {})
     assert (share["stop"], share["signal"]) == ("stopped by SIGINT", 2)
@@ -430,12 +435,6 @@ def test_random_leases_never_add_up_past_max_cost(clock: FakeClock) -> None:
     assert min(outcomes.values()) > 10, outcomes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="coordinator.py: a worker dropped as dead has its whole grant counted as spent; "
-    "when it heartbeats again it is re-created with granted=0, and finish() then adds "
-    "its real spend on top, so the job's spent_usd counts that worker twice",
-)
 def test_a_worker_wrongly_declared_dead_is_not_counted_twice(clock: FakeClock) -> None:
     coord = make(clock, max_cost=10.0)
     coord.register("a")

@@ -217,12 +217,6 @@ async def test_share_lowering_concurrency_caps_in_flight_at_the_new_value(
     assert (admitted, peak, limiter.in_flight) == (10, 3, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="limiter.py set_share: self.limit = min(self.limit, new max) never raises the "
-    "in-flight cap, so waiters stay blocked on the old share until releases and the "
-    "additive increase (+1 per `limit` clean answers) creep it up",
-)
 async def test_share_raising_concurrency_lets_waiting_acquirers_in(clock: FakeClock) -> None:
     limiter = RateLimiter(2, clock=clock, sleep=clock.sleep)
     for _ in range(2):
@@ -286,12 +280,6 @@ async def test_share_keeps_a_rate_learned_from_429s_under_the_new_ceiling(
     assert limiter.rpm == pytest.approx(cut / 2)  # ...up to the share, not past it
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="limiter.py set_share: once a cut rate is capped to a lower ceiling it counts "
-    "as 'at the ceiling', so the next bigger share raises it past the rate the 429s "
-    "taught (the learned rate is forgotten)",
-)
 async def test_share_going_down_and_up_again_does_not_undo_a_429_cut(clock: FakeClock) -> None:
     limiter = RateLimiter(64, rpm=600, clock=clock, sleep=clock.sleep)
     await overload(limiter)

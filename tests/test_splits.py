@@ -288,12 +288,6 @@ def test_a_glob_url_matches_files_in_its_folder(inputs: dict[str, Path]) -> None
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="splits.py _expand_url matches URL globs with fnmatch over a recursive listing: "
-    "'*' crosses '/' (picks up sub/x.parquet) and '**/' needs at least one folder, "
-    "unlike the local glob.glob(recursive=True) that expand_sources uses",
-)
 @pytest.mark.parametrize("pattern", ["*.parquet", "**/*.parquet"])
 def test_a_glob_url_matches_what_the_same_local_glob_matches(
     inputs: dict[str, Path], pattern: str
