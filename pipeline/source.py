@@ -171,17 +171,26 @@ def _parquet_rows(path: Path, batch_size: int) -> Iterator[SourceRow]:
 
 def read_rows(paths: list[Path], batch_size: int = 1000) -> Iterator[list[SourceRow]]:
     """Yield rows of every file in order, ``batch_size`` at a time."""
+
+    def rows() -> Iterator[SourceRow]:
+        for path in paths:
+            if path.name.lower().endswith(PARQUET_SUFFIXES):
+                yield from _parquet_rows(path, batch_size)
+            else:
+                yield from _jsonl_rows(path)
+
+    return in_batches(rows(), batch_size)
+
+
+def in_batches(rows: Iterable[SourceRow], size: int) -> Iterator[list[SourceRow]]:
+    """Rows in lists of ``size`` (the last may be shorter), for the reader thread to
+    hand over in one go."""
     batch: list[SourceRow] = []
-    for path in paths:
-        if path.name.lower().endswith(PARQUET_SUFFIXES):
-            rows = _parquet_rows(path, batch_size)
-        else:
-            rows = _jsonl_rows(path)
-        for row in rows:
-            batch.append(row)
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
     if batch:
         yield batch
 

@@ -35,6 +35,7 @@ from pipeline.source import (
     RemoteFile,
     SourceRow,
     expand_sources,
+    in_batches,
     parse_lines,
 )
 
@@ -265,17 +266,8 @@ def _split_parquet(split: Split, batch_size: int) -> Iterator[SourceRow]:
 def read_split(split: Split, batch_size: int = 1000) -> Iterator[list[SourceRow]]:
     """The split's rows, ``batch_size`` at a time, numbered as in the whole file."""
     if _is_parquet(split.location):
-        rows: Iterator[SourceRow] = _split_parquet(split, batch_size)
-    else:
-        rows = _split_lines(split)
-    batch: list[SourceRow] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        return in_batches(_split_parquet(split, batch_size), batch_size)
+    return in_batches(_split_lines(split), batch_size)
 
 
 def check_location(location: str) -> None:
