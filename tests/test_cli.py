@@ -44,6 +44,10 @@ def test_some_rows_failed_exits_1(tmp_path: Path) -> None:
         (["run", "ROWS", "--provider", "nope"], "unknown provider"),
         (["run", "ROWS", "--provider", "evolink"], "EVOLINK_API_KEY"),
         (["run"], "nothing to run"),
+        (["run", "ROWS", "--engine", "ray", "--shard", "0/2"], "--shard is for schedulers"),
+        (["run", "ROWS", "--engine", "ray", "--limit", "5"], "--limit works with"),
+        (["run", "ROWS", "--engine", "ray", "--ray-workers", "0"], "--ray-workers"),
+        (["run", "file:///no/such/folder/x.jsonl", "--engine", "ray"], "no such file"),
     ],
 )
 def test_bad_usage_exits_2_and_sends_nothing(
@@ -128,3 +132,15 @@ def test_python_dash_m_works() -> None:
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0 and "pipeline" in done.stdout
+
+
+def test_engine_ray_without_ray_installed_exits_2_with_the_install_line(
+    tmp_path: Path, rows: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees when absent
+    code, out, err = invoke("run", str(rows), "--engine", "ray", "--out", str(tmp_path / "o"))
+    assert code == 2 and out == ""
+    assert "pip install 'pipeline[ray]'" in err
+    assert not (tmp_path / "o").exists(), "nothing is written before the check"
