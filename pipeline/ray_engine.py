@@ -444,6 +444,10 @@ def _final_counts(out: Path, run_id: str, tally: Tally, totals: dict[str, float]
     if not parts:
         return
     con = duckdb.connect()
+    # Counting by id over a huge job must not hold every id in the driver's memory:
+    # DuckDB spills its hash table to disk past this limit.
+    con.execute("SET memory_limit = '1GB'")
+    con.execute("SET temp_directory = ?", [str(out / ".duckdb-tmp")])
     row = con.execute(
         """
         WITH job AS (SELECT * FROM read_parquet(?, union_by_name = true) WHERE run_id = ?),
