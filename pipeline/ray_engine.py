@@ -319,9 +319,17 @@ def run_on_ray(
         ray.get(coordinator.set_key.remote(api_key))
         spec = JobSpec(opts, run_id, provider_name, base_urls, name)
         progress.message(f"ray: {len(splits)} splits on {workers} workers")
-        _run_dataset(ray, coordinator, spec, splits, workers, tally, progress, result)
+        failure = None
+        try:
+            _run_dataset(ray, coordinator, spec, splits, workers, tally, progress, result)
+        except KeyboardInterrupt:
+            if result.signal is None:  # not one of ours: Ray's own handling, pass it on
+                raise
+            progress.message("second signal: stopped the workers; journaled answers are kept")
+        except Exception as exc:  # a worker raised: results so far are kept, say why
+            failure = f"a Ray worker failed: {str(exc).strip().splitlines()[-1][:500]}"
         totals = ray.get(coordinator.totals.remote())
-        stop = ray.get(coordinator.share.remote())["stop"]
+        stop = failure or ray.get(coordinator.share.remote())["stop"]
         ray.kill(coordinator)
     finally:
         if started:
