@@ -128,3 +128,25 @@ def test_python_dash_m_works() -> None:
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0 and "pipeline" in done.stdout
+
+
+def test_run_makes_full_gc_passes_rarer_only_while_it_runs(
+    tmp_path: Path, rows: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    import pipeline.execute
+    from pipeline.errors import UsageError
+
+    during: list[tuple[int, int, int]] = []
+
+    def fake_execute(opts: object) -> None:
+        during.append(gc.get_threshold())
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(pipeline.execute, "execute", fake_execute)
+    before = gc.get_threshold()
+    code, _, _ = invoke("run", str(rows), "--out", str(tmp_path / "out"), "--quiet")
+    assert code == 2
+    assert during[0][:2] == before[:2] and during[0][2] >= 100
+    assert gc.get_threshold() == before
