@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -49,6 +50,19 @@ async def test_a_cookie_the_server_sets_is_sent_back_as_before() -> None:
     await client.aclose()
     assert "cookie" not in seen[0].headers
     assert seen[1].headers["cookie"] == "affinity=node7"
+
+
+async def test_answers_without_cookies_skip_the_cookie_jar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr(
+        httpx.Cookies, "extract_cookies", lambda self, response: calls.append(response)
+    )
+    client = _client(None)
+    await client.complete(BODY)
+    await client.aclose()
+    assert calls == []  # httpx still keeps the client's jar where the client reads it
 
 
 async def test_an_answered_request_leaves_no_cyclic_garbage() -> None:
