@@ -17,6 +17,7 @@ import click
 from pipeline import __version__
 from pipeline.config import RunOptions, load_job_file, merge
 from pipeline.errors import LockedError, UsageError
+from pipeline.gc_tuning import fewer_full_collections
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -107,7 +108,8 @@ def run(source: tuple[str, ...], sim_settings: tuple[str, ...], **options: Any) 
         opts = _options(source, options)
         if sim_settings:
             opts.sim = {**opts.sim, **_parse_assignments(sim_settings, "--sim")}
-        result = execute(opts)
+        with fewer_full_collections():
+            result = execute(opts)
     except (UsageError, LockedError) as exc:
         _fail(exc)
     click.echo(summary_line(result))

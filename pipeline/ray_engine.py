@@ -39,6 +39,7 @@ from pipeline.budget import Budget
 from pipeline.config import RunOptions
 from pipeline.coordinator import HEARTBEAT_SECONDS, Coordinator
 from pipeline.errors import UsageError
+from pipeline.gc_tuning import fewer_full_collections
 from pipeline.progress import Progress, Tally
 from pipeline.resume import Outcomes, load_outcomes
 from pipeline.runner import Runner, RunResult, make_client
@@ -148,7 +149,8 @@ class SplitWorker:
         runner.limiter.start_empty()
         if share["stop"]:
             runner.stop()  # the job is stopping: leave the split pending
-        anyio.run(self._run, runner, writer, answers)
+        with fewer_full_collections():
+            anyio.run(self._run, runner, writer, answers)
         counts = _counts(runner, answers=answers.count)
         spent = runner.budget.spent if runner.budget else 0.0
         _get(self.coordinator.finish.remote(writer, counts, spent))

@@ -144,3 +144,25 @@ def test_engine_ray_without_ray_installed_exits_2_with_the_install_line(
     assert code == 2 and out == ""
     assert "pip install 'pipeline[ray]'" in err
     assert not (tmp_path / "o").exists(), "nothing is written before the check"
+
+
+def test_run_makes_full_gc_passes_rarer_only_while_it_runs(
+    tmp_path: Path, rows: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    import pipeline.execute
+    from pipeline.errors import UsageError
+
+    during: list[tuple[int, int, int]] = []
+
+    def fake_execute(opts: object) -> None:
+        during.append(gc.get_threshold())
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(pipeline.execute, "execute", fake_execute)
+    before = gc.get_threshold()
+    code, _, _ = invoke("run", str(rows), "--out", str(tmp_path / "out"), "--quiet")
+    assert code == 2
+    assert during[0][:2] == before[:2] and during[0][2] >= 100
+    assert gc.get_threshold() == before
