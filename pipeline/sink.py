@@ -97,18 +97,25 @@ def recover_journals(out: Path) -> int:
         run_id, _, seq = segment.stem.rpartition("-")
         runs.setdefault(run_id, []).append((seq, segment))
     recovered = 0
-    for run_id, segments in runs.items():
-        with _dead_run(journal_dir, run_id) as dead:
-            if not dead:
-                continue
-            for seq, segment in segments:
-                if not segment.exists():
-                    continue  # another process recovered it between our listing and lock
-                rows = list(_journal_rows(segment))
-                if rows:
-                    write_part(rows, out / "results" / run_id / f"part-{seq}.parquet")
-                    recovered += len(rows)
-                segment.unlink()
+    if not runs:
+        return 0
+    # One recovery at a time per OUT, waited for: a process that starts while another
+    # is compacting a dead journal must not take "locked" for "alive", skip it, and
+    # then load the done ids without those rows (it would send them again).
+    with open(journal_dir / ".recovery.lock", "a+") as guard:
+        fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
+        for run_id, segments in runs.items():
+            with _dead_run(journal_dir, run_id) as dead:
+                if not dead:
+                    continue
+                for seq, segment in segments:
+                    if not segment.exists():
+                        continue  # recovered by another process before we got the guard
+                    rows = list(_journal_rows(segment))
+                    if rows:
+                        write_part(rows, out / "results" / run_id / f"part-{seq}.parquet")
+                        recovered += len(rows)
+                    segment.unlink()
     return recovered
 
 

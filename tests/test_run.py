@@ -341,3 +341,52 @@ def test_a_failing_row_makes_exactly_max_attempts(tmp_path: Path, max_attempts: 
     (row,) = run.rows()
     assert row["attempts"] == max_attempts == sim.stats["requests"]
     assert row["http_status"] in (500, 502, 503)
+
+
+def test_a_process_starting_during_recovery_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray workers (or shards) starting together all recover dead journals. One that
+    finds a journal locked because another is compacting it must wait, not skip it
+    and load the done ids without those rows (it would send them again)."""
+    import threading
+
+    import pipeline.sink
+    from pipeline.resume import load_outcomes
+    from pipeline.sink import ResultSink, recover_journals
+
+    out = tmp_path / "out"
+    dead = ResultSink(out, "dead-run")
+    for i in range(50):
+        dead.write({"run_id": "dead-run", "id": f"r{i}", "status": "ok"})
+    dead.flush()
+    assert dead._journal is not None
+    dead._journal.close()
+    dead._live.close()  # the process died: its lock is gone, its journal stays
+
+    entered, release = threading.Event(), threading.Event()
+    real_write_part = pipeline.sink.write_part
+
+    def slow_write_part(rows: list[dict[str, object]], path: Path) -> None:
+        entered.set()
+        assert release.wait(10)
+        real_write_part(rows, path)
+
+    monkeypatch.setattr(pipeline.sink, "write_part", slow_write_part)
+    first = threading.Thread(target=recover_journals, args=(out,))
+    first.start()
+    assert entered.wait(10)
+    seen: dict[str, int] = {}
+
+    def second() -> None:
+        recover_journals(out)
+        seen["ok"] = len(load_outcomes(out).ok)
+
+    other = threading.Thread(target=second)
+    other.start()
+    other.join(0.3)
+    assert other.is_alive(), "the second process went ahead during the first's recovery"
+    release.set()
+    first.join(10)
+    other.join(10)
+    assert seen["ok"] == 50
