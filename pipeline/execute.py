@@ -7,6 +7,7 @@ lock) is checked before the first request, so exit codes 2 and 4 always mean
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -43,6 +44,19 @@ def shard_filter(shard: str | None) -> Callable[[str], bool] | None:
         return int.from_bytes(digest, "big") % count == index
 
     return member
+
+
+def _absolute_paths(opts: RunOptions) -> RunOptions:
+    def absolute(path: Path | None) -> Path | None:
+        return None if path is None else Path(path).resolve()
+
+    return dataclasses.replace(
+        opts,
+        out=Path(opts.out).resolve(),
+        pricing=absolute(opts.pricing),
+        image_root=absolute(opts.image_root),
+        providers_file=absolute(opts.providers_file),
+    )
 
 
 def share_limits(runner: Runner, opts: RunOptions, parts: int) -> None:
@@ -84,8 +98,9 @@ def execute(
     before anything is sent."""
     validate(opts)
     on_ray = opts.engine == "ray"
+    engine = contextlib.ExitStack()
     if on_ray:
-        from pipeline.ray_engine import import_ray
+        from pipeline.ray_engine import import_ray, ray_session
         from pipeline.splits import check_location, expand_locations
 
         import_ray()  # not installed: exit 2 now, not after the lock and the manifest
@@ -93,6 +108,7 @@ def execute(
         for location in locations:
             check_location(location)
         files: list[Path] = []
+        opts = _absolute_paths(opts)  # workers may run in another folder or on another host
     else:
         files = expand_sources(list(opts.sources))
         for path in files:
@@ -108,8 +124,11 @@ def execute(
     out.mkdir(parents=True, exist_ok=True)
     run_id = new_run_id()
     lock_name = ".lock" if opts.shard is None else f".lock-shard-{opts.shard.replace('/', '-of-')}"
-    with OutLock(out, lock_name) as lock:
+    with engine, OutLock(out, lock_name) as lock:
         lock.acquire(run_id)
+        # After the lock (a second copy exits 4 at once), before the manifest (a
+        # cluster that cannot be reached is exit 2 with nothing written).
+        ray = engine.enter_context(ray_session(opts)) if on_ray else None
         progress = Progress(
             Tally(),
             quiet=opts.quiet,
@@ -134,6 +153,7 @@ def execute(
             write_manifest(out, run_id, manifest)
 
             result, manifest["engine"] = run_on_ray(
+                ray,
                 opts,
                 run_id=run_id,
                 locations=locations,

@@ -22,12 +22,16 @@ here, only when asked for.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import re
 import secrets
 import signal
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -242,21 +246,52 @@ def _get(ref: Any) -> Any:
     return ray.get(ref)
 
 
-def _init_ray(opts: RunOptions) -> tuple[Any, bool]:
-    """Connect to the cluster at --ray-address, or start a local one. Returns (ray,
-    whether we started it and so must shut it down)."""
+CONNECT_TIMEOUT = 10.0  # seconds to reach --ray-address before giving up (exit 2)
+
+
+@contextlib.contextmanager
+def ray_session(opts: RunOptions) -> Iterator[Any]:
+    """Connect to the cluster at --ray-address, or start a local Ray instance; shut
+    down on exit what we started.
+
+    Called before OUT's lock and the manifest: a cluster that cannot be reached is a
+    usage error (exit 2, nothing sent), not a traceback or a hang.
+    """
     ray = import_ray()
     _quiet_ray()
-    if ray.is_initialized():
-        return ray, False
-    ray.init(
-        address=opts.ray_address,
-        namespace=NAMESPACE,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
-    return ray, True
+    if ray.is_initialized():  # embedded (tests, notebooks): use the caller's
+        yield ray
+        return
+    address = opts.ray_address
+    _probe(address)
+    try:
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UsageError(f"--ray-address {address}: cannot connect ({exc})") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _probe(address: str | None) -> None:
+    """Fail fast on a host:port nobody answers: Ray itself retries for minutes."""
+    if not address or address in ("auto", "local"):
+        return
+    match = re.match(r"^(?:ray://)?\[?([^\]/]+?)\]?:(\d+)$", address)
+    if match is None:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        raise UsageError(f"--ray-address {address}: cannot connect ({exc})") from None
 
 
 class _DropNotices(logging.Filter):
@@ -288,6 +323,7 @@ def pool_size(ray: Any, opts: RunOptions) -> int:
 
 
 def run_on_ray(
+    ray: Any,
     opts: RunOptions,
     *,
     run_id: str,
@@ -300,24 +336,34 @@ def run_on_ray(
     """Run every split on a Ray worker pool and wait; the caller holds OUT's lock.
     Returns the result and, for the manifest, how the job was spread."""
     started_at = time.monotonic()
-    ray, started = _init_ray(opts)
+    out = Path(opts.out)
+    # Journals of a run that died become Parquet before any worker starts, so every
+    # worker's done ids include them.
+    recovered = recover_journals(out)
+    if recovered:
+        progress.message(f"recovered {recovered} results journaled by an interrupted run")
+    # One worker per --concurrency slot at most: every worker has at least one.
+    workers = min(pool_size(ray, opts), opts.concurrency)
+    splits = plan_splits(locations, workers, opts.split_rows)
+    workers = max(1, min(workers, len(splits)))
+    tally = Tally(total=sum(s.rows for s in splits) or None)
+    progress.tally = tally
+    result = RunResult(run_id, out, tally, started_at)
+    if not splits:  # empty inputs: nothing to do is a success
+        result.finished = time.monotonic()
+        progress.close()
+        return result, {"name": "ray", "workers": 0, "splits": 0}
+    actor = ray.remote(num_cpus=0)(Coordinator)
+    name = f"coordinator-{run_id}"
+    coordinator = actor.options(name=name, namespace=NAMESPACE).remote(
+        concurrency=opts.concurrency,
+        rpm=opts.rpm,
+        tpm=opts.tpm,
+        max_cost=opts.max_cost,
+        pool_size=workers,
+        splits=len(splits),
+    )
     try:
-        workers = pool_size(ray, opts)
-        splits = plan_splits(locations, workers, opts.split_rows)
-        workers = min(workers, len(splits)) or 1
-        tally = Tally(total=sum(s.rows for s in splits) or None)
-        progress.tally = tally
-        result = RunResult(run_id, Path(opts.out), tally, started_at)
-        actor = ray.remote(num_cpus=0)(Coordinator)
-        name = f"coordinator-{run_id}"
-        coordinator = actor.options(name=name, namespace=NAMESPACE).remote(
-            concurrency=opts.concurrency,
-            rpm=opts.rpm,
-            tpm=opts.tpm,
-            max_cost=opts.max_cost,
-            pool_size=workers,
-            splits=len(splits),
-        )
         ray.get(coordinator.set_key.remote(api_key))
         spec = JobSpec(opts, run_id, provider_name, base_urls, name)
         progress.message(f"ray: {len(splits)} splits on {workers} workers")
@@ -332,10 +378,8 @@ def run_on_ray(
             failure = f"a Ray worker failed: {str(exc).strip().splitlines()[-1][:500]}"
         totals = ray.get(coordinator.totals.remote())
         stop = failure or ray.get(coordinator.share.remote())["stop"]
-        ray.kill(coordinator)
     finally:
-        if started:
-            ray.shutdown()
+        ray.kill(coordinator)
     tally.cost_usd = totals["spent_usd"]
     result.pending = int(totals["pending"])
     if stop and result.signal is None:

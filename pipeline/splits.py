@@ -115,14 +115,35 @@ def _expand_url(spec: str) -> list[str]:
 
 
 def expand_locations(specs: list[str]) -> list[str]:
-    """Like ``source.expand_sources``, for a mix of local paths and URLs."""
-    found: list[str] = []
+    """Like ``source.expand_sources``, for a mix of local paths and URLs.
+
+    Local paths come back absolute: a Ray worker on another node (or in another
+    folder) must read the same file. A file named twice, however it was named
+    (``data/``, ``/abs/data/a.jsonl``, ``file:///abs/data/a.jsonl``), is read once.
+    """
+    found: dict[str, str] = {}  # identity -> location
     for spec in specs:
         if is_url(spec):
-            found.extend(_expand_url(spec))
+            if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@", spec):
+                raise UsageError(
+                    f"{_redact(spec)}: credentials in a URL would end up in manifests and "
+                    "results; give them to the filesystem through its environment "
+                    "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+                )
+            for url in _expand_url(spec):
+                key = (
+                    str(Path(url[len("file://") :]).resolve()) if url.startswith("file://") else url
+                )
+                found.setdefault(key, url)
         else:
-            found.extend(str(p) for p in expand_sources([spec]))
-    return list(dict.fromkeys(found))
+            for path in expand_sources([spec]):
+                absolute = str(path.resolve())
+                found.setdefault(absolute, absolute)
+    return list(found.values())
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://[^/@]*@", "://***@", url)
 
 
 def input_file(location: str) -> InputFile:

@@ -166,3 +166,21 @@ def test_run_makes_full_gc_passes_rarer_only_while_it_runs(
     assert code == 2
     assert during[0][:2] == before[:2] and during[0][2] >= 100
     assert gc.get_threshold() == before
+
+
+def test_unreachable_ray_address_exits_2_before_anything_is_written(
+    tmp_path: Path, rows: Path
+) -> None:
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    code, stdout, err = invoke(
+        "run", str(rows), "--engine", "ray", "--ray-address", f"127.0.0.1:{port}", "--out", str(out)
+    )
+    assert code == 2 and stdout == ""
+    assert "cannot connect" in err
+    assert not (out / "runs").exists(), "no manifest for a run that never started"

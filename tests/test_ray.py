@@ -238,3 +238,32 @@ def test_ctrl_c_on_the_driver_keeps_every_billed_answer(
     rerun = run_ray(src, out, server, concurrency=256)
     assert rerun.exit_code == 0
     assert server.settled_billed() == 2000, "the rerun sent rows that were already ok"
+
+
+def test_an_empty_input_is_a_success_with_nothing_sent(
+    tmp_path: Path, procs: Processes, ray_instance: None
+) -> None:
+    server = start_server(procs)
+    src = tmp_path / "empty.jsonl"
+    src.write_text("")
+    result = run_ray(src, tmp_path / "out", server)
+    assert result.exit_code == 0 and result.tally.finished == 0
+    assert server.billed() == 0
+
+
+def test_a_file_named_twice_is_sent_once(
+    tmp_path: Path, procs: Processes, ray_instance: None
+) -> None:
+    server = start_server(procs)
+    src = write_rows(tmp_path / "rows.jsonl", 300, "d")
+    opts = RunOptions(
+        sources=[str(tmp_path), str(src), f"file://{src}"],
+        out=tmp_path / "out",
+        base_url=[server.url],
+        engine="ray",
+        model="gpt-5.5",
+        quiet=True,
+    )
+    result = execute(opts)
+    assert result.exit_code == 0
+    assert server.billed() == 300
