@@ -186,22 +186,29 @@ class SplitWorker:
         if share["stop"] and not runner.stopping:
             runner.stop()
 
-    async def _top_up(self, runner: Runner, writer: str, budget: Budget, amount: float) -> bool:
-        """Lease enough of the job's --max-cost for a request of ``amount`` USD.
+    async def _top_up(
+        self, runner: Runner, writer: str, budget: Budget, amount: float
+    ) -> bool | None:
+        """Lease enough of the job's --max-cost for a request of ``amount`` USD: True
+        when leased, None to ask again later, False when the job has none left.
 
-        Called with nothing of ours in flight, so what we were granted and did not
-        spend goes back first: another worker may need it more than our remainder,
-        which is too small for this request anyway.
+        Asked while our own requests are in flight too: waiting for all of them before
+        each lease would hold a worker to a slice's worth of requests in flight.
         """
-        spare = budget.cap - budget.spent
-        if spare > 0:
-            budget.cap -= spare
-            await self.coordinator.give_back.remote(writer, spare)
-        want = budget.spent + amount - budget.cap
+        if budget.holds == 0:
+            # Nothing of ours in flight: what we were granted and did not spend goes
+            # back first, for a worker that may need it more than our remainder.
+            spare = budget.cap - budget.spent
+            if spare > 0:
+                budget.cap -= spare
+                await self.coordinator.give_back.remote(writer, spare)
+        want = budget.spent + budget.reserved + amount - budget.cap
         granted = await self.coordinator.grant.remote(writer, max(want, 1e-9))
         if granted > 0:
             budget.cap += granted
             return True
+        if budget.holds > 0:
+            return None  # our own answers settle first; the runner waits for them
         if granted < 0:
             cap = self.spec.opts.max_cost
             message = (
@@ -214,7 +221,7 @@ class SplitWorker:
         # Other workers' answers are settling: look again in a moment (the request's
         # hold is worked out again too, with what the job has learned meanwhile).
         await anyio.sleep(HEARTBEAT_SECONDS)
-        return not runner.stopping
+        return None
 
     async def _trim_grant(self, runner: Runner, writer: str, keep: float) -> None:
         """Hand back lease beyond ``keep`` unspent, so no worker sits on budget that

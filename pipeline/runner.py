@@ -116,14 +116,15 @@ class Runner:
         row_filter: Callable[[str], bool] | None = None,
         rows: Callable[[], Iterator[list[SourceRow]]] | None = None,
         sink_name: str | None = None,
-        budget_topup: Callable[[Budget, float], Awaitable[bool]] | None = None,
+        budget_topup: Callable[[Budget, float], Awaitable[bool | None]] | None = None,
         handle_signals: bool = True,
     ) -> None:
         self.opts = opts
         self.files = files
         # What to read: the files (one process), or a piece of them (a Ray partition).
         self._rows = rows or (lambda: read_rows(files))
-        # A job-wide budget (Ray) tops this process's allowance up instead of stopping.
+        # A job-wide budget (Ray) tops this process's allowance up instead of stopping:
+        # it answers True (leased more), None (nothing now, ask again) or False (none left).
         self._budget_topup = budget_topup
         # A Ray worker leaves signals to Ray; the driver relays a stop to every worker.
         self._handle_signals = handle_signals
@@ -452,19 +453,21 @@ class Runner:
                 return budget.reserve(job)
             except BudgetExceeded as exc:
                 refused = exc
-            if budget.holds > 0:
-                await self._budget_freed.wait()
-                continue
+            more: bool | None = False  # leased more / ask again later / no more to lease
             if self._budget_topup is not None:
                 async with self._topping_up:  # one lease request at a time
-                    if budget.holds > 0:
-                        continue  # another task sent meanwhile: wait for its answer
                     try:  # another task may have leased meanwhile; and a fresh hold
                         return budget.reserve(job)  # reflects what was learned since
                     except BudgetExceeded as exc:
                         refused = exc
-                    if await self._budget_topup(budget, refused.amount):
-                        continue
+                    more = await self._budget_topup(budget, refused.amount)
+                if more:
+                    continue
+            if budget.holds > 0:
+                await self._budget_freed.wait()
+                continue
+            if more is None:
+                continue
             if not self.stopping:
                 self.stop(str(refused))
             raise _Stopped

@@ -60,3 +60,52 @@ def test_holds_in_flight_make_a_request_wait_not_stop_the_run(tmp_path: Path) ->
     billed = billed_usd(run.sim)
     assert 0.018 <= billed <= 0.02, f"stopped at ${billed:.4f} of a $0.02 cap"
     assert abs(run.result.tally.cost_usd - billed) < 1e-9
+
+
+def test_a_leased_budget_is_topped_up_while_requests_are_in_flight(tmp_path: Path) -> None:
+    """On Ray each worker leases --max-cost in small grants. Asking for more only once
+    every request in flight had settled held a worker to a grant's worth of requests
+    in flight; asking while they fly keeps --concurrency busy."""
+    import anyio
+
+    from pipeline.budget import Budget
+    from pipeline.config import RunOptions
+    from pipeline.resume import Outcomes
+    from pipeline.runner import Runner, make_client
+    from pipeline.simulator import SimConfig, sim_transport
+    from tests.conftest import FakeClock
+
+    clock = FakeClock()
+    sim = Simulator(SimConfig(latency_ms=100), clock=clock, sleep=clock.sleep)
+    src = write_jsonl(tmp_path / "rows.jsonl", prompts(320))  # type: ignore[arg-type]
+    opts = RunOptions(
+        sources=[str(src)], out=tmp_path / "out", model="gpt-5.5", concurrency=32,
+        max_cost=100.0, quiet=True,
+    )  # fmt: skip
+    leases: list[float] = []
+
+    async def top_up(budget: Budget, amount: float) -> bool | None:
+        grant = amount * 2  # two requests' worth, as a small slice of a big job would be
+        budget.cap += grant
+        leases.append(grant)
+        return True
+
+    runner = Runner(
+        opts,
+        run_id="r",
+        files=[src],
+        outcomes=Outcomes(),
+        client=make_client(opts, ["http://sim/v1"], None, transport=sim_transport(sim)),
+        provider_name="sim",
+        sleep=clock.sleep,
+        clock=clock,
+        budget_topup=top_up,
+    )
+    assert runner.budget is not None
+    runner.budget.cap = 0.0
+    start = clock()
+    result = anyio.run(runner.run)
+    assert result.exit_code == 0 and result.tally.status["ok"] == 320
+    # 320 rows x 100 ms at 32 in flight is ~1 s; two in flight would be ~16 s.
+    assert clock() - start < 3.0, f"{clock() - start:.1f}s: the leases throttled the run"
+    assert len(leases) > 10
