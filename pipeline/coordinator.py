@@ -111,6 +111,8 @@ class Coordinator:
         self._key: str | None = None
         self._largest_completion = 0
         self._presumed_dead: dict[str, float] = {}  # name -> grant booked as spent
+        self._spent_reported = 0.0  # USD finished splits reported (no presumed-dead grants)
+        self._finished_writers: list[str] = []
 
     # -- the key: handed over in memory, never in a task's arguments or environment ------
 
@@ -194,6 +196,8 @@ class Coordinator:
         for key in COUNTS:
             self._finished[key] += counts.get(key, 0)
         self._spent_finished += spent
+        self._spent_reported += spent
+        self._finished_writers.append(name)
         self.splits_left = max(0, self.splits_left - 1)
 
     def _note(self, now: float, answers: int, limited: int) -> None:
@@ -260,6 +264,15 @@ class Coordinator:
             return None
         granted = sum(w.granted for w in self._workers.values())
         return self.max_cost - self._spent_finished - granted
+
+    def finished(self) -> dict[str, Any]:
+        """What finished splits reported, and which writers they were: a writer not in
+        the list died (or was stopped) and its rows are counted from disk."""
+        return {
+            "counts": dict(self._finished),
+            "writers": list(self._finished_writers),
+            "spent_usd": self._spent_reported,
+        }
 
     # -- progress -------------------------------------------------------------------
 

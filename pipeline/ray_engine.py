@@ -383,15 +383,15 @@ def run_on_ray(
             progress.message("second signal: stopped the workers; journaled answers are kept")
         except Exception as exc:  # a worker raised: results so far are kept, say why
             failure = f"a Ray worker failed: {str(exc).strip().splitlines()[-1][:500]}"
-        totals = ray.get(coordinator.totals.remote())
+        finished = ray.get(coordinator.finished.remote())
         stop = failure or ray.get(coordinator.share.remote())["stop"]
     finally:
         ray.kill(coordinator)
-    tally.cost_usd = totals["spent_usd"]
-    result.pending = int(totals["pending"])
+    tally.cost_usd = finished["spent_usd"]
+    result.pending = int(finished["counts"]["pending"])
     if stop and result.signal is None:
         result.fatal = stop
-    _final_counts(Path(opts.out), run_id, tally, totals)
+    _final_counts(out, run_id, tally, finished)
     result.finished = time.monotonic()
     progress.close()
     return result, {"name": "ray", "workers": workers, "splits": len(splits)}
@@ -490,53 +490,41 @@ def _fill(tally: Tally, totals: dict[str, float]) -> None:
     tally.reasoning_tokens = int(totals["reasoning_tokens"])
 
 
-def _final_counts(out: Path, run_id: str, tally: Tally, totals: dict[str, float]) -> None:
-    """The job's counts from what is on disk, not from what workers reported.
+def _final_counts(out: Path, run_id: str, tally: Tally, finished: dict[str, Any]) -> None:
+    """The job's counts: what finished splits reported, plus what writers that did not
+    finish (a worker that died, or was stopped by a second Ctrl-C) left on disk.
 
-    A worker that died took its report with it, but not its journal: the rows it
-    wrote were recovered into Parquet and are counted here, and its split's retry
-    counted them as already done, so they are taken out of ``skipped``.
+    A dead worker took its report with it, but not its journal: its rows were
+    recovered into Parquet and are counted here; its split's retry counted them as
+    already done, so they are taken out of ``skipped``. Only those writers' parts
+    are read, never the whole job's ids.
     """
-    import duckdb
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    _fill(tally, totals)
+    counts = finished["counts"]
+    _fill(tally, counts)
     recover_journals(out)
-    parts = sorted(str(p) for p in (out / "results").rglob("*.parquet"))
-    if not parts:
-        return
-    con = duckdb.connect()
-    # Counting by id over a huge job must not hold every id in the driver's memory:
-    # DuckDB spills its hash table to disk past this limit.
-    con.execute("SET memory_limit = '1GB'")
-    con.execute("SET temp_directory = ?", [str(out / ".duckdb-tmp")])
-    row = con.execute(
-        """
-        WITH job AS (SELECT * FROM read_parquet(?, union_by_name = true) WHERE run_id = ?),
-        latest AS (
-            SELECT arg_max(status, finished_at) AS status,
-                   arg_max(error_type, finished_at) AS error_type
-            FROM job GROUP BY id
-        )
-        SELECT
-            (SELECT count(*) FILTER (status = 'ok') FROM latest),
-            (SELECT count(*) FILTER (status <> 'ok' AND error_type IS DISTINCT FROM
-                'invalid_input') FROM latest),
-            (SELECT count(*) FILTER (error_type = 'invalid_input') FROM latest),
-            (SELECT coalesce(sum(prompt_tokens), 0) FROM job),
-            (SELECT coalesce(sum(cached_tokens), 0) FROM job),
-            (SELECT coalesce(sum(completion_tokens), 0) FROM job),
-            (SELECT coalesce(sum(reasoning_tokens), 0) FROM job)
-        """,
-        [parts, run_id],
-    ).fetchone()
-    con.close()
-    assert row is not None
-    ok, error, invalid, prompt, cached, completion, reasoning = (int(x) for x in row)
-    reported = tally.finished
-    tally.status["ok"], tally.status["error"], tally.status["invalid_input"] = ok, error, invalid
-    tally.skipped = max(0, tally.skipped - max(0, ok + error + invalid - reported))
-    tally.prompt_tokens, tally.cached_tokens = prompt, cached
-    tally.completion_tokens, tally.reasoning_tokens = completion, reasoning
+    done = set(finished["writers"])
+    columns = ["status", "error_type", "prompt_tokens", "cached_tokens"]
+    columns += ["completion_tokens", "reasoning_tokens"]
+    lost = 0
+    for folder in sorted((out / "results").glob(f"{run_id}-w*")):
+        if folder.name in done:
+            continue
+        for part in sorted(folder.glob("*.parquet")):
+            table = pq.read_table(part, columns=columns)
+            ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+            invalid = pc.sum(pc.equal(table["error_type"], "invalid_input")).as_py() or 0
+            tally.status["ok"] += ok
+            tally.status["invalid_input"] += invalid
+            tally.status["error"] += table.num_rows - ok - invalid
+            lost += table.num_rows
+            tally.prompt_tokens += pc.sum(table["prompt_tokens"]).as_py() or 0
+            tally.cached_tokens += pc.sum(table["cached_tokens"]).as_py() or 0
+            tally.completion_tokens += pc.sum(table["completion_tokens"]).as_py() or 0
+            tally.reasoning_tokens += pc.sum(table["reasoning_tokens"]).as_py() or 0
+    tally.skipped = max(0, tally.skipped - lost)
 
 
 def ray_available() -> bool:
