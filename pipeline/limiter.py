@@ -141,6 +141,7 @@ class RateLimiter:
         self._server_rpm: float | None = None  # our pace under the server's stated limit
         self._server_rpm_stated: float | None = None  # x-ratelimit-limit-requests as sent
         self._learned_rate: float | None = None  # req/s a 429 cut set, until back at ceiling
+        self._learned_limit: float | None = None  # in-flight cap a cut set, until back at max
         self.workers = 1  # processes sharing the server's stated limit (set_share)
         self._last_growth = now  # clock time the learned rate last grew
         self._clock = clock
@@ -167,12 +168,15 @@ class RateLimiter:
         """
         now = self._clock()
         self.workers = max(1, workers)
-        cut = self.limit < self.max_concurrency  # by 429s: stays cut, under the new cap
+        if self.limit < self.max_concurrency:  # cut by 429s: remember what they taught
+            self._learned_limit = self.limit
         self.max_concurrency = max(1, concurrency)
-        if cut:
-            self.limit = min(self.limit, float(self.max_concurrency))
-        else:
-            self.limit = float(self.max_concurrency)
+        learned = self._learned_limit
+        self.limit = (
+            float(self.max_concurrency)
+            if learned is None
+            else min(learned, float(self.max_concurrency))
+        )
         self.user_rpm = rpm
         if self._server_rpm_stated is not None:
             self._server_rpm = self._server_rpm_stated * 0.98 / self.workers
@@ -299,6 +303,7 @@ class RateLimiter:
         self._last_cut = now
         self._clean_since_cut = 0
         self.limit = max(1.0, self.limit * 0.7)
+        self._learned_limit = self.limit
         current = self._requests.rate if self._requests else math.inf
         accepted = total - limited
         if accepted >= 5:  # enough answers to measure what the server takes per second
@@ -319,6 +324,7 @@ class RateLimiter:
         if self.limit < self.max_concurrency and self._clean_since_cut >= int(self.limit):
             self.limit = min(float(self.max_concurrency), self.limit + 1.0)
             self._clean_since_cut = 0
+            self._learned_limit = None if self.limit >= self.max_concurrency else self.limit
         # A cut rate grows back by 25% + 0.5 req/s per second without a cut, up to the
         # ceiling: fast enough to recover in seconds, slow enough to find the edge.
         if self._requests is not None and now - self._last_cut > 1.0:

@@ -22,6 +22,7 @@ here, only when asked for.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import dataclasses
 import logging
@@ -46,7 +47,7 @@ from pipeline.errors import UsageError
 from pipeline.gc_tuning import fewer_full_collections
 from pipeline.progress import Progress, Tally
 from pipeline.resume import Outcomes, load_outcomes
-from pipeline.runner import Runner, RunResult, make_client
+from pipeline.runner import GRACE_SECONDS, Runner, RunResult, make_client
 from pipeline.sink import recover_journals
 from pipeline.splits import Split, plan_splits, read_split
 
@@ -244,7 +245,9 @@ class _Answers:
     @property
     def count(self) -> int:
         t = self.runner.tally
-        return t.finished + t.superseded + t.rate_limited + t.retries
+        # Every request after a row's first is a retry (429s included): first tries
+        # that ended the row, re-asks after bad JSON, and retries are all answers.
+        return t.finished + t.superseded + t.retries
 
 
 def _get(ref: Any) -> Any:
@@ -380,7 +383,7 @@ def run_on_ray(
         except KeyboardInterrupt:
             if result.signal is None:  # not one of ours: Ray's own handling, pass it on
                 raise
-            progress.message("second signal: stopped the workers; journaled answers are kept")
+            progress.message("stopping now: journaled answers are kept", "warning")
         except Exception as exc:  # a worker raised: results so far are kept, say why
             failure = f"a Ray worker failed: {str(exc).strip().splitlines()[-1][:500]}"
         finished = ray.get(coordinator.finished.remote())
@@ -423,9 +426,19 @@ def _run_dataset(
         num_cpus=1,
     )
     done = threading.Event()
+    signals = _SignalRelay(result, progress)
 
-    def watch() -> None:  # the driver's progress line, from the coordinator's totals
-        while not done.wait(1.0):
+    def watch() -> None:
+        """The driver's progress line (from the coordinator's totals), and the stop a
+        signal asked for: sent from here, not from inside the signal handler, which
+        may have interrupted Ray's own code."""
+        beat = 0
+        while not done.wait(0.2):
+            if signals.relay(coordinator):
+                continue
+            beat += 1
+            if beat % 5:
+                continue
             try:
                 totals = ray.get(coordinator.totals.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - progress must never fail the job
@@ -433,7 +446,6 @@ def _run_dataset(
             _fill(tally, totals)
             progress.tick()
 
-    signals = _SignalRelay(coordinator, result, progress)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
@@ -447,13 +459,15 @@ def _run_dataset(
 
 class _SignalRelay:
     """First SIGINT/SIGTERM: tell every worker to stop dispatch and finish what is in
-    flight (as a local run does). A second one: stop now."""
+    flight (as a local run does), for at most GRACE_SECONDS. A second one, or the end
+    of the grace: stop now (KeyboardInterrupt in the driver; journaled answers stay)."""
 
-    def __init__(self, coordinator: Any, result: RunResult, progress: Progress) -> None:
-        self.coordinator = coordinator
+    def __init__(self, result: RunResult, progress: Progress) -> None:
         self.result = result
         self.progress = progress
         self._saved: dict[int, Any] = {}
+        self._unsent: int | None = None  # a signal whose stop is not sent yet
+        self._deadline: float | None = None
 
     def __enter__(self) -> _SignalRelay:
         if threading.current_thread() is threading.main_thread():
@@ -469,12 +483,26 @@ class _SignalRelay:
         if self.result.signal is not None:
             raise KeyboardInterrupt
         self.result.signal = signum
+        self._unsent = signum
+        self._deadline = time.monotonic() + GRACE_SECONDS
         self.progress.message(
             f"{signal.Signals(signum).name}: no new requests; workers finish those in "
-            "flight (again to stop now)",
+            f"flight, for {GRACE_SECONDS:.0f}s at most (again to stop now)",
             "warning",
         )
-        self.coordinator.stop.remote(f"stopped by {signal.Signals(signum).name}", signum)
+
+    def relay(self, coordinator: Any) -> bool:
+        """Called from the watcher thread: send a pending stop; past the grace, stop
+        the driver now. True when it did something."""
+        signum, self._unsent = self._unsent, None
+        if signum is not None:
+            coordinator.stop.remote(f"stopped by {signal.Signals(signum).name}", signum)
+            return True
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            self._deadline = None
+            _thread.interrupt_main()
+            return True
+        return False
 
 
 def _fill(tally: Tally, totals: dict[str, float]) -> None:

@@ -292,6 +292,21 @@ async def test_share_going_down_and_up_again_does_not_undo_a_429_cut(clock: Fake
     assert (limiter.rpm or 0) <= cut + 1e-6
 
 
+async def test_share_going_down_and_up_again_keeps_a_429_cut_of_concurrency(
+    clock: FakeClock,
+) -> None:
+    limiter = RateLimiter(64, rpm=600, clock=clock, sleep=clock.sleep)
+    await overload(limiter)
+    cut = limiter.limit
+    assert cut < 64
+
+    limiter.set_share(int(cut) // 2, 600, None, workers=2)
+    assert limiter.limit == int(cut) // 2
+    limiter.set_share(64, 600, None, workers=2)
+
+    assert limiter.limit == cut, "a bigger share must not undo what the 429s taught"
+
+
 @pytest.mark.parametrize("header_first", [False, True])
 async def test_server_stated_rpm_is_divided_among_workers(
     clock: FakeClock, header_first: bool
