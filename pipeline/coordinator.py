@@ -112,6 +112,7 @@ class Coordinator:
         self._largest_completion = 0
         self._presumed_dead: dict[str, float] = {}  # name -> grant booked as spent
         self._spent_reported = 0.0  # USD finished splits reported (no presumed-dead grants)
+        self._dead_reported: dict[str, float] = {}  # name -> spend it last reported
         self._finished_writers: list[str] = []
 
     # -- the key: handed over in memory, never in a task's arguments or environment ------
@@ -130,6 +131,7 @@ class Coordinator:
             # Its grant stays spent: we cannot know what it spent before it died.
             self._spent_finished += dead.granted
             self._presumed_dead[name] = dead.granted
+            self._dead_reported[name] = float(dead.counts.get("spent_usd", 0.0))
         return len(self._workers)
 
     def _worker(self, name: str, now: float) -> _Worker:
@@ -138,6 +140,7 @@ class Coordinator:
         worker = self._workers.get(name)
         if worker is None:
             granted = self._presumed_dead.pop(name, 0.0)
+            self._dead_reported.pop(name, None)
             self._spent_finished -= granted
             worker = self._workers[name] = _Worker(seen=now, granted=granted)
         return worker
@@ -254,8 +257,8 @@ class Coordinator:
 
     def give_back(self, name: str, amount: float) -> None:
         """A worker hands back grant it does not need, for workers that do."""
-        worker = self._workers.get(name)
-        if worker is not None and amount > 0:
+        if amount > 0:
+            worker = self._worker(name, self._clock())
             worker.granted = max(0.0, worker.granted - amount)
 
     def budget_left(self) -> float | None:
@@ -271,7 +274,11 @@ class Coordinator:
         return {
             "counts": dict(self._finished),
             "writers": list(self._finished_writers),
-            "spent_usd": self._spent_reported,
+            # What is known to be spent: finished splits, plus what writers that have
+            # not finished (alive, dead or stopped) last reported.
+            "spent_usd": self._spent_reported
+            + sum(self._dead_reported.values())
+            + sum(w.counts.get("spent_usd", 0.0) for w in self._workers.values()),
         }
 
     # -- progress -------------------------------------------------------------------

@@ -48,11 +48,11 @@ def shard_filter(shard: str | None) -> Callable[[str], bool] | None:
 
 def _absolute_paths(opts: RunOptions) -> RunOptions:
     def absolute(path: Path | None) -> Path | None:
-        return None if path is None else Path(path).resolve()
+        return None if path is None else Path(path).absolute()
 
     return dataclasses.replace(
         opts,
-        out=Path(opts.out).resolve(),
+        out=Path(opts.out).absolute(),
         pricing=absolute(opts.pricing),
         image_root=absolute(opts.image_root),
         providers_file=absolute(opts.providers_file),
@@ -124,7 +124,9 @@ def execute(
     out.mkdir(parents=True, exist_ok=True)
     run_id = new_run_id()
     lock_name = ".lock" if opts.shard is None else f".lock-shard-{opts.shard.replace('/', '-of-')}"
-    with engine, OutLock(out, lock_name) as lock:
+    # The lock is let go last: after a hard stop, Ray's workers are gone (and their
+    # journals with no live writer) before another run may take this OUT.
+    with OutLock(out, lock_name) as lock, engine:
         lock.acquire(run_id)
         # After the lock (a second copy exits 4 at once), before the manifest (a
         # cluster that cannot be reached is exit 2 with nothing written).

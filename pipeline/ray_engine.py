@@ -196,7 +196,8 @@ class SplitWorker:
         Asked while our own requests are in flight too: waiting for all of them before
         each lease would hold a worker to a slice's worth of requests in flight.
         """
-        if budget.holds == 0:
+        had_holds = budget.holds > 0  # (they may settle while we ask)
+        if not had_holds:
             # Nothing of ours in flight: what we were granted and did not spend goes
             # back first, for a worker that may need it more than our remainder.
             spare = budget.cap - budget.spent
@@ -208,8 +209,8 @@ class SplitWorker:
         if granted > 0:
             budget.cap += granted
             return True
-        if budget.holds > 0:
-            return None  # our own answers settle first; the runner waits for them
+        if had_holds or budget.holds > 0:
+            return None  # our own answers settle first; then the request is tried again
         if granted < 0:
             cap = self.spec.opts.max_cost
             message = (
@@ -264,8 +265,8 @@ def ray_session(opts: RunOptions) -> Iterator[Any]:
     """Connect to the cluster at --ray-address, or start a local Ray instance; shut
     down on exit what we started.
 
-    Called before OUT's lock and the manifest: a cluster that cannot be reached is a
-    usage error (exit 2, nothing sent), not a traceback or a hang.
+    Entered after OUT's lock and before the manifest: a cluster that cannot be reached
+    is a usage error (exit 2, nothing sent or written), not a traceback or a hang.
     """
     ray = import_ray()
     _quiet_ray()
@@ -283,7 +284,8 @@ def ray_session(opts: RunOptions) -> Iterator[Any]:
             log_to_driver=False,
         )
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UsageError(f"--ray-address {address}: cannot connect ({exc})") from None
+        where = f"--ray-address {address}: cannot connect" if address else "cannot start Ray"
+        raise UsageError(f"{where} ({exc})") from None
     try:
         yield ray
     finally:
@@ -494,8 +496,9 @@ class _SignalRelay:
     def relay(self, coordinator: Any) -> bool:
         """Called from the watcher thread: send a pending stop; past the grace, stop
         the driver now. True when it did something."""
-        signum, self._unsent = self._unsent, None
+        signum = self._unsent  # the handler sets it once; only this thread clears it
         if signum is not None:
+            self._unsent = None
             coordinator.stop.remote(f"stopped by {signal.Signals(signum).name}", signum)
             return True
         if self._deadline is not None and time.monotonic() > self._deadline:
@@ -527,31 +530,52 @@ def _final_counts(out: Path, run_id: str, tally: Tally, finished: dict[str, Any]
     already done, so they are taken out of ``skipped``. Only those writers' parts
     are read, never the whole job's ids.
     """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     counts = finished["counts"]
     _fill(tally, counts)
     recover_journals(out)
     done = set(finished["writers"])
-    columns = ["status", "error_type", "prompt_tokens", "cached_tokens"]
-    columns += ["completion_tokens", "reasoning_tokens"]
+    parts = [
+        str(part)
+        for folder in sorted((out / "results").glob(f"{run_id}-w*"))
+        if folder.name not in done
+        for part in sorted(folder.glob("*.parquet"))
+    ]
     lost = 0
-    for folder in sorted((out / "results").glob(f"{run_id}-w*")):
-        if folder.name in done:
-            continue
-        for part in sorted(folder.glob("*.parquet")):
-            table = pq.read_table(part, columns=columns)
-            ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
-            invalid = pc.sum(pc.equal(table["error_type"], "invalid_input")).as_py() or 0
-            tally.status["ok"] += ok
-            tally.status["invalid_input"] += invalid
-            tally.status["error"] += table.num_rows - ok - invalid
-            lost += table.num_rows
-            tally.prompt_tokens += pc.sum(table["prompt_tokens"]).as_py() or 0
-            tally.cached_tokens += pc.sum(table["cached_tokens"]).as_py() or 0
-            tally.completion_tokens += pc.sum(table["completion_tokens"]).as_py() or 0
-            tally.reasoning_tokens += pc.sum(table["reasoning_tokens"]).as_py() or 0
+    if parts:
+        import duckdb
+
+        con = duckdb.connect()
+        # Tokens over every row (all were billed); outcomes by the latest row per id
+        # (a re-asked bad-JSON answer leaves two rows for one id).
+        row = con.execute(
+            """
+            WITH rows AS (SELECT * FROM read_parquet(?, union_by_name = true)),
+            latest AS (
+                SELECT arg_max(status, finished_at) AS status,
+                       arg_max(error_type, finished_at) AS error_type
+                FROM rows GROUP BY id
+            )
+            SELECT
+                (SELECT count(*) FILTER (status = 'ok') FROM latest),
+                (SELECT count(*) FILTER (error_type = 'invalid_input') FROM latest),
+                (SELECT count(*) FROM latest),
+                (SELECT coalesce(sum(prompt_tokens), 0) FROM rows),
+                (SELECT coalesce(sum(cached_tokens), 0) FROM rows),
+                (SELECT coalesce(sum(completion_tokens), 0) FROM rows),
+                (SELECT coalesce(sum(reasoning_tokens), 0) FROM rows)
+            """,
+            [parts],
+        ).fetchone()
+        con.close()
+        assert row is not None
+        ok, invalid, lost, prompt, cached, completion, reasoning = (int(x) for x in row)
+        tally.status["ok"] += ok
+        tally.status["invalid_input"] += invalid
+        tally.status["error"] += lost - ok - invalid
+        tally.prompt_tokens += prompt
+        tally.cached_tokens += cached
+        tally.completion_tokens += completion
+        tally.reasoning_tokens += reasoning
     tally.skipped = max(0, tally.skipped - lost)
 
 

@@ -130,6 +130,12 @@ def expand_locations(specs: list[str]) -> list[str]:
                     "results; give them to the filesystem through its environment "
                     "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
                 )
+            if "?" in spec:
+                raise UsageError(
+                    f"{spec.split('?', 1)[0]}?...: a URL's query can carry secrets (SAS "
+                    "tokens, client secrets) that would end up in manifests and results; "
+                    "give them to the filesystem through its environment"
+                )
             for url in _expand_url(spec):
                 key = (
                     str(Path(url[len("file://") :]).resolve()) if url.startswith("file://") else url
@@ -137,8 +143,9 @@ def expand_locations(specs: list[str]) -> list[str]:
                 found.setdefault(key, url)
         else:
             for path in expand_sources([spec]):
-                absolute = str(path.resolve())
-                found.setdefault(absolute, absolute)
+                # Workers get the path as seen here (a symlinked mount may resolve
+                # elsewhere on another node); the resolved one only spots repeats.
+                found.setdefault(str(path.resolve()), str(path.absolute()))
     return list(found.values())
 
 

@@ -483,3 +483,26 @@ def test_largest_completion_is_the_most_any_heartbeat_reported(clock: FakeClock)
     coord.heartbeat("b", {"largest_completion": 300})
 
     assert coord.register("c")["largest_completion"] == 1200
+
+
+def test_give_back_from_a_worker_presumed_dead_is_kept(clock: FakeClock) -> None:
+    coord = make(clock, max_cost=10.0)
+    coord.register("slow")
+    assert coord.grant("slow", 4.0) == 4.0
+    clock.now += DEAD_AFTER + 1
+    coord.share()  # "slow" is presumed dead: its grant is booked as spent
+    coord.give_back("slow", 3.0)  # it was alive after all, and hands back what it can't use
+    coord.heartbeat("slow", {"spent_usd": 1.0})
+    assert coord.budget_left() == pytest.approx(9.0)
+
+
+def test_the_jobs_spend_includes_writers_that_did_not_finish(clock: FakeClock) -> None:
+    coord = make(clock, max_cost=10.0)
+    for name in ("done", "alive", "dead"):
+        coord.register(name)
+    coord.heartbeat("alive", {"spent_usd": 0.5})
+    coord.heartbeat("dead", {"spent_usd": 0.25})
+    coord.finish("done", {"ok": 3}, 1.0)
+    clock.now += DEAD_AFTER + 1
+    coord.heartbeat("alive", {"spent_usd": 0.75})  # "dead" goes quiet for good
+    assert coord.finished()["spent_usd"] == pytest.approx(1.0 + 0.75 + 0.25)

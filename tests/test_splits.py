@@ -342,3 +342,17 @@ def test_locations_naming_no_input_are_a_usage_error(
 
     assert spec in str(caught.value)
     assert complaint in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "s3://KEY:hunter2@bucket/rows.jsonl",
+        "abfs://c@acct.dfs.core.windows.net/rows.jsonl?sig=hunter2",
+    ],
+)
+def test_urls_carrying_secrets_are_refused_and_not_echoed(spec: str) -> None:
+    with pytest.raises(UsageError) as info:
+        expand_locations([spec])
+    assert "hunter2" not in str(info.value)
+    assert "environment" in str(info.value)
