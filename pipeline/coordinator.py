@@ -101,7 +101,7 @@ class Coordinator:
         self._clock = clock
         self._workers: dict[str, _Worker] = {}
         self._finished = dict.fromkeys(COUNTS, 0.0)  # counts of finished splits
-        self._spent_finished = 0.0  # USD spent by finished splits
+        self._spent_finished = 0.0  # USD finished splits reported spending
         self._window: deque[tuple[float, int, int]] = deque()  # (time, answers, 429s)
         self._factor = 1.0
         self._last_cut = -math.inf
@@ -110,12 +110,11 @@ class Coordinator:
         self._signal: int | None = None
         self._key: str | None = None
         self._largest_completion = 0
-        self._presumed_dead: dict[str, float] = {}  # name -> grant booked as spent
-        self._spent_reported = 0.0  # USD finished splits reported (no presumed-dead grants)
-        self._dead_reported: dict[str, float] = {}  # name -> spend it last reported
+        self._dead: dict[str, _Worker] = {}  # presumed dead: their grants count as spent
         self._finished_writers: list[str] = []
 
-    # -- the key: handed over in memory, never in a task's arguments or environment ------
+    # -- the key: handed over in memory (one method call), never in the workers' creation
+    # arguments, their environment or a log -------------------------------------------
 
     def set_key(self, key: str | None) -> None:
         self._key = key
@@ -127,21 +126,23 @@ class Coordinator:
 
     def _live(self, now: float) -> int:
         for name in [n for n, w in self._workers.items() if now - w.seen > DEAD_AFTER]:
-            dead = self._workers.pop(name)
-            # Its grant stays spent: we cannot know what it spent before it died.
-            self._spent_finished += dead.granted
-            self._presumed_dead[name] = dead.granted
-            self._dead_reported[name] = float(dead.counts.get("spent_usd", 0.0))
+            # Its grant stays booked as spent: we cannot know what it spent before it died.
+            self._dead[name] = self._workers.pop(name)
         return len(self._workers)
+
+    @property
+    def _booked(self) -> float:
+        """USD that can no longer be granted: spent by finished splits, or granted to
+        workers presumed dead."""
+        return self._spent_finished + sum(w.granted for w in self._dead.values())
 
     def _worker(self, name: str, now: float) -> _Worker:
         """The worker's record; one presumed dead that speaks again gets its grant back
         (and it leaves the spent books, where it was put when the worker went quiet)."""
         worker = self._workers.get(name)
         if worker is None:
-            granted = self._presumed_dead.pop(name, 0.0)
-            self._dead_reported.pop(name, None)
-            self._spent_finished -= granted
+            dead = self._dead.pop(name, None)
+            granted = dead.granted if dead is not None else 0.0
             worker = self._workers[name] = _Worker(seen=now, granted=granted)
         return worker
 
@@ -192,14 +193,14 @@ class Coordinator:
             self._stop = str(counts["fatal"])
         return self.share()
 
-    def finish(self, name: str, counts: dict[str, float], spent: float) -> None:
-        """A split is done: its counts become final and its unspent grant goes back."""
+    def finish(self, name: str, counts: dict[str, float]) -> None:
+        """A split is done: its counts become final, its ``spent_usd`` is booked and the
+        rest of its grant goes back."""
         self.heartbeat(name, counts)
         self._workers.pop(name, None)
         for key in COUNTS:
             self._finished[key] += counts.get(key, 0)
-        self._spent_finished += spent
-        self._spent_reported += spent
+        self._spent_finished += counts.get("spent_usd", 0.0)
         self._finished_writers.append(name)
         self.splits_left = max(0, self.splits_left - 1)
 
@@ -266,7 +267,7 @@ class Coordinator:
         if self.max_cost is None:
             return None
         granted = sum(w.granted for w in self._workers.values())
-        return self.max_cost - self._spent_finished - granted
+        return self.max_cost - self._booked - granted
 
     def finished(self) -> dict[str, Any]:
         """What finished splits reported, and which writers they were: a writer not in
@@ -276,8 +277,8 @@ class Coordinator:
             "writers": list(self._finished_writers),
             # What is known to be spent: finished splits, plus what writers that have
             # not finished (alive, dead or stopped) last reported.
-            "spent_usd": self._spent_reported
-            + sum(self._dead_reported.values())
+            "spent_usd": self._spent_finished
+            + sum(w.counts.get("spent_usd", 0.0) for w in self._dead.values())
             + sum(w.counts.get("spent_usd", 0.0) for w in self._workers.values()),
         }
 
@@ -290,7 +291,7 @@ class Coordinator:
             for key in COUNTS:
                 totals[key] += worker.counts.get(key, 0)
         totals["workers"] = len(self._workers)
-        totals["spent_usd"] = self._spent_finished + sum(
+        totals["spent_usd"] = self._booked + sum(
             w.counts.get("spent_usd", 0) for w in self._workers.values()
         )
         return totals

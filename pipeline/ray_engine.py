@@ -42,7 +42,7 @@ import httpx
 
 from pipeline.budget import Budget
 from pipeline.config import RunOptions
-from pipeline.coordinator import HEARTBEAT_SECONDS, Coordinator
+from pipeline.coordinator import COUNTS, HEARTBEAT_SECONDS, Coordinator
 from pipeline.errors import UsageError
 from pipeline.gc_tuning import fewer_full_collections
 from pipeline.progress import Progress, Tally
@@ -77,24 +77,21 @@ class JobSpec:
     coordinator: str  # the coordinator actor's name in NAMESPACE
 
 
-def _counts(runner: Runner, *, answers: int) -> dict[str, Any]:
+_STATUSES = ("ok", "error", "invalid_input")  # Tally.status keys among COUNTS
+_TALLY_FIELDS = tuple(k for k in COUNTS if k not in (*_STATUSES, "pending"))  # attributes
+
+
+def _counts(runner: Runner) -> dict[str, Any]:
+    """What a worker reports for its split (cumulative), in COUNTS' names and more."""
     t = runner.tally
-    counts: dict[str, Any] = {
-        "ok": t.status["ok"],
-        "error": t.status["error"],
-        "invalid_input": t.status["invalid_input"],
-        "skipped": t.skipped,
-        "pending": runner.result.pending,
-        "rate_limited": t.rate_limited,
-        "retries": t.retries,
-        "prompt_tokens": t.prompt_tokens,
-        "cached_tokens": t.cached_tokens,
-        "completion_tokens": t.completion_tokens,
-        "reasoning_tokens": t.reasoning_tokens,
-        "answers": answers,
-        "spent_usd": runner.budget.spent if runner.budget else 0.0,
-        "largest_completion": runner.budget.largest_completion if runner.budget else 0,
-    }
+    counts: dict[str, Any] = {key: t.status[key] for key in _STATUSES}
+    counts.update((key, getattr(t, key)) for key in _TALLY_FIELDS)
+    counts["pending"] = runner.result.pending
+    # Every request after a row's first try is a retry (429s included), so first
+    # tries that ended a row, re-asks after bad JSON and retries are all answers.
+    counts["answers"] = t.finished + t.superseded + t.retries
+    counts["spent_usd"] = runner.budget.spent if runner.budget else 0.0
+    counts["largest_completion"] = runner.budget.largest_completion if runner.budget else 0
     if runner.result.fatal and not runner.result.signal:
         counts["fatal"] = runner.result.fatal
     return counts
@@ -103,7 +100,7 @@ def _counts(runner: Runner, *, answers: int) -> dict[str, Any]:
 class SplitWorker:
     """A Ray Data actor: runs splits one after another with the local Runner."""
 
-    spec: JobSpec  # set on a subclass made per job (see _worker_class)
+    spec: JobSpec  # set on a subclass made per job (see _run_dataset)
 
     def __init__(self) -> None:
         ray = import_ray()
@@ -149,25 +146,23 @@ class SplitWorker:
         if runner.budget is not None:
             runner.budget.cap = 0.0  # everything this worker spends is leased first
         share = _get(self.coordinator.register.remote(writer))
-        answers = _Answers(runner)
         self._apply(runner, share)
         runner.limiter.start_empty()
         if share["stop"]:
             runner.stop()  # the job is stopping: leave the split pending
         with fewer_full_collections():
-            anyio.run(self._run, runner, writer, answers)
-        counts = _counts(runner, answers=answers.count)
-        spent = runner.budget.spent if runner.budget else 0.0
-        _get(self.coordinator.finish.remote(writer, counts, spent))
+            anyio.run(self._run, runner, writer)
+        counts = _counts(runner)
+        _get(self.coordinator.finish.remote(writer, counts))
         return counts
 
-    async def _run(self, runner: Runner, writer: str, answers: _Answers) -> None:
+    async def _run(self, runner: Runner, writer: str) -> None:
         async with anyio.create_task_group() as tg:
 
             async def heartbeat() -> None:
                 while True:
                     await anyio.sleep(HEARTBEAT_SECONDS)
-                    counts = _counts(runner, answers=answers.count)
+                    counts = _counts(runner)
                     share = await self.coordinator.heartbeat.remote(writer, counts)
                     self._apply(runner, share)
                     await self._trim_grant(runner, writer, share["budget_slice"])
@@ -235,20 +230,6 @@ class SplitWorker:
         if spare > keep:
             budget.cap -= spare
             await self.coordinator.give_back.remote(writer, spare)
-
-
-class _Answers:
-    """Counts answers the server gave (any status), for the job-wide 429 share."""
-
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-
-    @property
-    def count(self) -> int:
-        t = self.runner.tally
-        # Every request after a row's first is a retry (429s included): first tries
-        # that ended the row, re-asks after bad JSON, and retries are all answers.
-        return t.finished + t.superseded + t.retries
 
 
 def _get(ref: Any) -> Any:
@@ -509,16 +490,11 @@ class _SignalRelay:
 
 
 def _fill(tally: Tally, totals: dict[str, float]) -> None:
-    tally.status["ok"] = int(totals["ok"])
-    tally.status["error"] = int(totals["error"])
-    tally.status["invalid_input"] = int(totals["invalid_input"])
-    tally.skipped = int(totals["skipped"])
-    tally.rate_limited = int(totals["rate_limited"])
-    tally.retries = int(totals["retries"])
-    tally.prompt_tokens = int(totals["prompt_tokens"])
-    tally.cached_tokens = int(totals["cached_tokens"])
-    tally.completion_tokens = int(totals["completion_tokens"])
-    tally.reasoning_tokens = int(totals["reasoning_tokens"])
+    """The inverse of ``_counts``: job totals into the driver's tally."""
+    for key in _STATUSES:
+        tally.status[key] = int(totals[key])
+    for key in _TALLY_FIELDS:
+        setattr(tally, key, int(totals[key]))
 
 
 def _final_counts(out: Path, run_id: str, tally: Tally, finished: dict[str, Any]) -> None:
@@ -577,11 +553,3 @@ def _final_counts(out: Path, run_id: str, tally: Tally, finished: dict[str, Any]
         tally.completion_tokens += completion
         tally.reasoning_tokens += reasoning
     tally.skipped = max(0, tally.skipped - lost)
-
-
-def ray_available() -> bool:
-    try:
-        import_ray()
-    except UsageError:
-        return False
-    return True

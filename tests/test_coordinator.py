@@ -83,10 +83,10 @@ def test_last_worker_gets_the_whole_limit_once_fewer_splits_than_pool_remain(
     coord.register("b")
     assert coord.heartbeat("a", {})["concurrency"] == 50
 
-    coord.finish("b", {}, 0.0)  # 2 splits left: "a" still shares with the next one
+    coord.finish("b", {})  # 2 splits left: "a" still shares with the next one
     assert coord.heartbeat("a", {})["concurrency"] == 50
     coord.register("c")
-    coord.finish("c", {}, 0.0)  # 1 split left, and "a" is running it
+    coord.finish("c", {})  # 1 split left, and "a" is running it
 
     share = coord.heartbeat("a", {})
     assert (share["concurrency"], share["rpm"], share["tpm"]) == (100, 6000.0, 600_000.0)
@@ -350,7 +350,7 @@ def test_finish_returns_the_unspent_grant(clock: FakeClock) -> None:
     coord.register("a")
     coord.grant("a", 0.8)
 
-    coord.finish("a", {"spent_usd": 0.3}, 0.3)
+    coord.finish("a", {"spent_usd": 0.3})
 
     assert coord.budget_left() == pytest.approx(0.7)
     assert coord.totals()["spent_usd"] == pytest.approx(0.3)
@@ -421,7 +421,7 @@ def test_random_leases_never_add_up_past_max_cost(clock: FakeClock) -> None:
             granted[name] -= back
             committed -= back
         elif op < 0.995:
-            coord.finish(name, {"spent_usd": spent[name]}, spent[name])
+            coord.finish(name, {"spent_usd": spent[name]})
             committed -= granted.pop(name) - spent.pop(name)
         else:
             abandoned[name] = (clock.now, granted.pop(name) - spent.pop(name))
@@ -445,7 +445,7 @@ def test_a_worker_wrongly_declared_dead_is_not_counted_twice(clock: FakeClock) -
     clock.now += DEAD_AFTER + 1  # "slow" is stuck, not dead
     coord.heartbeat("a", {})
     coord.heartbeat("slow", {"spent_usd": 1.0})
-    coord.finish("slow", {"spent_usd": 1.0}, 1.0)
+    coord.finish("slow", {"spent_usd": 1.0})
 
     assert coord.totals()["spent_usd"] == pytest.approx(1.0)
 
@@ -458,7 +458,7 @@ def test_totals_add_finished_splits_to_the_latest_report_of_live_ones(clock: Fak
     coord.register("a")
     coord.register("b")
     coord.heartbeat("a", {"ok": 2, "prompt_tokens": 40})
-    coord.finish("a", {"ok": 5, "error": 1, "prompt_tokens": 100, "spent_usd": 0.3}, 0.3)
+    coord.finish("a", {"ok": 5, "error": 1, "prompt_tokens": 100, "spent_usd": 0.3})
     coord.heartbeat("b", {"ok": 1, "rate_limited": 2, "spent_usd": 0.1})
     coord.heartbeat("b", {"ok": 3, "rate_limited": 2, "prompt_tokens": 50, "spent_usd": 0.2})
 
@@ -479,7 +479,7 @@ def test_largest_completion_is_the_most_any_heartbeat_reported(clock: FakeClock)
     assert coord.share()["largest_completion"] == 0
 
     coord.heartbeat("a", {"largest_completion": 900})
-    coord.finish("a", {"largest_completion": 1200}, 0.0)
+    coord.finish("a", {"largest_completion": 1200})
     coord.heartbeat("b", {"largest_completion": 300})
 
     assert coord.register("c")["largest_completion"] == 1200
@@ -502,7 +502,7 @@ def test_the_jobs_spend_includes_writers_that_did_not_finish(clock: FakeClock) -
         coord.register(name)
     coord.heartbeat("alive", {"spent_usd": 0.5})
     coord.heartbeat("dead", {"spent_usd": 0.25})
-    coord.finish("done", {"ok": 3}, 1.0)
+    coord.finish("done", {"ok": 3, "spent_usd": 1.0})
     clock.now += DEAD_AFTER + 1
     coord.heartbeat("alive", {"spent_usd": 0.75})  # "dead" goes quiet for good
     assert coord.finished()["spent_usd"] == pytest.approx(1.0 + 0.75 + 0.25)
