@@ -138,7 +138,6 @@ class RateLimiter:
         self._outcomes: deque[tuple[float, bool]] = deque()  # (time, was 429), last few seconds
         self._window_total = 0  # answers in _outcomes
         self._window_limited = 0  # 429s in _outcomes
-        self._server_rpm: float | None = None  # our pace under the server's stated limit
         self._server_rpm_stated: float | None = None  # x-ratelimit-limit-requests as sent
         self._learned_rate: float | None = None  # req/s a 429 cut set, until back at ceiling
         self._learned_limit: float | None = None  # in-flight cap a cut set, until back at max
@@ -168,8 +167,6 @@ class RateLimiter:
         """
         now = self._clock()
         self.workers = max(1, workers)
-        if self.limit < self.max_concurrency:  # cut by 429s: remember what they taught
-            self._learned_limit = self.limit
         self.max_concurrency = max(1, concurrency)
         learned = self._learned_limit
         self.limit = (
@@ -178,8 +175,6 @@ class RateLimiter:
             else min(learned, float(self.max_concurrency))
         )
         self.user_rpm = rpm
-        if self._server_rpm_stated is not None:
-            self._server_rpm = self._server_rpm_stated * 0.98 / self.workers
         ceiling = self._ceiling
         # A rate learned from 429s stays as learned (capped by the new ceiling, and
         # remembered, so a later, bigger share does not undo it); else follow the share.
@@ -338,6 +333,14 @@ class RateLimiter:
         self._last_growth = now
 
     @property
+    def _server_rpm(self) -> float | None:
+        """Our pace under the limit the server states: a little under it (our sends
+        reach it with jitter), and our share of it when workers share one key."""
+        if self._server_rpm_stated is None:
+            return None
+        return self._server_rpm_stated * 0.98 / self.workers
+
+    @property
     def _ceiling(self) -> float:
         """The fastest the run may go: the user's --rpm, else what the server stated."""
         ceilings = [c for c in (self.user_rpm, self._server_rpm) if c]
@@ -356,12 +359,11 @@ class RateLimiter:
         limit = _header_int(headers, "x-ratelimit-limit-requests")
         if limit and self.adaptive:
             # Aim a little under the stated limit: our sends reach the server with jitter.
-            if self._server_rpm is None:
+            if self._server_rpm_stated is None:
                 # The first word from the server: what was sent before it was a guess,
                 # so its 429s should not also cut the rate.
                 self._last_cut = now
             self._server_rpm_stated = float(limit)
-            self._server_rpm = limit * 0.98 / self.workers
             target = self._ceiling
             if self._requests is None or self._requests.rate > target:
                 self._set_rate(target, now)
