@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
@@ -73,9 +74,14 @@ class SourceRow:
         return f"{self.file}:{self.line}"
 
 
+def is_input_name(name: str) -> bool:
+    """A file name this tool reads: JSONL (maybe gzipped) or Parquet."""
+    lower = name.lower()
+    return lower.endswith(JSONL_SUFFIXES) or lower.endswith(PARQUET_SUFFIXES)
+
+
 def _is_input(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith(JSONL_SUFFIXES) or name.endswith(PARQUET_SUFFIXES)
+    return is_input_name(path.name)
 
 
 def expand_sources(specs: list[str | Path]) -> list[Path]:
@@ -117,7 +123,7 @@ def check_readable(path: Path) -> None:
         if path.name.lower().endswith(PARQUET_SUFFIXES):
             pq.ParquetFile(path)
         else:
-            with _open_bytes(path) as fh:
+            with open_bytes(path) as fh:
                 fh.read(1)
     except (OSError, EOFError, ValueError) as exc:
         raise UsageError(f"{path}: cannot read input ({exc})") from None
@@ -125,14 +131,15 @@ def check_readable(path: Path) -> None:
         raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def _open_bytes(path: Path) -> IO[bytes]:
+def open_bytes(path: Path) -> IO[bytes]:
+    """A local input as bytes; gzip is undone on the fly (``.gz`` names)."""
     if path.name.lower().endswith(".gz"):
         return cast(IO[bytes], gzip.open(path, "rb"))
     return open(path, "rb")
 
 
 def _jsonl_rows(path: Path) -> Iterator[SourceRow]:
-    with _open_bytes(path) as fh:
+    with open_bytes(path) as fh:
         yield from parse_lines(path, enumerate(fh, start=1))
 
 
@@ -158,15 +165,27 @@ def parse_lines(file: InputFile, lines: Iterable[tuple[int, bytes]]) -> Iterator
         yield SourceRow(file, number, data)
 
 
-def _parquet_rows(path: Path, batch_size: int) -> Iterator[SourceRow]:
-    number = 0
-    # Stream pages, not whole row groups: pyarrow's default loads a row group (often
-    # hundreds of MB of prompts) to produce the first batch (bench/memory.py).
-    parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
-    for batch in parquet.iter_batches(batch_size=batch_size):
+def open_parquet(source: str | Path | pa.NativeFile) -> pq.ParquetFile:
+    """A Parquet file read page by page: pyarrow's default loads a whole row group
+    (often hundreds of MB of prompts) to produce the first batch (bench/memory.py)."""
+    return pq.ParquetFile(source, buffer_size=1 << 20, pre_buffer=False)
+
+
+def parquet_rows(
+    file: InputFile,
+    parquet: pq.ParquetFile,
+    batch_size: int,
+    *,
+    first_line: int = 1,
+    row_groups: list[int] | None = None,
+) -> Iterator[SourceRow]:
+    """Rows of ``parquet`` (of ``row_groups`` only, if given), numbered from
+    ``first_line``: the row number in the whole file."""
+    number = first_line - 1
+    for batch in parquet.iter_batches(batch_size=batch_size, row_groups=row_groups):
         for data in batch.to_pylist():
             number += 1
-            yield SourceRow(path, number, data)
+            yield SourceRow(file, number, data)
 
 
 def read_rows(paths: list[Path], batch_size: int = 1000) -> Iterator[list[SourceRow]]:
@@ -175,7 +194,7 @@ def read_rows(paths: list[Path], batch_size: int = 1000) -> Iterator[list[Source
     def rows() -> Iterator[SourceRow]:
         for path in paths:
             if path.name.lower().endswith(PARQUET_SUFFIXES):
-                yield from _parquet_rows(path, batch_size)
+                yield from parquet_rows(path, open_parquet(path), batch_size)
             else:
                 yield from _jsonl_rows(path)
 

@@ -22,20 +22,24 @@ import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
 from pipeline.source import (
-    JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
     InputFile,
     RemoteFile,
     SourceRow,
+    check_readable,
     expand_sources,
     in_batches,
+    is_input_name,
+    open_bytes,
+    open_parquet,
+    parquet_rows,
     parse_lines,
 )
 
@@ -49,11 +53,6 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 def is_url(text: str) -> bool:
     return bool(_URL.match(text))
-
-
-def _is_input(name: str) -> bool:
-    lower = name.lower()
-    return lower.endswith(JSONL_SUFFIXES) or lower.endswith(PARQUET_SUFFIXES)
 
 
 def _is_parquet(location: str) -> bool:
@@ -94,7 +93,7 @@ def _expand_url(spec: str) -> list[str]:
     try:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File and not magic:
-            if not _is_input(path):
+            if not is_input_name(path):
                 raise UsageError(f"{spec}: not a .jsonl, .jsonl.gz or .parquet file")
             return [spec]
         if info.type != pafs.FileType.Directory:
@@ -105,7 +104,7 @@ def _expand_url(spec: str) -> list[str]:
     urls = sorted(
         scheme + item.path
         for item in listing
-        if item.type == pafs.FileType.File and _is_input(item.base_name)
+        if item.type == pafs.FileType.File and is_input_name(item.base_name)
     )
     if magic:
         urls = [u for u in urls if _glob_match(u, spec)]
@@ -159,13 +158,9 @@ def input_file(location: str) -> InputFile:
 
 def _open(location: str, *, seekable: bool = False) -> IO[bytes]:
     """A buffered binary file; gzip is undone on the fly (``.gz`` names)."""
-    gz = location.lower().endswith(".gz")
     if not is_url(location):
-        if gz:
-            import gzip
-
-            return gzip.open(location, "rb")  # type: ignore[return-value]
-        return open(location, "rb")  # noqa: SIM115 - the caller closes it
+        return open_bytes(Path(location))
+    gz = location.lower().endswith(".gz")
     fs, path, _ = _filesystem(location)
     if seekable and not gz:
         return io.BufferedReader(fs.open_input_file(path), buffer_size=1 << 20)
@@ -175,9 +170,9 @@ def _open(location: str, *, seekable: bool = False) -> IO[bytes]:
 
 def _parquet(location: str) -> pq.ParquetFile:
     if not is_url(location):
-        return pq.ParquetFile(location, buffer_size=1 << 20, pre_buffer=False)
+        return open_parquet(location)
     fs, path, _ = _filesystem(location)
-    return pq.ParquetFile(fs.open_input_file(path), buffer_size=1 << 20, pre_buffer=False)
+    return open_parquet(fs.open_input_file(path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,26 +275,26 @@ def _split_lines(split: Split) -> Iterator[SourceRow]:
         yield from parse_lines(file, numbered())
 
 
-def _split_parquet(split: Split, batch_size: int) -> Iterator[SourceRow]:
-    file = input_file(split.location)
-    number = split.first_line - 1
-    parquet = _parquet(split.location)
-    groups = list(range(split.start, split.stop))
-    for batch in parquet.iter_batches(batch_size=batch_size, row_groups=groups):
-        for data in batch.to_pylist():
-            number += 1
-            yield SourceRow(file, number, data)
-
-
 def read_split(split: Split, batch_size: int = 1000) -> Iterator[list[SourceRow]]:
     """The split's rows, ``batch_size`` at a time, numbered as in the whole file."""
     if _is_parquet(split.location):
-        return in_batches(_split_parquet(split, batch_size), batch_size)
+        groups = list(range(split.start, split.stop))
+        rows = parquet_rows(
+            input_file(split.location),
+            _parquet(split.location),
+            batch_size,
+            first_line=split.first_line,
+            row_groups=groups,
+        )
+        return in_batches(rows, batch_size)
     return in_batches(_split_lines(split), batch_size)
 
 
 def check_location(location: str) -> None:
     """Open an input once, so an unreadable one is exit 2 before anything is sent."""
+    if not is_url(location):
+        check_readable(Path(location))
+        return
     try:
         if _is_parquet(location):
             _parquet(location)
@@ -310,8 +305,3 @@ def check_location(location: str) -> None:
         raise
     except Exception as exc:
         raise UsageError(f"{location}: cannot read input ({exc})") from None
-
-
-def describe(splits: list[Split]) -> dict[str, Any]:
-    """For the manifest: how the job was cut."""
-    return {"splits": len(splits), "rows": sum(s.rows for s in splits)}
