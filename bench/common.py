@@ -63,6 +63,18 @@ def sim_server(*args: str, env: dict[str, str] | None = None) -> Iterator[Server
             proc.kill()
 
 
+def rate_limited(stats: dict[str, object]) -> int:
+    counts = stats["stats"]
+    assert isinstance(counts, dict)
+    return int(counts.get("429", 0))
+
+
+def requests_seen(stats: dict[str, object]) -> int:
+    counts = stats["stats"]
+    assert isinstance(counts, dict)
+    return int(counts.get("requests", 0))
+
+
 def wait_healthy(root: str, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
     """Wait until the simulator at ``root`` answers /health; fail if it died or hung."""
     deadline = time.monotonic() + timeout

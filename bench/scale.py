@@ -24,7 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import CliRun, Server, run_cli, sim_server, verdict, write_prompts
+from bench.common import (
+    CliRun,
+    Server,
+    rate_limited,
+    requests_seen,
+    run_cli,
+    sim_server,
+    verdict,
+    write_prompts,
+)
 
 LIMIT = 6000  # requests/min the server allows (1 s burst)
 ROWS = 2000
@@ -32,8 +41,7 @@ ROWS = 2000
 
 def _counts(server: Server) -> tuple[int, int, int]:
     stats = server.stats()
-    counts = stats["stats"]
-    return int(counts.get("requests", 0)), int(counts.get("429", 0)), int(stats["billed"])
+    return requests_seen(stats), rate_limited(stats), int(stats["billed"])
 
 
 def _pace(run: CliRun) -> tuple[int, float]:
@@ -61,19 +69,20 @@ def _line(name: str, run: CliRun, server: Server, target_share: float, max_429: 
     sent, limited, billed = _counts(server)
     ok, per_min = _pace(run)
     share_429 = limited / max(1, sent)
+    tokens_match = _tokens_match(run, server)
     good = (
         run.exit_code == 0
         and ok == ROWS
         and billed == ROWS
         and share_429 <= max_429
         and per_min >= target_share * LIMIT
-        and _tokens_match(run, server)
+        and tokens_match
     )
     startup = (run.run_seconds or run.seconds) - (ROWS / per_min * 60 if per_min else 0)
     print(
         f"{name:<44} exit {run.exit_code}  ok {ok:,}/{ROWS:,}  billed {billed:,}  "
         f"{per_min:,.0f}/min = {per_min / LIMIT:.1%} of limit  429s {limited}/{sent} = "
-        f"{share_429:.2%}  tokens = server's: {_tokens_match(run, server)}  "
+        f"{share_429:.2%}  tokens = server's: {tokens_match}  "
         f"run {run.run_seconds or run.seconds:.1f}s (start-up ~{max(0.0, startup):.1f}s)  "
         f"{verdict(good)}"
     )

@@ -21,23 +21,19 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import Server, run_cli, sim_server, verdict, write_prompts
+from bench.common import (
+    Server,
+    rate_limited,
+    requests_seen,
+    run_cli,
+    sim_server,
+    verdict,
+    write_prompts,
+)
 
 LIMIT = 1200  # requests/min the server allows, with a 1 s burst
 ROWS = 500
 SERVER_LIMIT_ARGS = ["--rpm-limit", str(LIMIT), "--latency-ms", "50", "--set", "burst_seconds=1"]
-
-
-def rate_limited(stats: dict[str, object]) -> int:
-    counts = stats["stats"]
-    assert isinstance(counts, dict)
-    return int(counts.get("429", 0))
-
-
-def requests_seen(stats: dict[str, object]) -> int:
-    counts = stats["stats"]
-    assert isinstance(counts, dict)
-    return int(counts.get("requests", 0))
 
 
 def scenario_rate(tmp: Path, with_rpm: bool, headers: bool = True) -> bool:
