@@ -63,6 +63,11 @@ class Server:
     def billed(self) -> int:
         return int(self.stats()["billed"])
 
+    def billed_tokens(self) -> tuple[int, int]:
+        """(prompt, completion) tokens over every answer the server billed."""
+        usage = self.stats()["usage_by_response_id"].values()
+        return sum(u["prompt_tokens"] for u in usage), sum(u["completion_tokens"] for u in usage)
+
     def settled_billed(self, quiet_for: float = 0.3, timeout: float = 10.0) -> int:
         """The billed count once it stops moving.
 

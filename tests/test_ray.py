@@ -63,11 +63,6 @@ def run_ray(src: Path, out: Path, server: Server, **options: Any) -> RunResult:
     return execute(opts)
 
 
-def server_tokens(server: Server) -> tuple[int, int]:
-    usage = server.stats()["usage_by_response_id"].values()
-    return sum(u["prompt_tokens"] for u in usage), sum(u["completion_tokens"] for u in usage)
-
-
 def test_2000_rows_at_the_servers_limit_all_ok_tokens_match_few_429s(
     tmp_path: Path, procs: Processes, ray_instance: None
 ) -> None:
@@ -90,7 +85,7 @@ def test_2000_rows_at_the_servers_limit_all_ok_tokens_match_few_429s(
         sum(table.column("prompt_tokens").to_pylist()),
         sum(table.column("completion_tokens").to_pylist()),
     )
-    assert ours == server_tokens(server)
+    assert ours == server.billed_tokens()
     assert result.tally.status["ok"] == 2000
     assert (result.tally.prompt_tokens, result.tally.completion_tokens) == ours
     # Several workers wrote, each under its own part folder.
@@ -169,7 +164,7 @@ def test_max_cost_holds_for_the_whole_job(
     result = run_ray(src, out, server, max_cost=cap, split_rows=300)
 
     assert result.exit_code == 3 and result.fatal and "max-cost" in result.fatal
-    prompt, completion = server_tokens(server)
+    prompt, completion = server.billed_tokens()
     from pipeline.pricing import find_price, load_prices
 
     price = find_price(load_prices(None), "gpt-5.5", "openai-compatible", None)
