@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pipeline.pricing import Price, PriceTable, find_price
-from pipeline.request import Job
+from pipeline.request import DEFAULT_COMPLETION_GUESS, Job
 from pipeline.wire import Usage
 
-DEFAULT_COMPLETION_GUESS = 512  # tokens reserved per request before any answer is seen
 MARGIN = 1.25  # over the largest completion seen, for requests with no max_tokens
 
 
@@ -59,9 +58,8 @@ class Budget:
     def reserve(self, job: Job) -> Reservation:
         """Hold the most this request may cost, or raise BudgetExceeded."""
         price = self._price(job.model)
-        body = job.body
-        ceiling = body.get("max_completion_tokens") or body.get("max_tokens")
-        if isinstance(ceiling, int) and ceiling > 0:
+        ceiling = job.completion_ceiling
+        if ceiling is not None:
             completion = ceiling
         elif self.largest_completion:
             completion = int(self.largest_completion * MARGIN)
@@ -80,13 +78,21 @@ class Budget:
         return Reservation(amount)
 
     def settle(self, reservation: Reservation, model: str, usage: Usage | None) -> float:
-        """Release the hold and book what the server reported. Returns the cost booked."""
+        """Release the hold and book what the server reported. Returns the cost booked.
+
+        ``usage`` is None when no answer came (nothing billed). An answer whose usage
+        the server did not report was billed all the same: it books its whole hold,
+        the most it could have cost, so an unknown never lets spend pass the cap.
+        """
         self.reserved -= reservation.amount
         self.holds -= 1
         if self.holds == 0:
             self.reserved = 0.0  # no float residue: nothing is in flight
-        if usage is None or usage.prompt_tokens is None:
+        if usage is None:
             return 0.0
+        if usage.prompt_tokens is None:
+            self.spent += reservation.amount
+            return reservation.amount
         completion = usage.completion_tokens or 0
         self.largest_completion = max(self.largest_completion, completion)
         price = self._price(model)

@@ -34,6 +34,15 @@ def _type_ok(value: Any, expected: str) -> bool:
     return isinstance(value, kinds)
 
 
+_SHOWN = 120  # characters of an offending value quoted in a problem text
+
+
+def _show(value: Any) -> str:
+    """A value as JSON, cut short: the answer is untrusted and may be megabytes long."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
 def problems(value: Any, schema: Mapping[str, Any], path: str = "$") -> list[str]:
     """Every way ``value`` breaks ``schema``; empty when it fits."""
     found: list[str] = []
@@ -43,10 +52,10 @@ def problems(value: Any, schema: Mapping[str, Any], path: str = "$") -> list[str
         if not any(_type_ok(value, t) for t in options):
             return [f"{path}: expected {' or '.join(options)}, got {type(value).__name__}"]
     if "enum" in schema and value not in schema["enum"]:
-        allowed = ", ".join(json.dumps(v) for v in schema["enum"])
-        found.append(f"{path}: {json.dumps(value)} is not one of {allowed}")
+        allowed = ", ".join(_show(v) for v in schema["enum"])
+        found.append(f"{path}: {_show(value)} is not one of {allowed}")
     if "const" in schema and value != schema["const"]:
-        found.append(f"{path}: must be {json.dumps(schema['const'])}")
+        found.append(f"{path}: must be {_show(schema['const'])}")
     if "anyOf" in schema and all(problems(value, s, path) for s in schema["anyOf"]):
         found.append(f"{path}: matches none of the allowed shapes")
     if isinstance(value, dict):
@@ -100,19 +109,29 @@ def wants_json(response_format: Any) -> bool:
 
 
 def check_answer(response_format: Any, content: str | None) -> tuple[Any, str | None]:
-    """Parse an answer that should be JSON: (parsed value, None) or (None, what is wrong)."""
+    """Parse an answer that should be JSON: (parsed value, None) or (None, what is wrong).
+
+    The content is the server's (or the model's) bytes, so nothing in it may raise:
+    JSON nested deeper than the interpreter's recursion limit (a few thousand ``[``
+    are enough) is a rejected answer like any other malformed one, not a crash.
+    """
     if content is None:
         return None, "the answer has no content"
     try:
         value = json.loads(content)
     except ValueError as exc:
         return None, f"the answer is not valid JSON ({exc.args[0]})"
+    except RecursionError:
+        return None, "the answer is JSON nested too deeply to check"
     schema = schema_of(response_format)
     if schema is None:
         if not isinstance(value, dict):
             return None, "the answer is JSON but not an object"
         return value, None
-    found = problems(value, schema)
+    try:
+        found = problems(value, schema)
+    except RecursionError:
+        return None, "the answer is JSON nested too deeply to check"
     if found:
         return None, "the answer breaks the schema: " + "; ".join(found[:5])
     return value, None

@@ -9,8 +9,12 @@ the whole run must slow down (USERS.md #3). The limiter therefore keeps
   states in ``x-ratelimit-limit-requests``, or, when neither is known, at a rate
   learned from the 429s themselves (start unlimited, cut to what actually got
   through, creep back up);
-- a tokens/min bucket charged with an estimate before the call and corrected with
-  the reported usage after it;
+- a tokens/min bucket charged before the call with the prompt estimate plus the
+  completion: the row's ``max_tokens`` when it sets one (what OpenAI counts), else
+  the running mean of this run's completions (a default guess before the first
+  answer); it is corrected with the reported usage after the call. Charging the prompt alone
+  let the first full bucket go out at about twice the token rate: a burst of 429s
+  at the start of every run;
 - a pause for everyone for the server's ``Retry-After`` when the run is overloading
   it, and until ``x-ratelimit-reset-*`` when the server says nothing is left. A lone
   429 only makes its own row wait (the retry policy honours ``Retry-After``).
@@ -78,6 +82,7 @@ OUTCOME_WINDOW = 5.0  # seconds of answers the overload share is measured over
 OVERLOAD_SHARE = 0.10  # share of 429s among recent answers that means "we are too fast"
 MIN_RATE = 0.2  # requests/s: the slowest a learned rate goes
 MIN_EVIDENCE = 10  # answers in the window before their 429 share means anything
+COMPLETION_SMOOTHING = 0.1  # weight of each new answer in the running completion mean
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -143,6 +148,7 @@ class RateLimiter:
         self._learned_limit: float | None = None  # in-flight cap a cut set, until back at max
         self.workers = 1  # processes sharing the server's stated limit (set_share)
         self._last_growth = now  # clock time the learned rate last grew
+        self._completion_mean: float | None = None  # tokens per answer, running mean
         self._clock = clock
         self._sleep = sleep
         # No yield when nobody holds it: with 1,500 workers starting at once, the forced
@@ -214,6 +220,19 @@ class RateLimiter:
         """The requests/min now in force (None: no rate limit, only the in-flight cap)."""
         return self._requests.rate * 60.0 if self._requests else None
 
+    def expected_tokens(self, prompt_tokens: int, ceiling: int | None, first_guess: int) -> int:
+        """What admission charges the tokens/min bucket for one request: its prompt
+        plus its completion ceiling when the row sets one (servers such as OpenAI's
+        count ``max_tokens`` against the limit when the request arrives), else the
+        completion expected: the running mean of this run's answers, ``first_guess``
+        before the first. The release corrects it with the reported usage."""
+        if self._tokens is None:
+            return prompt_tokens  # no --tpm: the charge is never spent
+        if ceiling is not None:
+            return prompt_tokens + ceiling
+        mean = self._completion_mean
+        return prompt_tokens + (first_guess if mean is None else math.ceil(mean))
+
     async def acquire(self, estimated_tokens: int = 0) -> Permit:
         async with self._gate:
             while True:
@@ -242,6 +261,7 @@ class RateLimiter:
         permit: Permit,
         *,
         used_tokens: int | None = None,
+        completion_tokens: int | None = None,
         rate_limited: bool = False,
         retry_after: float | None = None,
         headers: Mapping[str, str] | None = None,
@@ -257,6 +277,13 @@ class RateLimiter:
         if self._tokens is not None and used_tokens is not None:
             self._tokens.refill(now)
             self._tokens.level += permit.estimated_tokens - used_tokens
+            if completion_tokens is not None:
+                mean = self._completion_mean
+                self._completion_mean = (
+                    float(completion_tokens)
+                    if mean is None
+                    else mean + COMPLETION_SMOOTHING * (completion_tokens - mean)
+                )
         if headers:
             self._learn_from_headers(headers, now)
         if answered:

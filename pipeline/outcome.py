@@ -49,7 +49,7 @@ def _base(ctx: RunContext, job: Job | Rejected, status: str) -> dict[str, Any]:
     }
 
 
-def _label(parsed: Any) -> str | None:
+def label_of(parsed: Any) -> str | None:
     if isinstance(parsed, dict) and isinstance(parsed.get("label"), str):
         return str(parsed["label"])
     return None
@@ -80,7 +80,7 @@ def ok_row(
         reasoning_content=answer.reasoning_content,
         tool_calls=json_text(answer.tool_calls),
         parsed=json_text(parsed),
-        label=_label(parsed),
+        label=label_of(parsed),
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
@@ -101,12 +101,56 @@ def invalid_json_row(ok: dict[str, Any], problem: str, *, final: bool) -> dict[s
     """An answer that was billed but broke the JSON or schema the request asked for.
 
     It is kept as an error row with its tokens, so the cost report still matches the
-    invoice; when the row is asked again, this one is marked superseded for the tally.
+    invoice. When the row is asked again it is marked ``superseded``: billed, kept,
+    and not the id's outcome, so a run stopped during the re-ask leaves the id pending.
     """
     row = dict(ok, status="error", error_type="invalid_json", error_message=problem)
     row["parsed"] = row["label"] = None
-    if not final:
-        row["superseded"] = True
+    row["superseded"] = not final  # stored: resume must not take it for the outcome
+    return row
+
+
+def internal_row(
+    ctx: RunContext,
+    job: Job,
+    exc: BaseException,
+    *,
+    attempts: int,
+    started_at: datetime,
+    answer: Answer | None = None,
+) -> dict[str, Any]:
+    """A row this package failed to handle: a bug, or an input nobody foresaw.
+
+    It is the row's outcome, not the run's: the run goes on. When the server had
+    already answered, the answer's text and tokens are kept (plain fields only, so
+    this cannot fail the way the row that raised did): a paid answer is never lost,
+    the report still matches the invoice, and a re-run does not pay again.
+    """
+    row = _base(ctx, job, "error")
+    if answer is not None:
+        usage = answer.usage
+        row.update(
+            response_model=answer.response_model,
+            response_id=answer.response_id,
+            finish_reason=answer.finish_reason,
+            content=answer.content,
+            reasoning_content=answer.reasoning_content,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            image_tokens=usage.image_tokens,
+            audio_tokens=usage.audio_tokens,
+        )
+    row.update(
+        model=job.model,
+        attempts=attempts,
+        error_type="internal",
+        error_message=f"{type(exc).__name__}: {exc}"[:2000],
+        started_at=started_at,
+        finished_at=utcnow(),
+    )
     return row
 
 

@@ -521,15 +521,15 @@ def _final_counts(out: Path, run_id: str, tally: Tally, finished: dict[str, Any]
         import duckdb
 
         con = duckdb.connect()
-        # Tokens over every row (all were billed); outcomes by the latest row per id
-        # (a re-asked bad-JSON answer leaves two rows for one id).
+        # Tokens over every row (all were billed); outcomes by the latest row per id,
+        # past rejected answers that were asked again (``superseded``: no outcome).
         row = con.execute(
             """
             WITH rows AS (SELECT * FROM read_parquet(?, union_by_name = true)),
             latest AS (
                 SELECT arg_max(status, finished_at) AS status,
                        arg_max(error_type, finished_at) AS error_type
-                FROM rows GROUP BY id
+                FROM rows WHERE superseded IS NOT TRUE GROUP BY id
             )
             SELECT
                 (SELECT count(*) FILTER (status = 'ok') FROM latest),

@@ -52,6 +52,11 @@ class InvalidRow(ValueError):
     """The row cannot be a valid request; the message says which field and why."""
 
 
+# Completion tokens assumed for a request before any answer of the run has been seen,
+# when its row sets no max_tokens: what --max-cost holds and what --tpm charges.
+DEFAULT_COMPLETION_GUESS = 512
+
+
 @dataclass(slots=True)
 class Job:
     """One row ready to send."""
@@ -68,6 +73,12 @@ class Job:
     @property
     def model(self) -> str:
         return str(self.body.get("model", ""))
+
+    @property
+    def completion_ceiling(self) -> int | None:
+        """The most this request lets the model write, when the row says."""
+        ceiling = self.body.get("max_completion_tokens") or self.body.get("max_tokens")
+        return ceiling if isinstance(ceiling, int) and ceiling > 0 else None
 
 
 @dataclass(slots=True)

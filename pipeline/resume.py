@@ -195,16 +195,28 @@ def result_parts(out: Path) -> list[Path]:
 
 
 def load_outcomes(out: Path) -> Outcomes:
-    """Read the ``id`` and ``status`` of every result under ``out`` into two indexes."""
+    """Read the ``id`` and ``status`` of every result under ``out`` into two indexes.
+
+    An error row marked ``superseded`` (a billed answer that broke the asked-for JSON,
+    asked again) is not an outcome: if the run stopped before the re-ask answered,
+    the id is still pending and a plain re-run asks again.
+    """
     ok_chunks: list[pa.Array] = []
     error_chunks: list[pa.Array] = []
     for part in result_parts(out):
-        table = pq.read_table(part, columns=["id", "status"])
+        # Parts written before the ``superseded`` column existed have none.
+        file = pq.ParquetFile(part)
+        names = file.schema_arrow.names
+        table = file.read(columns=[c for c in ("id", "status", "superseded") if c in names])
+        file.close()
         ids = table.column("id").cast(pa.large_string())
         is_ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
+        is_outcome = pc.invert(is_ok)
+        if "superseded" in names:  # a rejected answer that was asked again is no outcome
+            is_outcome = pc.and_(is_outcome, pc.invert(pc.fill_null(table["superseded"], False)))
         ok_chunks.extend(ids.filter(is_ok).chunks)
-        error_chunks.extend(ids.filter(pc.invert(is_ok)).chunks)
-        del table, ids, is_ok
+        error_chunks.extend(ids.filter(is_outcome).chunks)
+        del table, ids, is_ok, is_outcome
     ok = IdIndex(pa.chunked_array(ok_chunks, pa.large_string()))
     del ok_chunks
     # Failed means "errors and no ok result". Error rows are few as a rule, so they are

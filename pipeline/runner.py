@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,17 @@ from pipeline.limiter import RateLimiter
 from pipeline.outcome import (
     RunContext,
     error_row,
+    internal_row,
     invalid_json_row,
     invalid_row,
+    json_text,
+    label_of,
     ok_row,
     utcnow,
 )
 from pipeline.pricing import PricingError, load_prices
 from pipeline.progress import Progress, Tally
-from pipeline.request import Job, Rejected, build_job, explicit_id
+from pipeline.request import DEFAULT_COMPLETION_GUESS, Job, Rejected, build_job, explicit_id
 from pipeline.resume import Outcomes
 from pipeline.retry import first_wait, gives_up_at_once, retrying
 from pipeline.sink import ResultSink, write_part
@@ -301,7 +305,13 @@ class Runner:
                 if self.stopping:
                     self.result.pending += 1
                     continue
-                rows = await self._dispatch(job, results_tx)
+                try:
+                    rows = await self._dispatch(job, results_tx)
+                except Exception as exc:  # a bug or an unforeseen input: this row's
+                    # outcome, not the run's (answers already paid for are in
+                    # _process's own guard). Cancellation is not an Exception.
+                    rows = [internal_row(self.ctx, job, exc, attempts=0, started_at=utcnow())]
+                    await results_tx.send(rows[0])
                 if rows is None:
                     self.result.pending += 1
 
@@ -337,29 +347,52 @@ class Runner:
                     error_row(self.ctx, job, failed.error, attempts=attempts, started_at=started_at)
                 ]
             attempts += tries
-            fmt = job.body.get("response_format")
-            parsed, problem = (
-                check_answer(fmt, reply.answer.content) if wants_json(fmt) else (None, None)
-            )
-            row = ok_row(
-                self.ctx,
-                job,
-                reply.answer,
-                base_url=reply.base_url,
-                http_status=reply.http_status,
-                attempts=attempts,
-                latency_ms=reply.latency_ms,
-                started_at=started_at,
-                parsed=parsed,
-            )
+            try:
+                row, problem = self._answered(job, reply, attempts, started_at)
+            except Exception as exc:  # the answer is paid for: keep it, whatever broke
+                return [
+                    internal_row(
+                        self.ctx,
+                        job,
+                        exc,
+                        attempts=attempts,
+                        started_at=started_at,
+                        answer=reply.answer,
+                    )
+                ]
             if problem is None:
                 return [row]
             json_failures += 1
-            final = json_failures > self.opts.json_retries or self.stopping
+            final = json_failures > self.opts.json_retries
             rejected = invalid_json_row(row, problem, final=final)
             if final:
                 return [rejected]
             await results_tx.send(rejected)
+            if self.stopping:
+                return None  # asked again by the next run: the rejection is not the outcome
+
+    def _answered(
+        self, job: Job, reply: Reply, attempts: int, started_at: datetime
+    ) -> tuple[dict[str, Any], str | None]:
+        """The answer's row as received, and what is wrong with its JSON (if JSON was
+        asked for and it broke the request's schema or label set)."""
+        row = ok_row(
+            self.ctx,
+            job,
+            reply.answer,
+            base_url=reply.base_url,
+            http_status=reply.http_status,
+            attempts=attempts,
+            latency_ms=reply.latency_ms,
+            started_at=started_at,
+        )
+        fmt = job.body.get("response_format")
+        if not wants_json(fmt):
+            return row, None
+        parsed, problem = check_answer(fmt, reply.answer.content)
+        if problem is None:
+            row.update(parsed=json_text(parsed), label=label_of(parsed))
+        return row, problem
 
     async def _send_with_retries(self, job: Job) -> tuple[Reply, int]:
         """Send until answered: (reply, attempts). Raises _Stopped or _Failed.
@@ -397,7 +430,11 @@ class Runner:
     async def _send_once(self, job: Job) -> Reply:
         if self.stopping:
             raise _Stopped
-        permit = await self.limiter.acquire(job.est_prompt_tokens)
+        permit = await self.limiter.acquire(
+            self.limiter.expected_tokens(
+                job.est_prompt_tokens, job.completion_ceiling, DEFAULT_COMPLETION_GUESS
+            )
+        )
         if self.stopping:
             self.limiter.release(permit, answered=False)
             raise _Stopped
@@ -434,8 +471,16 @@ class Runner:
             self._budget_settled()
         used = None
         if usage.prompt_tokens is not None:
-            used = usage.prompt_tokens + (usage.completion_tokens or 0)
-        self.limiter.release(permit, used_tokens=used, headers=reply.headers)
+            # A server that counts max_tokens against the limit (OpenAI does) counts it
+            # whole, however short the answer: refund no more than it does.
+            completion = max(usage.completion_tokens or 0, job.completion_ceiling or 0)
+            used = usage.prompt_tokens + completion
+        self.limiter.release(
+            permit,
+            used_tokens=used,
+            completion_tokens=usage.completion_tokens,
+            headers=reply.headers,
+        )
         return reply
 
     async def _reserve(self, budget: Budget, job: Job) -> Reservation:
@@ -532,7 +577,7 @@ class Runner:
         t.completion_tokens += row.get("completion_tokens") or 0
         t.cached_tokens += row.get("cached_tokens") or 0
         t.reasoning_tokens += row.get("reasoning_tokens") or 0
-        if row.pop("superseded", False):
+        if row.get("superseded"):
             t.superseded += 1  # billed, kept, and asked again: not the row's outcome
             return
         status = row["status"]

@@ -49,6 +49,9 @@ RESULT_SCHEMA = pa.schema(
         ("finished_at", UTC_TS),
         ("request_hash", pa.string()),
         ("shared_from", pa.string()),  # id whose identical request paid for this answer
+        # A billed answer that broke the asked-for JSON and was asked again: kept for
+        # the invoice, never the id's outcome (resume and `latest` look past it).
+        ("superseded", pa.bool_()),
         ("metadata", pa.string()),  # JSON text
         ("source_file", pa.string()),
         ("source_line", pa.int64()),
