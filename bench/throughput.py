@@ -101,15 +101,14 @@ class SimServers:
         return total
 
 
-# Serves pipeline.sim_server's own app from a socket bound with SO_REUSEPORT, so that
+# Serves pipeline.sim's own app (build_app) from a socket bound with SO_REUSEPORT, so that
 # several processes share one port: the ``pipeline sim --workers N`` proposed in
 # RESULTS_throughput.md, carried here until the simulator has it.
 _REUSEPORT_SERVER = textwrap.dedent(
     """
     import asyncio, sys
     from aiohttp import web
-    from pipeline.sim_server import build_app
-    from pipeline.simulator import SimConfig, Simulator
+    from pipeline.sim import SimConfig, Simulator, build_app
 
     async def main(port: int, latency_ms: float) -> None:
         app = build_app(Simulator(SimConfig(latency_ms=latency_ms)))

@@ -202,8 +202,7 @@ def sim(
     """
     import os
 
-    from pipeline.sim_server import run_server
-    from pipeline.simulator import SimConfig
+    from pipeline.sim import SimConfig, run_server
 
     knobs: dict[str, Any] = {
         "latency_ms": latency_ms,

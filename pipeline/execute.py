@@ -77,7 +77,7 @@ def share_limits(runner: Runner, opts: RunOptions, parts: int) -> None:
 
 def sim_transport_for(opts: RunOptions) -> httpx.AsyncBaseTransport:
     """The in-process simulator, with the knobs of the job's [sim] table / --sim."""
-    from pipeline.simulator import SimConfig, Simulator, sim_transport
+    from pipeline.sim import SimConfig, Simulator, sim_transport
 
     try:
         config = SimConfig(**opts.sim)

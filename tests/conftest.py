@@ -22,7 +22,7 @@ import pytest
 from pipeline.config import RunOptions
 from pipeline.execute import execute
 from pipeline.runner import RunResult
-from pipeline.simulator import SimConfig, Simulator, sim_transport
+from pipeline.sim import SimConfig, Simulator, sim_transport
 from tests.realproc import Processes
 
 
@@ -152,7 +152,7 @@ def prompts(n: int, prefix: str = "row") -> list[dict[str, Any]]:
 @pytest.fixture
 def sim_server() -> Iterator[tuple[Simulator, str]]:
     """The simulator served over real HTTP on 127.0.0.1, from a background thread."""
-    from pipeline.sim_server import start_server
+    from pipeline.sim import start_server
 
     sim = Simulator(SimConfig())
     ready = threading.Event()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.pricing import load_prices, row_cost
-from pipeline.simulator import Simulator
+from pipeline.sim import Simulator
 from tests.conftest import prompts, run_with_sim, write_jsonl
 
 
@@ -72,7 +72,7 @@ def test_a_leased_budget_is_topped_up_while_requests_are_in_flight(tmp_path: Pat
     from pipeline.config import RunOptions
     from pipeline.resume import Outcomes
     from pipeline.runner import Runner, make_client
-    from pipeline.simulator import SimConfig, sim_transport
+    from pipeline.sim import SimConfig, sim_transport
     from tests.conftest import FakeClock
 
     clock = FakeClock()

@@ -22,7 +22,7 @@ from pipeline.config import RunOptions
 from pipeline.execute import execute
 from pipeline.jsoncheck import check_answer, label_format
 from pipeline.resume import load_outcomes
-from pipeline.simulator import SimConfig, Simulator
+from pipeline.sim import SimConfig, Simulator
 from tests.conftest import FakeClock, read_results, run_with_sim, write_jsonl
 
 LABELS = ["positive", "negative", "mixed"]

@@ -15,7 +15,7 @@ from pipeline.config import RunOptions
 from pipeline.errors import LockedError
 from pipeline.execute import execute
 from pipeline.lock import OutLock
-from pipeline.simulator import SimConfig, Simulator
+from pipeline.sim import SimConfig, Simulator
 from tests.conftest import FakeClock, prompts, read_results, run_with_sim, write_jsonl
 
 TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")

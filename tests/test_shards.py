@@ -17,7 +17,7 @@ from pipeline.config import RunOptions
 from pipeline.execute import share_limits
 from pipeline.resume import Outcomes
 from pipeline.runner import Runner, make_client
-from pipeline.simulator import SimConfig, Simulator
+from pipeline.sim import SimConfig, Simulator
 from tests.conftest import FakeClock, prompts, run_with_sim, write_jsonl
 from tests.realproc import (
     Processes,

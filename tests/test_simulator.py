@@ -1,15 +1,15 @@
-"""The simulator must behave like the seeds' gateways, because every other test, the demo
+"""The simulator must behave like the gateways it imitates, because every other test, the demo
 and the benchmarks trust it: the usage block, error bodies, limits, faults and billing."""
 
 from __future__ import annotations
 
+import ast
 import collections
 import email.utils
 import json
 import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +19,8 @@ import anyio
 import httpx
 import pytest
 
-from pipeline.sim_server import serve, start_server
-from pipeline.simulator import (
+import pipeline.sim as sim_package
+from pipeline.sim import (
     SimConfig,
     SimRequest,
     SimResponse,
@@ -28,6 +28,7 @@ from pipeline.simulator import (
     go_duration,
     request_key,
     sim_transport,
+    start_server,
 )
 
 CHAT = "/v1/chat/completions"
@@ -111,7 +112,7 @@ def assemble(chunks: list[bytes]) -> dict[str, Any]:
 
 
 @pytest.mark.anyio
-async def test_usage_block_has_the_seed_shape_and_adds_up() -> None:
+async def test_usage_block_has_the_gateway_shape_and_adds_up() -> None:
     response = await post(make(), chat())
     assert response.status == 200
     data = payload(response)
@@ -355,7 +356,7 @@ async def test_401_without_the_key_never_echoes_it() -> None:
 
 
 @pytest.mark.anyio
-async def test_injected_5xx_use_the_seed_bodies_and_are_not_billed() -> None:
+async def test_injected_5xx_use_the_gateway_error_bodies_and_are_not_billed() -> None:
     sim = make(SimConfig(fail_5xx_rate=1.0))
     kinds = {500: "internal_server_error", 502: "upstream_error", 503: "service_unavailable_error"}
     seen = set()
@@ -684,33 +685,9 @@ async def test_http_server_answers_streams_and_drops() -> None:
     assert sim.stats["dropped"] == 1 and sim.stats["stream_cut"] == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@pytest.mark.anyio
-async def test_serve_runs_until_cancelled() -> None:
-    port = _free_port()
-    with anyio.fail_after(20):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(serve, Simulator(), "127.0.0.1", port)
-            async with httpx.AsyncClient(timeout=5) as client:
-                for _ in range(200):
-                    try:
-                        health = await client.get(f"http://127.0.0.1:{port}/health")
-                        break
-                    except httpx.ConnectError:
-                        await anyio.sleep(0.01)
-                assert health.status_code == 200
-            tg.cancel_scope.cancel()
-
-
 def test_run_server_prints_its_url_and_stops_on_ctrl_c() -> None:
     root = Path(__file__).resolve().parents[1]
-    code = "from pipeline.sim_server import run_server; from pipeline.simulator import SimConfig; "
+    code = "from pipeline.sim import SimConfig, run_server; "
     code += "run_server(SimConfig(), '127.0.0.1', 0)"
     env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.Popen(
@@ -736,3 +713,48 @@ def test_run_server_prints_its_url_and_stops_on_ctrl_c() -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+# --- the package's boundary ---------------------------------------------------------------
+
+
+def test_simulator_package_imports_nothing_else_from_pipeline() -> None:
+    """The product may use the simulator, never the reverse: the yardstick must not share
+    code (a tokenizer, a constant) with what it measures."""
+    package = Path(__file__).resolve().parents[1] / "pipeline" / "sim"
+    sources = sorted(package.glob("*.py"))
+    assert len(sources) > 5
+    outside: list[str] = []
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else ["<relative>"]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                inside = name == "pipeline.sim" or name.startswith("pipeline.sim.")
+                if name == "<relative>" or (name.split(".")[0] == "pipeline" and not inside):
+                    outside.append(f"{source.name}: {name}")
+    assert outside == []
+
+
+def test_in_process_simulator_loads_no_server_and_no_product_code() -> None:
+    """``--provider sim`` pays for neither aiohttp nor any product module; the server's
+    names still resolve on first use."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, pipeline.sim as s; "
+        "print(sorted(m for m in sys.modules if m == 'aiohttp' or "
+        "(m.startswith('pipeline.') and not m.startswith('pipeline.sim')))); "
+        "print(callable(s.run_server), 'aiohttp' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "True True"]
+    with pytest.raises(AttributeError):
+        _ = sim_package.no_such_name

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.failover import Endpoints
 from pipeline.progress import Progress, Tally
-from pipeline.simulator import SimConfig, Simulator, sim_transport
+from pipeline.sim import SimConfig, Simulator, sim_transport
 from tests.conftest import FakeClock, prompts, read_results, run_with_sim, write_jsonl
 
 

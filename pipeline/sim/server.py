@@ -1,9 +1,11 @@
 """Serve the simulator core over real HTTP with aiohttp (``pipeline sim --port 8080``).
 
-All behaviour lives in ``pipeline.simulator``; this module only moves bytes. It exists
-so benchmarks and other tools can hit a real socket, and it turns the core's two
-connection-level faults into what a client would really see: ``drop`` closes the
-connection without an answer, a ``cut`` stream closes it mid-body (no final chunk).
+All behaviour lives in ``Simulator``; this module only moves bytes. It exists so
+benchmarks, crash tests and other tools can hit a real socket in another process, and it
+turns the core's two connection-level faults into what a client would really see:
+``drop`` closes the connection without an answer, a ``cut`` stream closes it mid-body
+(no final chunk). It is the only part of the simulator that needs aiohttp, so the package
+imports it lazily and the in-process transport never pays for it.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import asyncio
 import contextlib
 import sys
 
-import anyio
 from aiohttp import web
 
-from pipeline.simulator import SimConfig, SimRequest, Simulator
+from pipeline.sim.config import SimConfig
+from pipeline.sim.core import Simulator
+from pipeline.sim.protocol import SimRequest
 
 MAX_BODY_BYTES = 128 * 1024 * 1024  # room for 10 base64 images of 10 MB each
 
@@ -69,16 +72,6 @@ async def start_server(
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     return runner, f"http://{host}:{bound}/v1"
-
-
-async def serve(sim: Simulator, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve ``sim`` until cancelled."""
-    runner, _ = await start_server(sim, host, port)
-    try:
-        await anyio.sleep_forever()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await runner.cleanup()
 
 
 def run_server(config: SimConfig, host: str, port: int) -> None:
