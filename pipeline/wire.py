@@ -336,7 +336,8 @@ class StreamAssembler:
         self.response_model = self.response_model or _str(chunk.get("model"))
         if isinstance(chunk.get("usage"), Mapping):
             self.usage = parse_usage(chunk["usage"])
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, Mapping):
                 continue
             if choice.get("finish_reason"):
@@ -351,7 +352,8 @@ class StreamAssembler:
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(reasoning, str):
             self._reasoning.append(reasoning)
-        for call in delta.get("tool_calls") or []:
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
             if not isinstance(call, Mapping):
                 continue
             slot = self._tools.setdefault(
@@ -364,8 +366,8 @@ class StreamAssembler:
                 slot["type"] = call["type"]
             fn = call.get("function")
             if isinstance(fn, Mapping):
-                slot["function"]["name"] += fn.get("name") or ""
-                slot["function"]["arguments"] += fn.get("arguments") or ""
+                slot["function"]["name"] += _str(fn.get("name")) or ""
+                slot["function"]["arguments"] += _str(fn.get("arguments")) or ""
 
     def finish(self) -> Answer:
         if self._pending:
