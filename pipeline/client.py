@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 
+from pipeline.config import DEFAULT_DEADLINE, DEFAULT_MAX_RESPONSE_MB
 from pipeline.errors import ApiError, ConfigurationError, RequestError, TransportError
 from pipeline.failover import Endpoints
 from pipeline.redact import Redactor, refuse_url_secrets
@@ -64,15 +65,6 @@ class Reply:
     latency_ms: float
 
 
-# Bounds on one attempt, whatever the server does (``--deadline``, ``--max-response-mb``).
-# Half an hour covers the longest reasoning streams seen; ``--timeout`` still bounds
-# each wait for the next bytes.
-DEFAULT_DEADLINE = 1800.0
-# 100 MiB: a 200k-token answer streamed one token per event is ~60 MB of SSE; a
-# non-streamed answer is a few MB at most. Past it the attempt fails and is retried.
-DEFAULT_MAX_RESPONSE_BYTES = 100 * 2**20
-
-
 class ChatClient:
     """POST ``{base}/chat/completions`` with a Bearer key, JSON or streamed.
 
@@ -91,7 +83,7 @@ class ChatClient:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 600.0,
         deadline: float = DEFAULT_DEADLINE,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_response_bytes: int = int(DEFAULT_MAX_RESPONSE_MB * 2**20),
         stream: bool = False,
         max_connections: int = 100,
         http_transport: str = "aiohttp",

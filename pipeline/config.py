@@ -21,6 +21,15 @@ from pipeline.providers import Provider, get_provider, load_providers
 from pipeline.redact import refuse_url_secrets
 from pipeline.request import RequestOptions
 
+# Seconds one attempt may take in all, streams included (``--deadline``): a server
+# trickling bytes never holds a request longer, while ``--timeout`` bounds each wait
+# within it. Half an hour covers the longest reasoning streams.
+DEFAULT_DEADLINE = 1800.0
+# Largest answer read per attempt, body or whole stream, in MiB (``--max-response-mb``):
+# a 200k-token answer streamed one token per event is ~60 MB of SSE, a non-streamed
+# answer a few MB. Past it the attempt fails as ``response_too_large`` and is retried.
+DEFAULT_MAX_RESPONSE_MB = 100.0
+
 
 @dataclass
 class RunOptions:
@@ -38,12 +47,8 @@ class RunOptions:
     max_attempts: int = 6  # per row, for errors other than 429 (429s are paced, not counted)
     max_retry_time: float = 900.0  # seconds a row may spend retrying before it gives up
     timeout: float = 600.0  # seconds per wait: for the answer to start, then for each read
-    # Seconds one attempt may take in all, streams included: a server trickling bytes
-    # never holds a request longer. Half an hour covers the longest reasoning streams.
-    deadline: float = 1800.0
-    # Largest answer (body or whole stream) read, in MiB; a 200k-token answer streamed
-    # one token per event is ~60 MB. Past it the attempt fails and is retried.
-    max_response_mb: float = 100.0
+    deadline: float = DEFAULT_DEADLINE  # seconds one attempt may take in all, streams too
+    max_response_mb: float = DEFAULT_MAX_RESPONSE_MB  # largest answer read per attempt
     stream: bool = False
     http_transport: str = "aiohttp"  # "aiohttp" (fast, default) or "httpx" (httpx's own pool)
     max_cost: float | None = None

@@ -420,3 +420,11 @@ def test_run_help_says_how_deadline_and_timeout_relate() -> None:
     text = " ".join(stdout.split())
     assert "--deadline" in text and "--max-response-mb" in text
     assert "--timeout bounds each wait" in text
+
+
+@pytest.mark.parametrize("option", ["--deadline", "--max-response-mb"])
+def test_a_bound_that_is_not_positive_is_a_usage_error(tmp_path: Path, option: str) -> None:
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
+    code, _, stderr = _run(tmp_path / "out", src, "http://127.0.0.1:9/v1", option, "0")
+    assert code == 2 and option in stderr
+    assert not (tmp_path / "out").exists()
