@@ -74,7 +74,20 @@ def cli() -> None:
 @click.option("--rpm", type=float, help="Requests per minute [default: learn from the server].")
 @click.option("--tpm", type=float, help="Tokens per minute [default: no limit].")
 @click.option("--max-attempts", type=int, help="Attempts per row, 429s aside [default: 6].")
-@click.option("--timeout", type=float, help="Seconds per request [default: 600].")
+@click.option(
+    "--timeout",
+    type=float,
+    help="Seconds to wait for the answer, then for each read [default: 600].",
+)
+@click.option(
+    "--deadline",
+    type=float,
+    help="Seconds one attempt may take in all, streams included; --timeout bounds each "
+    "wait within it [default: 1800].",
+)
+@click.option(
+    "--max-response-mb", type=float, help="Largest answer read per attempt [default: 100]."
+)
 @click.option("--stream/--no-stream", default=None, help="Use SSE streaming.")
 @click.option(
     "--http-transport", type=click.Choice(["aiohttp", "httpx"]), help="[default: aiohttp]"

@@ -8,18 +8,32 @@ network to be tested.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import ssl
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 
-from pipeline.errors import RequestError, TransportError
+from pipeline.config import DEFAULT_DEADLINE, DEFAULT_MAX_RESPONSE_MB
+from pipeline.errors import ApiError, ConfigurationError, RequestError, TransportError
 from pipeline.failover import Endpoints
-from pipeline.wire import Answer, StreamAssembler, parse_completion, parse_error
+from pipeline.redact import Redactor, refuse_url_secrets
+from pipeline.wire import (
+    MAX_SSE_LINE_BYTES,
+    Answer,
+    StreamAssembler,
+    parse_completion,
+    parse_error,
+)
 
 
 def normalize_base_url(url: str) -> str:
@@ -31,6 +45,7 @@ def normalize_base_url(url: str) -> str:
     url = url.strip().rstrip("/")
     if url.endswith("/chat/completions"):
         url = url[: -len("/chat/completions")]
+    refuse_url_secrets(url)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"base URL {url!r} must look like http(s)://host[:port][/v1]")
@@ -51,7 +66,14 @@ class Reply:
 
 
 class ChatClient:
-    """POST ``{base}/chat/completions`` with a Bearer key, JSON or streamed."""
+    """POST ``{base}/chat/completions`` with a Bearer key, JSON or streamed.
+
+    Every attempt is bounded: ``deadline`` seconds in all (streams included),
+    ``max_response_bytes`` of answer, ``MAX_SSE_LINE_BYTES`` per stream line. Every
+    byte the server sends passes the key scrubber (``pipeline.redact``) before it is
+    parsed, so no text that leaves the client can carry the key. Whatever goes wrong
+    on the wire leaves as a RequestError with an ``error_type`` that names the cause.
+    """
 
     def __init__(
         self,
@@ -60,6 +82,8 @@ class ChatClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 600.0,
+        deadline: float = DEFAULT_DEADLINE,
+        max_response_bytes: int = int(DEFAULT_MAX_RESPONSE_MB * 2**20),
         stream: bool = False,
         max_connections: int = 100,
         http_transport: str = "aiohttp",
@@ -73,8 +97,11 @@ class ChatClient:
             transport = _aiohttp_transport(limits)
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+        self.redactor = Redactor(api_key)
         self.endpoints = Endpoints([normalize_base_url(u) for u in base_urls], clock=clock)
         self.stream = stream
+        self.deadline = deadline
+        self.max_response_bytes = max_response_bytes
         self._clock = clock
         # Parsed once: httpx parses a URL given as text again on every request.
         self._urls = {u: httpx.URL(f"{u}/chat/completions") for u in self.endpoints.urls}
@@ -98,53 +125,235 @@ class ChatClient:
         base = self.endpoints.pick()
         started = self._clock()
         try:
-            if self.stream:
-                reply = await self._send_stream(base, body)
-            else:
-                reply = await self._send_json(base, body)
+            try:
+                async with _deadline(self.deadline):
+                    reply = await self._attempt(base, body)
+            except TimeoutError:
+                raise TransportError(
+                    "timeout",
+                    f"no complete answer within the {self.deadline:g} s deadline (--deadline)",
+                ) from None
         except RequestError as exc:
             if isinstance(exc, TransportError) or (exc.http_status or 0) >= 500:
                 self.endpoints.failed(base)
             else:
                 self.endpoints.succeeded(base)
             exc.base_url = base
+            if self.redactor:
+                _scrub(exc, self.redactor)
             raise
         self.endpoints.succeeded(base)
         reply.latency_ms = (self._clock() - started) * 1000.0
         return reply
 
+    async def _attempt(self, base: str, body: dict[str, Any]) -> Reply:
+        """One attempt; anything the transport or the parser raises becomes a RequestError."""
+        try:
+            if self.stream:
+                return await self._send_stream(base, body)
+            return await self._send_json(base, body)
+        except RequestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a server must never crash the run
+            raise _classify(exc, self.redactor, streaming=self.stream) from None
+
     async def _send_json(self, base: str, body: dict[str, Any]) -> Reply:
         content = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        request = self._http.build_request("POST", self._urls[base], content=content)
+        response = await self._http.send(request, stream=True)
         try:
-            response = await self._http.post(self._urls[base], content=content)
-        except httpx.TimeoutException as exc:
-            raise TransportError("timeout", f"request timed out ({type(exc).__name__})") from None
-        except httpx.HTTPError as exc:
-            raise TransportError("connection_error", _describe(exc)) from None
+            _refuse_redirect(response, self.redactor)
+            raw = self.redactor.data(await self._read_body(response))
+        finally:
+            await response.aclose()
         _unbind(response)
         if response.status_code >= 400:
-            raise parse_error(response.status_code, response.content, response.headers)
-        answer = parse_completion(response.content)
+            raise parse_error(response.status_code, raw, response.headers)
+        answer = parse_completion(raw)
+        if self.redactor:
+            _scrub_answer(answer, self.redactor)
         return Reply(answer, base, response.status_code, response.headers, 0.0)
+
+    async def _read_body(self, response: httpx.Response) -> bytes:
+        """The whole (decoded) body, read in chunks against the size cap."""
+        cap = self.max_response_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise _too_large(cap)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > cap:
+                raise _too_large(cap)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _send_stream(self, base: str, body: dict[str, Any]) -> Reply:
         payload = dict(body, stream=True, stream_options={"include_usage": True})
         content = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        assembler = StreamAssembler()
-        try:
-            async with self._http.stream("POST", self._urls[base], content=content) as response:
-                if response.status_code >= 400:
-                    raw = await response.aread()
-                    raise parse_error(response.status_code, raw, response.headers)
-                async for text in response.aiter_text():
-                    assembler.feed_text(text)
-                status, headers = response.status_code, response.headers
-            _unbind(response)  # closed by now: the ``async with`` has exited
-        except httpx.TimeoutException as exc:
-            raise TransportError("timeout", f"stream timed out ({type(exc).__name__})") from None
-        except httpx.HTTPError as exc:
-            raise TransportError("stream_cut", _describe(exc)) from None
-        return Reply(assembler.finish(), base, status, headers, 0.0)
+        cap = self.max_response_bytes
+        assembler = StreamAssembler(
+            redact=self.redactor.data if self.redactor else None,
+            max_line_bytes=min(MAX_SSE_LINE_BYTES, cap),
+        )
+        async with self._http.stream("POST", self._urls[base], content=content) as response:
+            _refuse_redirect(response, self.redactor)
+            if response.status_code >= 400:
+                raw = self.redactor.data(await self._read_body(response))
+                raise parse_error(response.status_code, raw, response.headers)
+            size = 0
+            try:
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > cap:
+                        raise _too_large(cap)
+                    assembler.feed_bytes(chunk)
+            except httpx.TimeoutException as exc:
+                raise TransportError(
+                    "timeout", f"stream timed out ({type(exc).__name__})"
+                ) from None
+            except httpx.HTTPError as exc:
+                raise TransportError("stream_cut", _describe(exc, self.redactor)) from None
+            status, headers = response.status_code, response.headers
+        _unbind(response)  # closed by now: the ``async with`` has exited
+        answer = assembler.finish()
+        if self.redactor:
+            _scrub_answer(answer, self.redactor)
+        return Reply(answer, base, status, headers, 0.0)
+
+
+def _deadline(seconds: float) -> AbstractAsyncContextManager[Any]:
+    """Raise TimeoutError if the block is still running after ``seconds``.
+
+    On asyncio this is ``asyncio.timeout``: one timer per attempt, about half the
+    cost of an anyio cancel scope on the zero-latency hot path. Elsewhere (trio)
+    anyio's own scope does the same job.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _anyio_deadline(seconds)
+    return asyncio.timeout(seconds)
+
+
+@contextlib.asynccontextmanager
+async def _anyio_deadline(seconds: float) -> AsyncIterator[None]:
+    with anyio.fail_after(seconds):
+        yield
+
+
+def _too_large(cap: int) -> TransportError:
+    return TransportError(
+        "response_too_large",
+        f"the answer passed {cap / 2**20:g} MiB (--max-response-mb) and was dropped",
+    )
+
+
+def _refuse_redirect(response: httpx.Response, redactor: Redactor) -> None:
+    """A 3xx is a configuration problem: the base URL is not where the API lives.
+
+    It is never followed (the key would go to a host the user did not name) and never
+    retried (every row would get the same answer): the run stops, naming the target.
+    """
+    status = response.status_code
+    if 300 <= status < 400:
+        target = redactor.text(response.headers.get("location", "")[:500]) or "nowhere"
+        raise ConfigurationError(
+            "redirect",
+            f"HTTP {status}: the server redirects {response.request.url} to {target}",
+            http_status=status,
+        )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from, outermost first."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 10:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _classify(exc: Exception, redactor: Redactor, *, streaming: bool) -> RequestError:
+    """Name the cause of a failure from the transport or the parser.
+
+    httpx-aiohttp maps every aiohttp connection error, a refused connection and a
+    failed certificate check included, to ``ConnectTimeout``, and lets some (a bad
+    status line, an over-long header) through unmapped; so the cause is read from
+    the whole chain, the original aiohttp or ssl exception first.
+    """
+    chain = _chain(exc)
+    root = chain[-1]
+    reason = redactor.text(_describe(root))
+    for item in chain:
+        if isinstance(item, ssl.SSLCertVerificationError) or _is_aiohttp(
+            item, "ClientConnectorCertificateError"
+        ):
+            detail = getattr(item, "verify_message", None) or getattr(
+                getattr(item, "certificate_error", None), "verify_message", None
+            )
+            return ConfigurationError(
+                "tls",
+                f"TLS certificate verification failed: {detail or reason}"[:300],
+            )
+    for item in chain:
+        if isinstance(item, ssl.SSLError) or _is_aiohttp(item, "ClientSSLError"):
+            return TransportError("tls", f"TLS handshake failed: {reason}")
+    if isinstance(root, RecursionError | ValueError):
+        return TransportError("malformed_response", f"unreadable answer: {reason}")
+    if any(_is_aiohttp(item, "ClientResponseError") for item in chain) or isinstance(
+        exc, httpx.RemoteProtocolError | httpx.LocalProtocolError | httpx.DecodingError
+    ):
+        return TransportError("protocol_error", f"the answer is not valid HTTP: {reason}")
+    from_aiohttp = any(_is_aiohttp(item, "ClientError") for item in chain)
+    if isinstance(root, TimeoutError) or (
+        isinstance(exc, httpx.TimeoutException) and not from_aiohttp
+    ):
+        return TransportError("timeout", f"request timed out ({type(root).__name__})")
+    if from_aiohttp or any(isinstance(item, OSError | httpx.HTTPError) for item in chain):
+        return TransportError("stream_cut" if streaming else "connection_error", reason)
+    return TransportError("client_error", f"unexpected failure: {reason}")
+
+
+def _is_aiohttp(exc: BaseException, name: str) -> bool:
+    """``isinstance(exc, aiohttp.<name>)`` without importing aiohttp for the httpx path."""
+    module = sys.modules.get("aiohttp")
+    cls = getattr(module, name, None) if module is not None else None
+    return cls is not None and isinstance(exc, cls)
+
+
+def _scrub(exc: RequestError, redactor: Redactor) -> None:
+    """The key out of every text a failed request carries (error column, logs, manifest).
+
+    The raw bytes were scrubbed before parsing; decoding (a JSON escape) could still
+    rebuild the key, so the parsed strings are checked once more.
+    """
+    exc.args = tuple(redactor.text(a) if isinstance(a, str) else a for a in exc.args)
+    exc.error_type = redactor.text(exc.error_type)
+    if isinstance(exc, ApiError):
+        exc.message = redactor.text(exc.message)
+        exc.param = redactor.optional(exc.param)
+        exc.fallback_suggestion = redactor.optional(exc.fallback_suggestion)
+        if isinstance(exc.code, str):
+            exc.code = redactor.text(exc.code)
+        exc.headers = {k: redactor.text(v) for k, v in exc.headers.items()}
+    else:
+        exc.fallback_suggestion = redactor.optional(exc.fallback_suggestion)
+
+
+def _scrub_answer(answer: Answer, redactor: Redactor) -> None:
+    """The parsed answer's texts, checked once more (see ``_scrub``)."""
+    answer.content = redactor.optional(answer.content)
+    answer.reasoning_content = redactor.optional(answer.reasoning_content)
+    answer.response_id = redactor.optional(answer.response_id)
+    answer.response_model = redactor.optional(answer.response_model)
+    answer.finish_reason = redactor.optional(answer.finish_reason)
+    if answer.tool_calls:
+        text = json.dumps(answer.tool_calls, ensure_ascii=False)
+        if redactor.text(text) != text:
+            answer.tool_calls = json.loads(redactor.text(text))
 
 
 def _aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
@@ -187,7 +396,8 @@ def _unbind(response: httpx.Response) -> None:
     response.stream = _DRAINED
 
 
-def _describe(exc: httpx.HTTPError) -> str:
-    """A one-line reason that never carries request headers (and so never the key)."""
+def _describe(exc: BaseException, redactor: Redactor | None = None) -> str:
+    """A one-line reason, without the key (a server or proxy may have put it there)."""
     text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:300]
+    line = " ".join(f"{type(exc).__name__}: {text}".split())[:300]
+    return redactor.text(line) if redactor is not None else line

@@ -18,7 +18,17 @@ from typing import Any
 from pipeline.errors import UsageError
 from pipeline.jsoncheck import label_format
 from pipeline.providers import Provider, get_provider, load_providers
+from pipeline.redact import refuse_url_secrets
 from pipeline.request import RequestOptions
+
+# Seconds one attempt may take in all, streams included (``--deadline``): a server
+# trickling bytes never holds a request longer, while ``--timeout`` bounds each wait
+# within it. Half an hour covers the longest reasoning streams.
+DEFAULT_DEADLINE = 1800.0
+# Largest answer read per attempt, body or whole stream, in MiB (``--max-response-mb``):
+# a 200k-token answer streamed one token per event is ~60 MB of SSE, a non-streamed
+# answer a few MB. Past it the attempt fails as ``response_too_large`` and is retried.
+DEFAULT_MAX_RESPONSE_MB = 100.0
 
 
 @dataclass
@@ -36,7 +46,9 @@ class RunOptions:
     tpm: float | None = None  # tokens per minute; None = no token limit
     max_attempts: int = 6  # per row, for errors other than 429 (429s are paced, not counted)
     max_retry_time: float = 900.0  # seconds a row may spend retrying before it gives up
-    timeout: float = 600.0  # per request; streamed requests: per idle gap between chunks
+    timeout: float = 600.0  # seconds per wait: for the answer to start, then for each read
+    deadline: float = DEFAULT_DEADLINE  # seconds one attempt may take in all, streams too
+    max_response_mb: float = DEFAULT_MAX_RESPONSE_MB  # largest answer read per attempt
     stream: bool = False
     http_transport: str = "aiohttp"  # "aiohttp" (fast, default) or "httpx" (httpx's own pool)
     max_cost: float | None = None
@@ -72,7 +84,11 @@ class RunOptions:
         return get_provider(name, providers)
 
     def base_urls(self, provider: Provider) -> list[str]:
-        return list(self.base_url) or list(provider.base_urls)
+        """The base URLs to use; one that carries credentials is a usage error (exit 2)."""
+        urls = list(self.base_url) or list(provider.base_urls)
+        for url in urls:
+            check_base_url(url)
+        return urls
 
     def api_key(self, provider: Provider) -> str | None:
         """The key from the environment. Only the variable's *name* is ever an option."""
@@ -165,7 +181,9 @@ def validate(opts: RunOptions) -> None:
         raise UsageError("nothing to run: give input files, a folder, a glob or a job file")
     if opts.concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
-    for name in ("rpm", "tpm", "max_cost", "timeout"):
+    for url in opts.base_url:
+        check_base_url(url)
+    for name in ("rpm", "tpm", "max_cost", "timeout", "deadline", "max_response_mb"):
         value = getattr(opts, name)
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
@@ -194,6 +212,16 @@ def validate(opts: RunOptions) -> None:
         raise UsageError("give labels or json_schema, not both")
     if opts.json_schema is not None and not isinstance(opts.json_schema, dict):
         raise UsageError("json_schema must be a JSON schema object")
+
+
+def check_base_url(url: Any) -> None:
+    """Refuse a base URL that is not text or carries credentials, naming no secret."""
+    if not isinstance(url, str):
+        raise UsageError("base_url must be text (or a list of texts)")
+    try:
+        refuse_url_secrets(url)
+    except ValueError as exc:
+        raise UsageError(f"--base-url {exc}") from None
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -8,8 +8,10 @@ Exception tree::
     └── RequestError              one request did not produce a usable answer
         ├── ApiError              the server answered with an error body
         │   (its ``kind`` says what to do: retry, give up on the row, or stop the run)
-        └── TransportError        no usable answer: timeout, dropped connection,
-                                  truncated or malformed body, stream cut short
+        ├── TransportError        no usable answer: timeout, dropped connection,
+        │                         truncated, malformed or oversized body, stream cut short
+        └── ConfigurationError    the base URL itself is wrong (a redirect, a certificate
+                                  that fails verification): stop the run
 
 Classification lives here, in one table, so the retry policy, the runner and the
 tests agree on it (DESIGN.md, "Errors from the server").
@@ -55,6 +57,22 @@ class RequestError(PipelineError):
 
 class TransportError(RequestError):
     """No usable answer came back: timeouts, resets, truncated or malformed bodies."""
+
+    def __init__(self, error_type: str, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.http_status = http_status
+
+
+class ConfigurationError(RequestError):
+    """The server cannot be used as configured: no retry can help, so the run stops.
+
+    A redirect (the gateway wants another URL, e.g. ``https://`` for ``http://``) or
+    a TLS certificate that fails verification is the same for every row; retrying each
+    row to exhaustion would only turn a setup mistake into hours of failures.
+    """
+
+    kind = Kind.FATAL
 
     def __init__(self, error_type: str, message: str, *, http_status: int | None = None) -> None:
         super().__init__(message)
@@ -127,8 +145,18 @@ FATAL_ADVICE = {
 }
 
 
+CONFIGURATION_ADVICE = {
+    "redirect": "Use the URL the server redirected to as --base-url (a redirect is not followed: "
+    "it would resend the key to a host you did not name)",
+    "tls": "Check the base URL's host name, or trust the CA that signed its certificate "
+    "(SSL_CERT_FILE=/path/to/ca-bundle.pem)",
+}
+
+
 def fatal_advice(error: RequestError) -> str:
     """A sentence a user can act on, for an error that stopped the run."""
+    if isinstance(error, ConfigurationError):
+        return CONFIGURATION_ADVICE.get(error.error_type, "Check --base-url")
     status = error.http_status or 0
     if error.error_type in _QUOTA_TYPES or status == 402:
         return FATAL_ADVICE[402]

@@ -27,6 +27,7 @@ from pipeline.errors import UsageError
 from pipeline.lock import OutLock
 from pipeline.manifest import new_run_id, write_manifest
 from pipeline.progress import Progress, Tally
+from pipeline.redact import plain_http_warnings
 from pipeline.resume import load_outcomes
 from pipeline.runner import Runner, RunResult, make_client
 from pipeline.sink import recover_journals
@@ -138,6 +139,8 @@ def execute(
             every=opts.progress_seconds,
             stream=progress_stream or sys.stderr,
         )
+        for warning in plain_http_warnings(base_urls, api_key):
+            progress.message(warning, "warning")
         manifest: dict[str, Any] = {
             "run_id": run_id,
             "version": __version__,

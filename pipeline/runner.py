@@ -596,6 +596,8 @@ def make_client(
         api_key,
         transport=transport,
         timeout=opts.timeout,
+        deadline=opts.deadline,
+        max_response_bytes=int(opts.max_response_mb * 2**20),
         stream=opts.stream,
         max_connections=opts.concurrency,
         http_transport=opts.http_transport,

@@ -13,11 +13,15 @@ import email.utils
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import ApiError, TransportError
+
+# The longest SSE line (one event) a stream may send. Real events are a few hundred
+# bytes; a whole long answer (or an audio clip) in one event stays well under this.
+MAX_SSE_LINE_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +102,23 @@ class Answer:
     usage: Usage = field(default_factory=Usage)
 
 
+def _loads(text: bytes | str) -> Any:
+    """``json.loads`` for untrusted text: anything it cannot read raises ValueError.
+
+    A body nested deeper than the interpreter's stack (``[[[[...``) makes the
+    decoder raise RecursionError; it is a malformed body like any other.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def parse_completion(body: bytes | str) -> Answer:
     """Parse a non-streamed chat.completion body. A cut or malformed body is retryable."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = _loads(body)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
         raise TransportError("malformed_response", f"response body is not JSON ({exc})") from None
     if not isinstance(data, dict):
         raise TransportError("malformed_response", "response body is not a JSON object")
@@ -184,8 +200,8 @@ def error_from_body(status: int, data: Any, headers: Mapping[str, str]) -> ApiEr
 def parse_error(status: int, body: bytes, headers: Mapping[str, str]) -> ApiError:
     """Turn a non-2xx answer into an ApiError, tolerating bodies that are not JSON."""
     try:
-        data: Any = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
+        data: Any = _loads(body) if body else None
+    except ValueError:
         data = None
     error = error_from_body(status, data, headers)
     if data is None and body:
@@ -219,9 +235,22 @@ class StreamAssembler:
 
     Gateways cut long streams; a stream that never reached ``data: [DONE]`` is an
     error to retry, never a partial answer marked ok.
+
+    ``feed_bytes`` takes the socket's bytes: each complete line goes through
+    ``redact`` (the client's key scrubber) before it is decoded or parsed, and a line
+    that grows past ``max_line_bytes`` without ending fails the stream as
+    ``response_too_large`` rather than growing the process without bound.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        redact: Callable[[bytes], bytes] | None = None,
+        max_line_bytes: int = MAX_SSE_LINE_BYTES,
+    ) -> None:
+        self._redact = redact
+        self._max_line = max_line_bytes
+        self._pending = bytearray()  # the start of a line whose end has not come yet
         self._content: list[str] = []
         self._reasoning: list[str] = []
         self._tools: dict[int, dict[str, Any]] = {}
@@ -239,6 +268,49 @@ class StreamAssembler:
         for line in lines:
             self.feed_line(line)
 
+    def feed_bytes(self, data: bytes) -> None:
+        """Feed raw bytes from the socket; complete lines are parsed as they arrive.
+
+        The bytes of an unfinished line are appended, never re-joined per chunk, so a
+        long line that trickles in costs linear time.
+        """
+        end = data.find(b"\n")
+        if end == -1:
+            self._pending += data
+            self._check_pending()
+            return
+        if self._pending:
+            self._pending += data[:end]
+            first = bytes(self._pending)
+            self._pending.clear()
+        else:
+            first = data[:end]
+        self._raw_line(first)
+        start = end + 1
+        while (end := data.find(b"\n", start)) != -1:
+            self._raw_line(data[start:end])
+            start = end + 1
+        self._pending += data[start:]
+        self._check_pending()
+
+    def _check_pending(self) -> None:
+        if len(self._pending) > self._max_line:
+            self._pending.clear()
+            raise TransportError(
+                "response_too_large",
+                f"the stream sent a line longer than {self._max_line} bytes",
+            )
+
+    def _raw_line(self, raw: bytes) -> None:
+        if len(raw) > self._max_line:
+            raise TransportError(
+                "response_too_large",
+                f"the stream sent a line longer than {self._max_line} bytes",
+            )
+        if self._redact is not None:
+            raw = self._redact(raw)
+        self.feed_line(raw.decode("utf-8", "replace"))
+
     def feed_line(self, line: str) -> None:
         line = line.strip()
         if not line.startswith("data:"):
@@ -248,7 +320,7 @@ class StreamAssembler:
             self.done = True
             return
         try:
-            chunk = json.loads(payload)
+            chunk = _loads(payload)
         except ValueError:
             raise TransportError(
                 "malformed_response", "stream sent a chunk that is not JSON"
@@ -264,7 +336,8 @@ class StreamAssembler:
         self.response_model = self.response_model or _str(chunk.get("model"))
         if isinstance(chunk.get("usage"), Mapping):
             self.usage = parse_usage(chunk["usage"])
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, Mapping):
                 continue
             if choice.get("finish_reason"):
@@ -279,7 +352,8 @@ class StreamAssembler:
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(reasoning, str):
             self._reasoning.append(reasoning)
-        for call in delta.get("tool_calls") or []:
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
             if not isinstance(call, Mapping):
                 continue
             slot = self._tools.setdefault(
@@ -292,10 +366,13 @@ class StreamAssembler:
                 slot["type"] = call["type"]
             fn = call.get("function")
             if isinstance(fn, Mapping):
-                slot["function"]["name"] += fn.get("name") or ""
-                slot["function"]["arguments"] += fn.get("arguments") or ""
+                slot["function"]["name"] += _str(fn.get("name")) or ""
+                slot["function"]["arguments"] += _str(fn.get("arguments")) or ""
 
     def finish(self) -> Answer:
+        if self._pending:
+            raw, self._pending = bytes(self._pending), bytearray()
+            self._raw_line(raw)
         if self._buffer.strip():
             self.feed_line(self._buffer)
             self._buffer = ""

@@ -9,7 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-from pipeline.client import ChatClient
+from pipeline.client import ChatClient, normalize_base_url
+from pipeline.errors import ApiError, ConfigurationError, Kind, TransportError, fatal_advice
+from pipeline.redact import Redactor, plain_http_warnings
 
 pytestmark = pytest.mark.anyio
 
@@ -80,3 +82,109 @@ async def test_an_answered_request_leaves_no_cyclic_garbage() -> None:
         gc.enable()
         await client.aclose()
     assert left == []
+
+
+# ------------------------------------------------------------------ hostile answers
+
+KEY = "sk-test"
+
+
+def _answering(*responses: httpx.Response, **options: Any) -> ChatClient:
+    queue = list(responses)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return queue.pop(0)
+
+    return ChatClient(["http://gw.test"], KEY, transport=httpx.MockTransport(handler), **options)
+
+
+def test_the_redactor_takes_every_copy_of_every_secret_out() -> None:
+    redactor = Redactor("sk-abc", "sk-abcdef", None, "")
+    assert redactor.text("a sk-abcdef b sk-abc") == "a [REDACTED] b [REDACTED]"
+    assert redactor.data(b"Bearer sk-abc, sk-abc") == b"Bearer [REDACTED], [REDACTED]"
+    assert redactor.text("nothing here") == "nothing here"
+    assert not Redactor(None) and Redactor(None).data(b"x") == b"x"
+
+
+async def test_a_key_in_a_json_escaped_error_message_is_redacted() -> None:
+    escaped = "".join(f"\\u{ord(c):04x}" for c in KEY)
+    body = ('{"error": {"message": "bad key ' + escaped + '", "type": "' + escaped + '"}}').encode()
+    client = _answering(httpx.Response(401, content=body))
+    with pytest.raises(ApiError) as caught:
+        await client.complete(BODY)
+    await client.aclose()
+    assert KEY not in str(caught.value) and KEY not in caught.value.error_type
+    assert caught.value.message == "bad key [REDACTED]"
+
+
+async def test_a_key_in_tool_call_arguments_is_redacted() -> None:
+    call = {"id": "t", "type": "function", "function": {"name": "f", "arguments": f'"{KEY}"'}}
+    answer = {**ANSWER, "choices": [{"index": 0, "message": {"tool_calls": [call]}}]}
+    escaped = json.dumps(answer).replace(KEY, "".join(f"\\u{ord(c):04x}" for c in KEY))
+    client = _answering(httpx.Response(200, content=escaped.encode()))
+    reply = await client.complete(BODY)
+    await client.aclose()
+    assert reply.answer.tool_calls is not None
+    assert KEY not in json.dumps(reply.answer.tool_calls)
+
+
+async def test_a_declared_length_past_the_cap_is_refused_before_reading() -> None:
+    client = _answering(
+        httpx.Response(200, content=b"{}", headers={"content-length": "999999999"}),
+        max_response_bytes=1000,
+    )
+    with pytest.raises(TransportError) as caught:
+        await client.complete(BODY)
+    await client.aclose()
+    assert caught.value.error_type == "response_too_large" and caught.value.kind is Kind.RETRY
+
+
+async def test_an_error_body_is_capped_too() -> None:
+    client = _answering(httpx.Response(500, content=b"x" * 5000), max_response_bytes=1000)
+    with pytest.raises(TransportError) as caught:
+        await client.complete(BODY)
+    await client.aclose()
+    assert caught.value.error_type == "response_too_large"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_redirect_is_a_fatal_configuration_error_naming_the_target(stream: bool) -> None:
+    client = _answering(
+        httpx.Response(301, headers={"location": f"https://gw.test/v1/chat/completions?k={KEY}"}),
+        stream=stream,
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        await client.complete(BODY)
+    await client.aclose()
+    error = caught.value
+    assert error.kind is Kind.FATAL and error.error_type == "redirect"
+    assert "https://gw.test/v1/chat/completions?k=[REDACTED]" in str(error)
+    assert "--base-url" in fatal_advice(error)
+
+
+async def test_an_unexpected_exception_from_the_transport_becomes_a_request_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError(f"proxy said: Authorization: Bearer {KEY}")
+
+    client = ChatClient(["http://gw.test"], KEY, transport=httpx.MockTransport(handler))
+    with pytest.raises(TransportError) as caught:
+        await client.complete(BODY)
+    await client.aclose()
+    assert caught.value.kind is Kind.RETRY and KEY not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://u:p4ss@gw.test/v1", "http://p4ss@gw.test", "http://gw.test/v1?key=p4ss"],
+)
+def test_a_base_url_with_credentials_is_refused_without_echoing_them(url: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        normalize_base_url(url)
+    assert "p4ss" not in str(caught.value)
+
+
+def test_plain_http_warnings_name_only_non_loopback_hosts() -> None:
+    urls = ["http://10.0.0.5:8080/v1", "http://127.0.0.2/v1", "https://gw.test/v1"]
+    warnings = plain_http_warnings(urls, "sk-x")
+    assert len(warnings) == 1 and "10.0.0.5" in warnings[0]
+    assert plain_http_warnings(urls, None) == []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import ApiError, RequestError, TransportError
-from pipeline.retry import retrying
+from pipeline.errors import ApiError, ConfigurationError, RequestError, TransportError
+from pipeline.retry import gives_up_at_once, retrying
 
 pytestmark = pytest.mark.anyio
 
@@ -84,3 +84,19 @@ async def test_backoff_grows_and_is_bounded() -> None:
                 raise error
     assert len(rec.waits) == 7
     assert all(0 <= w <= 10 for w in rec.waits)
+
+
+@pytest.mark.parametrize(
+    "error_type", ["timeout", "response_too_large", "protocol_error", "malformed_response", "tls"]
+)
+async def test_a_bounded_or_broken_answer_is_retried_like_a_timeout(error_type: str) -> None:
+    calls, result = await attempts_until([TransportError(error_type, "x")] * 2)
+    assert (calls, result) == (3, "ok")
+
+
+@pytest.mark.parametrize("error_type", ["redirect", "tls"])
+async def test_a_configuration_error_is_never_retried(error_type: str) -> None:
+    error = ConfigurationError(error_type, "x")
+    with pytest.raises(ConfigurationError):
+        await attempts_until([error])
+    assert gives_up_at_once(error, 6)

@@ -6,12 +6,15 @@ read usage, answers or errors shows up here before it shows up as a wrong cost r
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import ApiError, Kind, TransportError
 from pipeline.wire import (
@@ -707,3 +710,114 @@ def test_stream_error_event_raises_the_servers_error() -> None:
 
     assert caught.value.message == "You exceeded your quota"
     assert caught.value.kind is Kind.FATAL
+
+
+# ------------------------------------------------------------------ hostile bytes
+
+
+NESTED = "[" * 100_000
+
+
+def test_a_nested_json_bomb_is_a_malformed_body_not_a_recursion_error() -> None:
+    with pytest.raises(TransportError) as caught:
+        parse_completion(NESTED)
+    assert caught.value.error_type == "malformed_response"
+    assert caught.value.kind is Kind.RETRY
+
+
+def test_a_nested_json_bomb_in_an_error_body_keeps_the_status() -> None:
+    error = parse_error(502, NESTED.encode(), {})
+    assert error.http_status == 502 and error.kind is Kind.RETRY
+
+
+def test_a_nested_json_bomb_in_a_stream_is_a_malformed_chunk() -> None:
+    assembler = StreamAssembler()
+    with pytest.raises(TransportError) as caught:
+        assembler.feed_bytes(b"data: " + NESTED.encode() + b"\n\n")
+    assert caught.value.error_type == "malformed_response"
+
+
+def _assemble_bytes(data: bytes, cuts: list[int], **options: Any) -> Answer:
+    assembler = StreamAssembler(**options)
+    edges = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
+    for start, end in zip(edges, edges[1:], strict=False):
+        assembler.feed_bytes(data[start:end])
+    return assembler.finish()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=0), max_size=12))
+def test_stream_bytes_assemble_the_same_whatever_the_splits(cuts: list[int]) -> None:
+    """Cut anywhere, even inside a multi-byte character: the same answer."""
+    answer = _assemble_bytes(TEXT_STREAM.encode(), cuts)
+    assert answer.content == "Hello, wörld" and answer.reasoning_content == "Think first."
+    assert answer.usage == parse_usage(STREAM_USAGE)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=0), max_size=12))
+def test_a_key_cut_across_chunks_is_still_redacted(cuts: list[int]) -> None:
+    key = "sk-secret-0123456789"
+    data = sse(chunk({"content": f"you sent Bearer {key}!"}), chunk({}, finish_reason="stop"))
+    answer = _assemble_bytes(
+        data.encode(), cuts, redact=lambda raw: raw.replace(key.encode(), b"[REDACTED]")
+    )
+    assert answer.content == "you sent Bearer [REDACTED]!"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=20))
+def test_any_bytes_in_a_stream_end_as_an_answer_or_a_request_error(chunks: list[bytes]) -> None:
+    """Untrusted bytes: nothing but a RequestError (or an answer) may come out."""
+    assembler = StreamAssembler(max_line_bytes=256)
+    try:
+        for data in chunks:
+            assembler.feed_bytes(data)
+        assembler.finish()
+    except (TransportError, ApiError):
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=1, max_value=40), st.integers(min_value=1, max_value=50))
+def test_a_line_longer_than_the_cap_fails_however_it_arrives(piece: int, cap: int) -> None:
+    line = b"data: " + b"x" * (cap + 1)
+    assembler = StreamAssembler(max_line_bytes=cap)
+    with pytest.raises(TransportError) as caught:
+        for start in range(0, len(line), piece):
+            assembler.feed_bytes(line[start : start + piece])
+        assembler.finish()
+    assert caught.value.error_type == "response_too_large"
+
+
+def test_a_line_within_the_cap_is_fine() -> None:
+    data = sse(chunk({"content": "ok"}), chunk({}, finish_reason="stop")).encode()
+    longest = max(len(line) for line in data.split(b"\n"))
+    assert _assemble_bytes(data, [3, 50], max_line_bytes=longest).content == "ok"
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=12,
+)
+_FIELDS = ["choices", "delta", "tool_calls", "function", "name", "arguments", "index", "usage"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        _JSON,
+        lambda inner: (
+            st.dictionaries(st.sampled_from(_FIELDS), inner, max_size=4)
+            | st.lists(inner, max_size=3)
+        ),
+        max_leaves=20,
+    )
+)
+def test_any_json_chunk_is_an_answer_or_a_request_error(value: Any) -> None:
+    """Fields of the wrong type (``"choices": 5``, a numeric tool name) never raise
+    TypeError out of the assembler: that would escape the client's error handling."""
+    data = f"data: {json.dumps(value)}\n\ndata: [DONE]\n\n".encode()
+    with contextlib.suppress(TransportError, ApiError):
+        _assemble_bytes(data, [])
