@@ -31,6 +31,19 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that starts real processes (the ``procs`` fixture) or a
+    Ray instance: over half of the suite's time. ``pytest -m "not slow"`` is the quick
+    loop; CI runs everything."""
+    for item in items:
+        real = "procs" in getattr(item, "fixturenames", ())
+        if real or item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+SLOW_MODULES = frozenset({"test_ray.py"})  # every test there starts or joins Ray
+
+
 class FakeClock:
     """Virtual time with an autojump, like trio's MockClock: sleepers wait on a heap of
     deadlines, and whenever every task is blocked the clock jumps to the earliest one.
