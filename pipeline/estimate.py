@@ -516,7 +516,7 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     a bad price table, like ``run`` does before sending anything.
     """
     validate(opts)
-    files = expand_sources(list(opts.sources))
+    files = expand_sources(list(opts.sources), out=opts.out)
     for path in files:
         check_readable(path)
     provider = opts.resolved_provider()
@@ -538,7 +538,7 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     recent: OrderedDict[str, None] = OrderedDict()
     limit = opts.limit if opts.limit is not None else math.inf
     taken = 0
-    for batch in read_rows(files):
+    for batch in read_rows(files, max_line_bytes=opts.max_line_bytes):
         for row in batch:
             result.rows_read += 1
             item = build_job(row, request_options)

@@ -104,13 +104,13 @@ def execute(
         from pipeline.splits import check_location, expand_locations
 
         import_ray()  # not installed: exit 2 now, not after the lock and the manifest
-        locations = expand_locations(list(opts.sources))
+        locations = expand_locations(list(opts.sources), out=opts.out)
         for location in locations:
             check_location(location)
         files: list[Path] = []
         opts = _absolute_paths(opts)  # workers may run in another folder or on another host
     else:
-        files = expand_sources(list(opts.sources))
+        files = expand_sources(list(opts.sources), out=opts.out)
         for path in files:
             check_readable(path)
         locations = [str(f) for f in files]
