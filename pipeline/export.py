@@ -21,7 +21,7 @@ from pipeline.config import RunOptions
 from pipeline.errors import UsageError
 from pipeline.manifest import list_runs
 from pipeline.report import open_views
-from pipeline.request import RequestOptions, build_job
+from pipeline.request import IdClaims, RequestOptions, build_claimed_job
 from pipeline.schema import carried_array
 from pipeline.source import expand_sources, read_rows
 
@@ -72,6 +72,7 @@ def _stage_inputs(files: list[Path], opts: RequestOptions, folder: Path) -> int:
     by name when it reads the folder back.
     """
     order = 0
+    claims = IdClaims()  # a row repeating an id was recorded under its own place
     for number, rows in enumerate(read_rows(files)):
         names: dict[str, None] = {}
         for row in rows:
@@ -85,7 +86,7 @@ def _stage_inputs(files: list[Path], opts: RequestOptions, folder: Path) -> int:
         table = pa.table(
             {
                 "__order": pa.array(range(order, order + len(rows)), pa.int64()),
-                "id": pa.array([build_job(r, opts).id for r in rows], pa.string()),
+                "id": pa.array([build_claimed_job(r, opts, claims).id for r in rows], pa.string()),
                 **columns,
             }
         )
@@ -109,7 +110,7 @@ def export(
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
     inputs, options = _last_run_options(out)
-    files = expand_sources(list(sources or inputs))
+    files = expand_sources(list(sources or inputs), out=out)
     con = open_views(out)
     try:
         with tempfile.TemporaryDirectory() as tmp:

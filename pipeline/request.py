@@ -396,6 +396,18 @@ def id_collision(row: SourceRow, row_id: str, first: str) -> Rejected:
     )
 
 
+def build_claimed_job(row: SourceRow, opts: RequestOptions, claims: IdClaims) -> Job | Rejected:
+    """``build_job`` under the run's id rule: a row repeating an explicit id met
+    earlier (in ``claims``) is a collision. ``estimate`` and ``export`` call this so
+    they count and name rows exactly as ``run`` does."""
+    row_id = explicit_id(row, opts.id_column)
+    if row_id is not None:
+        first = claims.claim(row_id, str(row.file), row.line)
+        if first is not None:
+            return id_collision(row, row_id, first)
+    return build_job(row, opts)
+
+
 def explicit_id(row: SourceRow, id_column: str) -> str | None:
     """The id a row names itself, by the same rules as ``build_job``; None when the row
     has none (or an unusable one), so only ``build_job`` can name it."""

@@ -415,6 +415,15 @@ def test_an_id_used_twice_is_a_collision_not_a_merge(tmp_path: Path) -> None:
     hashed = [r for r in rows if r["id"].startswith("h-")]
     assert len(hashed) == 2 and len({r["id"] for r in hashed}) == 1
 
+    # export hands each input row its own outcome: the repeat gets its collision
+    from pipeline.export import export
+
+    assert export(tmp_path / "out", tmp_path / "x.parquet") == 7
+    exported = pq.read_table(tmp_path / "x.parquet").to_pylist()
+    sevens = [r for r in exported if r["prompt"] in ("int seven", "text seven")]
+    assert [r["status"] for r in sevens] == ["ok", "error"]
+    assert [r["id"] for r in sevens] == ["7", "b.jsonl:2"]
+
     again = run_with_sim(
         [tmp_path / "a.parquet", tmp_path / "b.jsonl"], tmp_path / "out", sim=run.sim
     )
@@ -494,3 +503,25 @@ def test_run_dot_does_not_read_its_own_out(
     assert "out/" not in capsys.readouterr().err
     glob_run = run_with_sim(["**/*.json*"], Path("out"))
     assert glob_run.result.exit_code == 0 and glob_run.result.tally.skipped == 2
+
+
+def test_estimate_counts_a_repeated_id_as_invalid(tmp_path: Path) -> None:
+    from pipeline.config import RunOptions
+    from pipeline.estimate import estimate
+
+    src = write_jsonl(
+        tmp_path / "rows.jsonl", [{"id": 7, "prompt": "a"}, {"id": "7", "prompt": "b"}]
+    )
+    result = estimate(RunOptions(sources=[str(src)], out=tmp_path / "out", model="gpt-5.5"))
+
+    assert result.invalid == 1
+    assert "already used by" in result.invalid_examples[0]
+
+
+def test_ray_url_listing_skips_hidden_files_like_a_folder_walk(messy: Path) -> None:
+    from pipeline.splits import expand_locations
+
+    urls = expand_locations([f"file://{messy}"])
+    globbed = expand_locations([f"file://{messy}/**/*.jsonl"])
+
+    assert urls == globbed == [f"file://{messy}/a.jsonl", f"file://{messy}/sub/b.jsonl"]
