@@ -318,9 +318,19 @@ class IdClaims:
     row, so such a case is visible rather than silent.
     """
 
-    __slots__ = ("_hashes", "_places", "_mask", "_used", "_files", "_file_numbers")
+    __slots__ = (
+        "_hashes",
+        "_places",
+        "_mask",
+        "_used",
+        "_files",
+        "_file_numbers",
+        "_last_file",
+        "_last_number",
+    )
 
     _LINE_BITS = 36  # lines up to 68 billion; file numbers above
+    _MAX_LINE = (1 << _LINE_BITS) - 1
 
     def __init__(self, capacity: int = 1024) -> None:
         size = 1 << max(4, (capacity - 1).bit_length())
@@ -330,6 +340,8 @@ class IdClaims:
         self._used = 0
         self._files: list[str] = []
         self._file_numbers: dict[str, int] = {}
+        self._last_file = "\0"  # the file of the previous claim (rows come file by file)
+        self._last_number = 0
 
     def __len__(self) -> int:
         return self._used
@@ -344,23 +356,24 @@ class IdClaims:
         wanted = hash(row_id) or 1
         hashes, mask = self._hashes, self._mask
         slot = wanted & mask
-        while True:
-            stored = hashes[slot]
-            if stored == 0:
-                break
+        stored = hashes[slot]
+        while stored:
             if stored == wanted:
                 place = self._places[slot]
                 first = self._files[place >> self._LINE_BITS]
                 return f"{first}:{place & ((1 << self._LINE_BITS) - 1)}"
             slot = (slot + 1) & mask
-        number = self._file_numbers.get(file)
-        if number is None:
-            number = self._file_numbers[file] = len(self._files)
-            self._files.append(file)
+            stored = hashes[slot]
+        if file != self._last_file:
+            number = self._file_numbers.get(file)
+            if number is None:
+                number = self._file_numbers[file] = len(self._files)
+                self._files.append(file)
+            self._last_file, self._last_number = file, number
         hashes[slot] = wanted
-        self._places[slot] = (number << self._LINE_BITS) | min(line, (1 << self._LINE_BITS) - 1)
+        self._places[slot] = (self._last_number << self._LINE_BITS) | min(line, self._MAX_LINE)
         self._used += 1
-        if self._used * 4 > len(hashes) * 3:
+        if self._used * 4 > (mask + 1) * 3:
             self._grow()
         return None
 

@@ -385,6 +385,11 @@ def _not_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+# Python's json accepts NaN and Infinity, which no JSON server does: refused here.
+# One decoder for all lines: json.loads with any option builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_not_json_constant)
+
+
 def text_problem(value: Any) -> str | None:
     """Why ``value`` (a parsed JSON value) cannot be sent or stored, or None.
 
@@ -416,7 +421,7 @@ def parse_line(raw: bytes, first: bool = False) -> tuple[dict[str, Any] | None, 
     except UnicodeDecodeError as exc:
         return None, f"line is not valid UTF-8 ({exc.reason})"
     try:
-        data = json.loads(line, parse_constant=_not_json_constant)
+        data = _DECODER.decode(line)
     except ValueError as exc:
         return None, f"line is not valid JSON ({exc.args[0] if exc.args else exc})"
     except RecursionError:
