@@ -168,6 +168,18 @@ def _to_stderr(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr)
 
 
+def warn_on_stderr(log_format: str = "text") -> Callable[[str], None]:
+    """Where notes on skipped files go: stderr, as a JSON line under --log-format json
+    (so a log collector reading stderr sees one format)."""
+    if log_format != "json":
+        return _to_stderr
+
+    def as_json(text: str) -> None:
+        print(json.dumps({"event": "warning", "message": text}), file=sys.stderr)
+
+    return as_json
+
+
 def _utf8(text: str) -> bool:
     """A name from the disk can hold bytes that are not UTF-8 (Python keeps them as
     lone surrogates); such a name cannot be written to a results row, so it is refused."""

@@ -19,7 +19,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -91,7 +91,7 @@ def _match_parts(parts: list[str], patterns: list[str]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _match_parts(parts[1:], rest)
 
 
-def _expand_url(spec: str) -> list[str]:
+def _expand_url(spec: str, say: Callable[[str], None] | None = None) -> list[str]:
     magic = glob.has_magic(spec)
     base = spec
     if magic:  # list from the last folder before the first wildcard, then match
@@ -112,7 +112,7 @@ def _expand_url(spec: str) -> list[str]:
     # glob base are skipped, files that are not data are named once.
     root = path.rstrip("/") + "/"
     urls = []
-    notes = SkipNotes()
+    notes = SkipNotes(say)
     for item in sorted(listing, key=lambda i: str(i.path)):
         if item.type != pafs.FileType.File:
             continue
@@ -131,7 +131,9 @@ def _expand_url(spec: str) -> list[str]:
     return urls
 
 
-def expand_locations(specs: list[str], *, out: Path | None = None) -> list[str]:
+def expand_locations(
+    specs: list[str], *, out: Path | None = None, say: Callable[[str], None] | None = None
+) -> list[str]:
     """Like ``source.expand_sources``, for a mix of local paths and URLs (``out``, the
     results folder, is left out of local folders and globs as there).
 
@@ -154,13 +156,13 @@ def expand_locations(specs: list[str], *, out: Path | None = None) -> list[str]:
                     "tokens, client secrets) that would end up in manifests and results; "
                     "give them to the filesystem through its environment"
                 )
-            for url in _expand_url(spec):
+            for url in _expand_url(spec, say):
                 key = (
                     str(Path(url[len("file://") :]).resolve()) if url.startswith("file://") else url
                 )
                 found.setdefault(key, url)
         else:
-            for path in expand_sources([spec], out=out):
+            for path in expand_sources([spec], out=out, say=say):
                 # Workers get the path as seen here (a symlinked mount may resolve
                 # elsewhere on another node); the resolved one only spots repeats.
                 found.setdefault(str(path.resolve()), str(path.absolute()))

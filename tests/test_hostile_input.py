@@ -525,3 +525,14 @@ def test_ray_url_listing_skips_hidden_files_like_a_folder_walk(messy: Path) -> N
     globbed = expand_locations([f"file://{messy}/**/*.jsonl"])
 
     assert urls == globbed == [f"file://{messy}/a.jsonl", f"file://{messy}/sub/b.jsonl"]
+
+
+def test_skipped_files_note_follows_the_log_format(messy: Path, tmp_path: Path) -> None:
+    code, _, err = invoke(
+        "run", str(messy), "--out", str(tmp_path / "out"), "-q", "--log-format", "json"
+    )
+
+    assert code == 0
+    notes = [json.loads(line) for line in err.splitlines() if "skipped" in line]
+    assert len(notes) == 1 and notes[0]["event"] == "warning"
+    assert "notes.txt" in notes[0]["message"]
