@@ -397,10 +397,11 @@ def id_collision(row: SourceRow, row_id: str, first: str) -> Rejected:
     (as a malformed line is), so its error never becomes the first row's latest
     outcome, and an export never hands it the first row's answer."""
     metadata = row.data.get("metadata") if row.data is not None else None
+    shown = row_id if len(row_id) <= 80 else row_id[:77] + "..."  # an id can be huge
     return Rejected(
         id=f"{row.file.name}:{row.line}",
         message=(
-            f"{row.where}: id {row_id!r} is already used by {first} "
+            f"{row.where}: id {shown!r} is already used by {first} "
             '(ids are compared as text: 7 and "7" are the same id)'
         ),
         source_file=str(row.file),

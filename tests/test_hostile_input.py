@@ -287,6 +287,16 @@ def test_long_line_is_an_invalid_row_naming_file_and_line(tmp_path: Path) -> Non
     bad = rows["rows.jsonl:2"]
     assert bad["error_type"] == "invalid_input"
     assert f"{src}:2" in bad["error_message"] and "over the limit" in bad["error_message"]
+    # export reads with the run's cap, so the long row keeps the id the run gave it
+    from pipeline.export import export
+
+    export(tmp_path / "out", tmp_path / "x.parquet")
+    exported = pq.read_table(tmp_path / "x.parquet").to_pylist()
+    assert [(r["id"], r["status"]) for r in exported] == [
+        ("a", "ok"),
+        ("rows.jsonl:2", "error"),
+        ("c", "ok"),
+    ]
 
 
 def test_ray_splits_bound_lines_and_keep_line_numbers(tmp_path: Path) -> None:
