@@ -104,6 +104,9 @@ def cli() -> None:
 @click.option("--prompt-template", help="Prompt with {column} placeholders.")
 @click.option("--system-prompt", help="System prompt with {column} placeholders.")
 @click.option("--id-column", help="Column holding each row's id [default: id].")
+@click.option(
+    "--max-line-bytes", type=int, help="Longest JSONL line read [default: 67108864, 64 MiB]."
+)
 @click.option("--labels", help="Comma-separated allowed labels: asks for one, checks it.")
 @click.option("--json-retries", type=int, help="Re-asks for a bad JSON answer [default: 2].")
 @click.option("--providers-file", type=click.Path(path_type=Path), help="Extra gateways (TOML).")
@@ -148,6 +151,9 @@ def _fail(exc: Exception) -> None:
 @click.option("--prompt-template", help="Prompt with {column} placeholders.")
 @click.option("--system-prompt", help="System prompt with {column} placeholders.")
 @click.option("--id-column", help="Column holding each row's id [default: id].")
+@click.option(
+    "--max-line-bytes", type=int, help="Longest JSONL line read [default: 67108864, 64 MiB]."
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def estimate(source: tuple[str, ...], fmt: str, **options: Any) -> None:
     """Tokens and dollars a run would cost, before spending anything.

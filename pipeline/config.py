@@ -20,6 +20,7 @@ from pipeline.jsoncheck import label_format
 from pipeline.providers import Provider, get_provider, load_providers
 from pipeline.redact import refuse_url_secrets
 from pipeline.request import RequestOptions
+from pipeline.source import DEFAULT_MAX_LINE_BYTES
 
 # Seconds one attempt may take in all, streams included (``--deadline``): a server
 # trickling bytes never holds a request longer, while ``--timeout`` bounds each wait
@@ -67,6 +68,7 @@ class RunOptions:
     json_schema: dict[str, Any] | None = None  # or: answer must fit this JSON schema
     json_retries: int = 2  # re-asks when a JSON answer is invalid, before the row fails
     id_column: str = "id"
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer JSONL line is an invalid row
     image_root: Path | None = None
     providers_file: Path | None = None
     quiet: bool = False
@@ -198,6 +200,8 @@ def validate(opts: RunOptions) -> None:
             raise UsageError("--limit works with --engine local only")
     if opts.ray_workers is not None and opts.ray_workers < 1:
         raise UsageError("--ray-workers must be at least 1")
+    if not isinstance(opts.max_line_bytes, int) or opts.max_line_bytes < 1:
+        raise UsageError("--max-line-bytes must be a positive number of bytes")
     if opts.split_rows is not None and opts.split_rows < 1:
         raise UsageError("split_rows must be at least 1")
     if opts.log_format not in ("text", "json"):

@@ -63,7 +63,7 @@ import tiktoken
 
 from pipeline.config import RunOptions, validate
 from pipeline.pricing import Price, PriceTable, find_price, load_prices, strip_snapshot
-from pipeline.request import Job, build_job
+from pipeline.request import IdClaims, Job, build_claimed_job
 from pipeline.resume import load_outcomes
 from pipeline.source import check_readable, expand_sources, read_rows
 
@@ -516,7 +516,7 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     a bad price table, like ``run`` does before sending anything.
     """
     validate(opts)
-    files = expand_sources(list(opts.sources))
+    files = expand_sources(list(opts.sources), out=opts.out)
     for path in files:
         check_readable(path)
     provider = opts.resolved_provider()
@@ -538,10 +538,11 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     recent: OrderedDict[str, None] = OrderedDict()
     limit = opts.limit if opts.limit is not None else math.inf
     taken = 0
-    for batch in read_rows(files):
+    claims = IdClaims()  # a repeated id is an invalid row, as in a run
+    for batch in read_rows(files, max_line_bytes=opts.max_line_bytes):
         for row in batch:
             result.rows_read += 1
-            item = build_job(row, request_options)
+            item = build_claimed_job(row, request_options, claims)
             if in_shard is not None and not in_shard(item.id):
                 result.not_in_shard += 1
                 continue

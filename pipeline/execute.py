@@ -31,7 +31,7 @@ from pipeline.redact import plain_http_warnings
 from pipeline.resume import load_outcomes
 from pipeline.runner import Runner, RunResult, make_client
 from pipeline.sink import recover_journals
-from pipeline.source import check_readable, expand_sources
+from pipeline.source import check_readable, expand_sources, warn_on_stderr
 
 
 def shard_filter(shard: str | None) -> Callable[[str], bool] | None:
@@ -105,13 +105,17 @@ def execute(
         from pipeline.splits import check_location, expand_locations
 
         import_ray()  # not installed: exit 2 now, not after the lock and the manifest
-        locations = expand_locations(list(opts.sources))
+        locations = expand_locations(
+            list(opts.sources), out=opts.out, say=warn_on_stderr(opts.log_format)
+        )
         for location in locations:
             check_location(location)
         files: list[Path] = []
         opts = _absolute_paths(opts)  # workers may run in another folder or on another host
     else:
-        files = expand_sources(list(opts.sources))
+        files = expand_sources(
+            list(opts.sources), out=opts.out, say=warn_on_stderr(opts.log_format)
+        )
         for path in files:
             check_readable(path)
         locations = [str(f) for f in files]

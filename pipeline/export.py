@@ -21,9 +21,9 @@ from pipeline.config import RunOptions
 from pipeline.errors import UsageError
 from pipeline.manifest import list_runs
 from pipeline.report import open_views
-from pipeline.request import RequestOptions, build_job
+from pipeline.request import IdClaims, RequestOptions, build_claimed_job
 from pipeline.schema import carried_array
-from pipeline.source import expand_sources, read_rows
+from pipeline.source import DEFAULT_MAX_LINE_BYTES, expand_sources, read_rows
 
 ANSWER_COLUMNS = (
     "status",
@@ -65,14 +65,17 @@ def _request_options(options: dict[str, Any]) -> RequestOptions:
     return RunOptions(**values).request_options(values.get("model") or "export")
 
 
-def _stage_inputs(files: list[Path], opts: RequestOptions, folder: Path) -> int:
+def _stage_inputs(
+    files: list[Path], opts: RequestOptions, folder: Path, max_line_bytes: int
+) -> int:
     """Write (row order, id, input columns) as one Parquet part per batch; returns rows.
 
     One part per batch lets each batch keep its own column types; DuckDB unifies them
     by name when it reads the folder back.
     """
     order = 0
-    for number, rows in enumerate(read_rows(files)):
+    claims = IdClaims()  # a row repeating an id was recorded under its own place
+    for number, rows in enumerate(read_rows(files, max_line_bytes=max_line_bytes)):
         names: dict[str, None] = {}
         for row in rows:
             for key in row.data or {}:
@@ -85,7 +88,7 @@ def _stage_inputs(files: list[Path], opts: RequestOptions, folder: Path) -> int:
         table = pa.table(
             {
                 "__order": pa.array(range(order, order + len(rows)), pa.int64()),
-                "id": pa.array([build_job(r, opts).id for r in rows], pa.string()),
+                "id": pa.array([build_claimed_job(r, opts, claims).id for r in rows], pa.string()),
                 **columns,
             }
         )
@@ -109,12 +112,13 @@ def export(
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
     inputs, options = _last_run_options(out)
-    files = expand_sources(list(sources or inputs))
+    files = expand_sources(list(sources or inputs), out=out)
     con = open_views(out)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp)
-            count = _stage_inputs(files, _request_options(options), staged)
+            cap = options.get("max_line_bytes") or DEFAULT_MAX_LINE_BYTES  # as the run read
+            count = _stage_inputs(files, _request_options(options), staged, int(cap))
             if count == 0:
                 raise UsageError("the inputs hold no rows")
             source = f"read_parquet('{_quote(staged)}/*.parquet', union_by_name = true)"

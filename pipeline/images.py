@@ -9,6 +9,7 @@ other rows was already committed to the run.
 from __future__ import annotations
 
 import base64
+import stat
 from pathlib import Path
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
@@ -46,6 +47,11 @@ def resolve_image(ref: str, base_dir: Path, image_root: Path | None = None) -> s
     if lowered.startswith("data:"):
         if not lowered.startswith(("data:image/jpeg", "data:image/png", "data:image/webp")):
             raise ImageError(f"data URL {ref[:30]}...: only jpeg, png and webp images are accepted")
+        size = data_url_bytes(ref)
+        if size > MAX_IMAGE_BYTES:
+            raise ImageError(
+                f"data URL {ref[:30]}...: {size / 1048576:.1f} MB, over the 10 MB limit"
+            )
         return ref
     root = (image_root or base_dir).resolve()
     path = Path(ref) if Path(ref).is_absolute() else (base_dir / ref)
@@ -53,13 +59,32 @@ def resolve_image(ref: str, base_dir: Path, image_root: Path | None = None) -> s
     if not path.is_relative_to(root):
         raise ImageError(f"image {ref}: outside {root} (use --image-root to allow another folder)")
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except OSError:
         raise ImageError(f"image {ref}: file not found") from None
-    if size > MAX_IMAGE_BYTES:
-        raise ImageError(f"image {ref}: {size / 1048576:.1f} MB, over the 10 MB limit")
-    data = path.read_bytes()
+    if not stat.S_ISREG(info.st_mode):
+        # A named pipe would block the read forever, a device would never end.
+        raise ImageError(f"image {ref}: not a regular file")
+    if info.st_size > MAX_IMAGE_BYTES:
+        raise ImageError(f"image {ref}: {info.st_size / 1048576:.1f} MB, over the 10 MB limit")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_IMAGE_BYTES + 1)  # the file may have grown since the stat
+    except OSError as exc:
+        raise ImageError(f"image {ref}: cannot be read ({exc.strerror})") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"image {ref}: over the 10 MB limit")
     mime = sniff_image_type(data[:16])
     if mime is None:
         raise ImageError(f"image {ref}: not a jpeg, png or webp file")
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def data_url_bytes(url: str) -> int:
+    """The size of the image a ``data:`` URL holds, from its length alone (no decoding):
+    base64 carries 3 bytes in every 4 characters; other data URLs at most one byte a
+    character."""
+    header, _, payload = url.partition(",")
+    if header.lower().endswith(";base64"):
+        return len(payload) * 3 // 4 - payload[-2:].count("=")
+    return len(payload)

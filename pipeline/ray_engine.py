@@ -337,7 +337,7 @@ def run_on_ray(
         progress.message(f"recovered {recovered} results journaled by an interrupted run")
     # One worker per --concurrency slot at most: every worker has at least one.
     workers = min(pool_size(ray, opts), opts.concurrency)
-    splits = plan_splits(locations, workers, opts.split_rows)
+    splits = plan_splits(locations, workers, opts.split_rows, max_line_bytes=opts.max_line_bytes)
     workers = max(1, min(workers, len(splits)))
     tally = Tally(total=sum(s.rows for s in splits) or None)
     progress.tally = tally

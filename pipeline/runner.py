@@ -49,7 +49,15 @@ from pipeline.outcome import (
 )
 from pipeline.pricing import PricingError, load_prices
 from pipeline.progress import Progress, Tally
-from pipeline.request import DEFAULT_COMPLETION_GUESS, Job, Rejected, build_job, explicit_id
+from pipeline.request import (
+    DEFAULT_COMPLETION_GUESS,
+    IdClaims,
+    Job,
+    Rejected,
+    build_job,
+    explicit_id,
+    id_collision,
+)
 from pipeline.resume import Outcomes
 from pipeline.retry import first_wait, gives_up_at_once, retrying
 from pipeline.sink import ResultSink, write_part
@@ -126,7 +134,7 @@ class Runner:
         self.opts = opts
         self.files = files
         # What to read: the files (one process), or a piece of them (a Ray partition).
-        self._rows = rows or (lambda: read_rows(files))
+        self._rows = rows or (lambda: read_rows(files, max_line_bytes=opts.max_line_bytes))
         # A job-wide budget (Ray) tops this process's allowance up instead of stopping:
         # it answers True (leased more), None (nothing now, ask again) or False (none left).
         self._budget_topup = budget_topup
@@ -233,17 +241,21 @@ class Runner:
         """Count input rows in the background for the progress bar's ETA."""
         from pipeline.source import count_rows
 
-        self.tally.total = await anyio.to_thread.run_sync(count_rows, self.files)
+        try:
+            self.tally.total = await anyio.to_thread.run_sync(count_rows, self.files)
+        except Exception:  # it only feeds the ETA: the run goes on without one
+            self.tally.total = None
 
     # -- reading --------------------------------------------------------------------
 
     def _batches(self) -> Iterator[list[Job | Rejected]]:
         limit = self.opts.limit if self.opts.limit is not None else math.inf
         taken = 0
+        claims = IdClaims()  # explicit ids met in this run, for collisions
         for rows in self._rows():
             batch: list[Job | Rejected] = []
             for row in rows:
-                item = self._prepare(row)
+                item = self._prepare(row, claims)
                 if item is None:
                     continue
                 batch.append(item)
@@ -254,21 +266,34 @@ class Runner:
             if taken >= limit or self.stopping:
                 return
 
-    def _prepare(self, row: SourceRow) -> Job | Rejected | None:
+    def _prepare(self, row: SourceRow, claims: IdClaims) -> Job | Rejected | None:
         # Most rows of a resumed run are done: skip them by their own id before the
         # (costlier) request is built. Rows without an id are named by their request.
+        # An explicit id already met in this run (in this shard: one id is always in
+        # one shard) is a collision, whether the first row is done or not, so it is
+        # never merged into the first row's answer; like any invalid row it is named
+        # by its place and reported again only with --retry-failed. Rows named by
+        # their request's hash share it on purpose: dedupe answers repeats once.
         row_id = explicit_id(row, self.request_options.id_column)
-        if row_id is not None and not self._wanted(row_id):
-            return None
+        if row_id is not None:
+            if not self._in_shard(row_id):
+                return None
+            first = claims.claim(row_id, str(row.file), row.line)
+            if first is not None:
+                collision = id_collision(row, row_id, first)
+                return collision if self._wanted(collision.id) else None
+            if not self._wanted(row_id):
+                return None
         item = build_job(row, self.request_options)
-        if row_id is None and not self._wanted(item.id):
+        if row_id is None and not (self._in_shard(item.id) and self._wanted(item.id)):
             return None
         return item
 
+    def _in_shard(self, row_id: str) -> bool:
+        return self._row_filter is None or self._row_filter(row_id)
+
     def _wanted(self, row_id: str) -> bool:
-        """In this shard and not done yet (counted as skipped when done)."""
-        if self._row_filter is not None and not self._row_filter(row_id):
-            return False
+        """Not done yet (counted as skipped when done)."""
         if self.outcomes.done(row_id, self.opts.retry_failed):
             self.tally.skipped += 1
             return False

@@ -19,7 +19,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -29,10 +29,16 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
 from pipeline.source import (
+    DEFAULT_MAX_LINE_BYTES,
     PARQUET_SUFFIXES,
     InputFile,
+    Line,
+    LineTooLong,
+    ReadFailed,
     RemoteFile,
+    SkipNotes,
     SourceRow,
+    bounded_lines,
     check_readable,
     expand_sources,
     in_batches,
@@ -41,6 +47,7 @@ from pipeline.source import (
     open_parquet,
     parquet_rows,
     parse_lines,
+    skip_reason,
 )
 
 GRANULE = 100  # lines: splits of a JSONL file start on a multiple of this
@@ -84,7 +91,7 @@ def _match_parts(parts: list[str], patterns: list[str]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _match_parts(parts[1:], rest)
 
 
-def _expand_url(spec: str) -> list[str]:
+def _expand_url(spec: str, say: Callable[[str], None] | None = None) -> list[str]:
     magic = glob.has_magic(spec)
     base = spec
     if magic:  # list from the last folder before the first wildcard, then match
@@ -101,20 +108,34 @@ def _expand_url(spec: str) -> list[str]:
         listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except OSError as exc:
         raise UsageError(f"{spec}: cannot list ({exc})") from None
-    urls = sorted(
-        scheme + item.path
-        for item in listing
-        if item.type == pafs.FileType.File and is_input_name(item.base_name)
-    )
-    if magic:
-        urls = [u for u in urls if _glob_match(u, spec)]
+    # The same rule as for local folders and globs: hidden parts below the folder or
+    # glob base are skipped, files that are not data are named once.
+    root = path.rstrip("/") + "/"
+    urls = []
+    notes = SkipNotes(say)
+    for item in sorted(listing, key=lambda i: str(i.path)):
+        if item.type != pafs.FileType.File:
+            continue
+        url = scheme + item.path
+        if magic and not _glob_match(url, spec):
+            continue
+        parts = item.path[len(root) :].split("/") if item.path.startswith(root) else []
+        reason = skip_reason(parts, item.base_name, 0o100644)  # listed as a file
+        if reason is None:
+            urls.append(url)
+        else:
+            notes.add(reason, url)
+    notes.flush(spec)
     if not urls:
         raise UsageError(f"{spec}: no JSONL or Parquet file here")
     return urls
 
 
-def expand_locations(specs: list[str]) -> list[str]:
-    """Like ``source.expand_sources``, for a mix of local paths and URLs.
+def expand_locations(
+    specs: list[str], *, out: Path | None = None, say: Callable[[str], None] | None = None
+) -> list[str]:
+    """Like ``source.expand_sources``, for a mix of local paths and URLs (``out``, the
+    results folder, is left out of local folders and globs as there).
 
     Local paths come back absolute: a Ray worker on another node (or in another
     folder) must read the same file. A file named twice, however it was named
@@ -135,13 +156,13 @@ def expand_locations(specs: list[str]) -> list[str]:
                     "tokens, client secrets) that would end up in manifests and results; "
                     "give them to the filesystem through its environment"
                 )
-            for url in _expand_url(spec):
+            for url in _expand_url(spec, say):
                 key = (
                     str(Path(url[len("file://") :]).resolve()) if url.startswith("file://") else url
                 )
                 found.setdefault(key, url)
         else:
-            for path in expand_sources([spec]):
+            for path in expand_sources([spec], out=out, say=say):
                 # Workers get the path as seen here (a symlinked mount may resolve
                 # elsewhere on another node); the resolved one only spots repeats.
                 found.setdefault(str(path.resolve()), str(path.absolute()))
@@ -184,6 +205,7 @@ class Split:
     start: int  # JSONL: byte offset of the first line; Parquet: first row group
     stop: int  # JSONL: byte offset past the last line, -1 = end; Parquet: row group after
     rows: int  # lines or rows in it (0 when unknown: a gzip file)
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer JSONL line is an invalid row
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -204,7 +226,7 @@ class _Layout:
     marks: list[int]  # JSONL: byte offset of every GRANULE-th line; Parquet: rows per group
 
 
-def _layout(location: str) -> _Layout:
+def _layout(location: str, max_line_bytes: int) -> _Layout:
     if _is_parquet(location):
         meta = _parquet(location).metadata
         groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
@@ -214,9 +236,12 @@ def _layout(location: str) -> _Layout:
     marks = [0]
     lines = offset = 0
     with _open(location) as fh:
-        for raw in fh:
+        # Bounded like the workers' reading: a huge line is skipped, not held.
+        for raw in bounded_lines(fh, max_line_bytes):
+            if isinstance(raw, ReadFailed):
+                break  # the worker reading this part reports it as a row
             lines += 1
-            offset += len(raw)
+            offset += raw.length if isinstance(raw, LineTooLong) else len(raw)
             if lines % GRANULE == 0:
                 marks.append(offset)
     if marks[-1] == offset:
@@ -230,9 +255,15 @@ def split_rows_for(total_rows: int, workers: int) -> int:
     return max(MIN_SPLIT_ROWS, min(MAX_SPLIT_ROWS, want))
 
 
-def plan_splits(locations: list[str], workers: int, split_rows: int | None = None) -> list[Split]:
+def plan_splits(
+    locations: list[str],
+    workers: int,
+    split_rows: int | None = None,
+    *,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> list[Split]:
     """Cut every input into splits, in input order."""
-    layouts = [_layout(loc) for loc in locations]
+    layouts = [_layout(loc, max_line_bytes) for loc in locations]
     size = split_rows or split_rows_for(sum(lay.rows for lay in layouts), workers)
     splits: list[Split] = []
     for lay in layouts:
@@ -241,19 +272,21 @@ def plan_splits(locations: list[str], workers: int, split_rows: int | None = Non
             for index, count in enumerate(lay.marks):
                 rows += count
                 if rows >= size or index == len(lay.marks) - 1:
-                    splits.append(Split(lay.location, first, group, index + 1, rows))
+                    splits.append(
+                        Split(lay.location, first, group, index + 1, rows, max_line_bytes)
+                    )
                     first += rows
                     group, rows = index + 1, 0
             continue
         if lay.location.lower().endswith(".gz"):
-            splits.append(Split(lay.location, 1, 0, -1, 0))
+            splits.append(Split(lay.location, 1, 0, -1, 0, max_line_bytes))
             continue
         step = max(1, size // GRANULE)
         for k in range(0, len(lay.marks), step):
             stop = lay.marks[k + step] if k + step < len(lay.marks) else -1
             first = 1 + k * GRANULE
             rows = min(step * GRANULE, lay.rows - k * GRANULE)
-            splits.append(Split(lay.location, first, lay.marks[k], stop, rows))
+            splits.append(Split(lay.location, first, lay.marks[k], stop, rows, max_line_bytes))
     return splits
 
 
@@ -264,12 +297,14 @@ def _split_lines(split: Split) -> Iterator[SourceRow]:
             fh.seek(split.start)
         offset = split.start
 
-        def numbered() -> Iterator[tuple[int, bytes]]:
+        def numbered() -> Iterator[tuple[int, Line]]:
             nonlocal offset
-            for number, raw in enumerate(fh, start=split.first_line):
+            lines = bounded_lines(fh, split.max_line_bytes)
+            for number, raw in enumerate(lines, start=split.first_line):
                 if split.stop >= 0 and offset >= split.stop:
                     return
-                offset += len(raw)
+                offset += len(raw) if isinstance(raw, bytes) else 0
+                offset += raw.length if isinstance(raw, LineTooLong) else 0
                 yield number, raw
 
         yield from parse_lines(file, numbered())
