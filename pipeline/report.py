@@ -85,11 +85,23 @@ CREATE MACRO without_snapshot(name) AS regexp_replace(name, '{SNAPSHOT_SUFFIX}',
 # pricing.Price.cost, in SQL. Tests check that both give the same numbers.
 COSTS_VIEW = """
 CREATE VIEW costs AS
-WITH price_keys AS (
+WITH result_rows AS (
+    -- Carried input columns are named by the data. One that shares a name (in any
+    -- case) with a column this view adds is left out here, though it stays in
+    -- `results`, so the arithmetic below always reads its own columns.
+    SELECT COLUMNS(lambda c: lower(c) NOT IN (
+        'price_model', 'price_provider', 'price_valid_from', 'price_source',
+        'input_per_mtok', 'cached_input_per_mtok', 'output_per_mtok',
+        'long_context_threshold', 'long_input_per_mtok', 'long_cached_input_per_mtok',
+        'long_output_per_mtok', 'long_context', 'no_tokens', 'no_usage', 'cost_usd',
+        'unpriced'))
+    FROM results
+),
+price_keys AS (
     -- A price depends on these alone, so each distinct combination is matched once
     -- (a few hundred lookups rather than one per row).
     SELECT DISTINCT model, response_model, provider, CAST(finished_at AS DATE) AS day
-    FROM results
+    FROM result_rows
 ),
 matched AS (
     SELECT k.*, price.*
@@ -131,7 +143,7 @@ priced AS (
         (r.status = 'ok' OR r.error_type = 'invalid_json')
             AND r.shared_from IS NULL
             AND (r.prompt_tokens IS NULL OR r.completion_tokens IS NULL) AS no_usage
-    FROM results AS r
+    FROM result_rows AS r
     LEFT JOIN matched AS m
         ON  m.model IS NOT DISTINCT FROM r.model
         AND m.response_model IS NOT DISTINCT FROM r.response_model

@@ -617,3 +617,17 @@ def test_hostile_metadata_keys_group_by_their_own_name(tmp_path: Path, prices: P
         assert sum(values.values()) == 2
     with pytest.raises(ReportError, match="NUL"):
         report(tmp_path, ["job\x00x"], "json", pricing_file=prices)
+
+
+@pytest.mark.parametrize(
+    "name", ["cost_usd", "unpriced", "no_usage", "long_context", "Input_Per_Mtok", "price_model"]
+)
+def test_carried_columns_never_change_the_arithmetic(
+    tmp_path: Path, prices: Path, name: str
+) -> None:
+    """An input column named like a column the costs view adds stays in results only."""
+    write_part(tmp_path, [result(model="cheap", carried={name: "hostile"})])
+    [group] = json_report(tmp_path, ["model"], prices)
+    assert group["cost_usd"] == pytest.approx(expected_cost("cheap", 1000, 0, 100))
+    assert group["unpriced"] is False and group["no_usage"] == 0
+    assert costs(tmp_path, prices, f'SELECT "{name}" FROM results') == [("hostile",)]
