@@ -291,7 +291,9 @@ def report(
     from pipeline.report_html import write_html_report
 
     try:
-        text = reporting.report(out, list(by), fmt, pricing_file=pricing, since=since, until=until)
+        text, notes = reporting.report_and_notes(
+            out, list(by), fmt, pricing_file=pricing, since=since, until=until
+        )
         if html is not None:
             if since or until:
                 raise UsageError("--html covers all results: drop --since / --until")
@@ -299,6 +301,9 @@ def report(
     except (UsageError, ValueError) as exc:
         _fail(UsageError(str(exc)))
     click.echo(text)
+    if fmt in ("csv", "json"):  # table and markdown print them; data formats keep stdout clean
+        for note in notes:
+            click.echo(f"warning: {note}", err=True)
     if html is not None:
         click.echo(f"HTML report written to {html}", err=True)
 
@@ -370,7 +375,9 @@ def runs(out: Path, fmt: str) -> None:
     """
     from pipeline.manifest import list_runs
 
-    found = list_runs(out)
+    # A manifest is a file on disk like any other: one that is not an object is skipped,
+    # and a field of the wrong type prints as "?" instead of stopping the listing.
+    found = [r for r in list_runs(out) if isinstance(r, dict)]
     if fmt == "json":
         click.echo(json.dumps(found, indent=2))
         return
@@ -382,13 +389,20 @@ def runs(out: Path, fmt: str) -> None:
         f"{'invalid':>7} {'pending':>7} {'seconds':>8}"
     )
     for r in found:
-        c = r.get("counts", {})
+        c = r.get("counts")
+        c = c if isinstance(c, dict) else {}
         click.echo(
-            f"{r.get('run_id', '?'):<25} {str(r.get('started_at', ''))[:19]:<20} "
-            f"{str(r.get('exit_code', '-')):>4} {c.get('ok', 0):>9,} {c.get('error', 0):>7,} "
-            f"{c.get('invalid_input', 0):>7,} {c.get('pending', 0):>7,} "
-            f"{r.get('wall_seconds', 0):>8}"
+            f"{str(r.get('run_id', '?')):<25} {str(r.get('started_at', ''))[:19]:<20} "
+            f"{str(r.get('exit_code', '-')):>4} {_tally(c, 'ok'):>9} {_tally(c, 'error'):>7} "
+            f"{_tally(c, 'invalid_input'):>7} {_tally(c, 'pending'):>7} "
+            f"{str(r.get('wall_seconds', 0)):>8}"
         )
+
+
+def _tally(counts: dict[str, Any], key: str) -> str:
+    value = counts.get(key, 0)
+    is_count = isinstance(value, int) and not isinstance(value, bool)
+    return f"{value:,}" if is_count else "?"
 
 
 @cli.command()

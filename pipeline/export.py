@@ -5,22 +5,30 @@ most common bulk-labeling bug (USERS.md #1). Export re-reads the inputs, compute
 each row's id exactly as the run did (same ``build_job``, same id column and
 templates, taken from the run's manifest), and joins the newest outcome per id in
 DuckDB, keeping input order. Rows never sent come out with ``status`` NULL.
+
+Input column names are data, so they never become SQL text: the staged Parquet names
+each input column by its position (``c0``, ``c1``, ...), the join selects those, and
+the output columns get the input's own names through DuckDB's expression API (an
+alias set from Python, not parsed). The staged files and the target file are bound
+as parameters, so any OUT or ``-o`` path works as given.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import RunOptions
 from pipeline.errors import UsageError
 from pipeline.manifest import list_runs
-from pipeline.report import open_views
+from pipeline.report import duckdb_file_list, open_views
 from pipeline.request import IdClaims, RequestOptions, build_claimed_job
 from pipeline.schema import carried_array
 from pipeline.source import DEFAULT_MAX_LINE_BYTES, expand_sources, read_rows
@@ -44,6 +52,7 @@ ANSWER_COLUMNS = (
     "finished_at",
 )
 FORMATS = {"parquet": "(FORMAT parquet)", "csv": "(FORMAT csv, HEADER)", "jsonl": "(FORMAT json)"}
+STAGED_PARTS_VARIABLE = "pipeline_export_parts"
 
 
 def _last_run_options(out: Path) -> tuple[list[str], dict[str, Any]]:
@@ -67,13 +76,15 @@ def _request_options(options: dict[str, Any]) -> RequestOptions:
 
 def _stage_inputs(
     files: list[Path], opts: RequestOptions, folder: Path, max_line_bytes: int
-) -> int:
-    """Write (row order, id, input columns) as one Parquet part per batch; returns rows.
+) -> tuple[int, list[str]]:
+    """Write (row order, id, input columns) as one Parquet part per batch.
 
-    One part per batch lets each batch keep its own column types; DuckDB unifies them
-    by name when it reads the folder back.
+    Returns the row count and the input column names in first-seen order; column
+    ``c{i}`` of the parts holds the i-th name. One part per batch lets each batch keep
+    its own column types; DuckDB unifies them by name when it reads the folder back.
     """
     order = 0
+    positions: dict[str, int] = {}
     claims = IdClaims()  # a row repeating an id was recorded under its own place
     for number, rows in enumerate(read_rows(files, max_line_bytes=max_line_bytes)):
         names: dict[str, None] = {}
@@ -81,10 +92,10 @@ def _stage_inputs(
             for key in row.data or {}:
                 if key != opts.id_column:
                     names.setdefault(key, None)
-        columns = {
-            f"input.{name}": carried_array([(r.data or {}).get(name) for r in rows])
-            for name in names
-        }
+        columns = {}
+        for name in names:
+            position = positions.setdefault(name, len(positions))
+            columns[f"c{position}"] = carried_array([(r.data or {}).get(name) for r in rows])
         table = pa.table(
             {
                 "__order": pa.array(range(order, order + len(rows)), pa.int64()),
@@ -94,12 +105,25 @@ def _stage_inputs(
         )
         pq.write_table(table, folder / f"part-{number:06d}.parquet")
         order += len(rows)
-    return order
+    return order, list(positions)
 
 
-def _output_name(column: str) -> str:
-    name = column.removeprefix("input.")
-    return f"input_{name}" if name in ANSWER_COLUMNS or name == "id" else name
+def output_names(names: Iterable[str]) -> list[str]:
+    """The export's name for each input column: its own, unless that is taken.
+
+    Taken means the name of an answer column or ``id``, or one already given, compared
+    without case as DuckDB compares names; then ``input_`` goes in front until it is
+    free (``status`` -> ``input_status``; a second ``Status`` -> ``input_input_Status``).
+    """
+    taken = {"id", *ANSWER_COLUMNS}
+    out = []
+    for name in names:
+        given = name
+        while given.lower() in taken:
+            given = f"input_{given}"
+        taken.add(given.lower())
+        out.append(given)
+    return out
 
 
 def export(
@@ -118,27 +142,34 @@ def export(
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp)
             cap = options.get("max_line_bytes") or DEFAULT_MAX_LINE_BYTES  # as the run read
-            count = _stage_inputs(files, _request_options(options), staged, int(cap))
+            count, names = _stage_inputs(files, _request_options(options), staged, int(cap))
             if count == 0:
                 raise UsageError("the inputs hold no rows")
-            source = f"read_parquet('{_quote(staged)}/*.parquet', union_by_name = true)"
-            names = [d[0] for d in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
-            input_columns = [
-                f'i."{n}" AS "{_output_name(n)}"' for n in names if n.startswith("input.")
-            ]
-            answers = [f'l."{c}" AS "{c}"' for c in ANSWER_COLUMNS]
-            query = f"""
-                SELECT i.id AS id, {", ".join(input_columns + answers)}
-                FROM {source} AS i
+            parts = duckdb_file_list(sorted(staged.glob("*.parquet")))
+            con.execute(f"SET VARIABLE {STAGED_PARTS_VARIABLE} = ?", [parts])
+            # Only names this module made up reach the SQL text.
+            staged_columns = "".join(f", i.c{k}" for k in range(len(names)))
+            answers = ", ".join(f"l.{c} AS a_{c}" for c in ANSWER_COLUMNS)
+            joined = con.sql(
+                f"""
+                SELECT i.id{staged_columns}, {answers}
+                FROM read_parquet(getvariable('{STAGED_PARTS_VARIABLE}'),
+                                  union_by_name = true) AS i
                 LEFT JOIN latest AS l ON l.id = i.id
                 ORDER BY i.__order
-            """
+                """
+            )
+            columns = [
+                duckdb.ColumnExpression("id"),
+                *(
+                    duckdb.ColumnExpression(f"c{k}").alias(name)
+                    for k, name in enumerate(output_names(names))
+                ),
+                *(duckdb.ColumnExpression(f"a_{c}").alias(c) for c in ANSWER_COLUMNS),
+            ]
+            joined.select(*columns).create_view("export_rows")
             target.parent.mkdir(parents=True, exist_ok=True)
-            con.execute(f"COPY ({query}) TO '{_quote(target)}' {FORMATS[fmt]}")
+            con.execute(f"COPY export_rows TO ? {FORMATS[fmt]}", [str(target.absolute())])
     finally:
         con.close()
     return count
-
-
-def _quote(path: Path) -> str:
-    return str(path).replace("'", "''")

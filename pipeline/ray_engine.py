@@ -520,6 +520,8 @@ def _final_counts(out: Path, run_id: str, tally: Tally, finished: dict[str, Any]
     if parts:
         import duckdb
 
+        from pipeline.report import duckdb_file_list  # OUT may hold glob characters
+
         con = duckdb.connect()
         # Tokens over every row (all were billed); outcomes by the latest row per id,
         # past rejected answers that were asked again (``superseded``: no outcome).
@@ -540,7 +542,7 @@ def _final_counts(out: Path, run_id: str, tally: Tally, finished: dict[str, Any]
                 (SELECT coalesce(sum(completion_tokens), 0) FROM rows),
                 (SELECT coalesce(sum(reasoning_tokens), 0) FROM rows)
             """,
-            [parts],
+            [duckdb_file_list(map(Path, parts))],
         ).fetchone()
         con.close()
         assert row is not None

@@ -9,7 +9,8 @@
 - ``latest``: the newest row per ``id`` (by ``finished_at``), i.e. where each input
   row stands now.
 - ``pricing``: the price table in use (the shipped ``prices.csv`` or ``--pricing``).
-- ``costs``: ``results`` with the matched price row and ``cost_usd`` / ``unpriced``.
+- ``costs``: ``results`` with the matched price row and ``cost_usd`` / ``unpriced`` /
+  ``no_usage``.
 
 The SQL below is the arithmetic users are asked to trust, so it is written to be
 read; ``pipeline sql OUT "SELECT ..."`` can query the same views. Timestamps are UTC:
@@ -18,6 +19,12 @@ day, as pricing.py uses.
 
 The report covers every row of ``results`` (not ``latest``): a row that failed and was
 retried in a later run was sent, and possibly billed, twice.
+
+Nothing that comes from data or from the command line becomes SQL text: values (dates,
+metadata keys, file lists, target files) are bound as parameters, and the few
+identifiers taken from outside (``--by`` names) go through ``sql_ident``. OUT may be
+named with quotes, spaces or glob characters: its part files are listed here, in
+Python, and handed to DuckDB as literal file names (``duckdb_file_list``).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from pathlib import Path
@@ -61,10 +69,13 @@ PRICING_SCHEMA = pa.schema(
     ]
 )
 
+# A rejected answer that was asked again (``superseded``) is billed but is no outcome:
+# an id whose re-ask never came back is pending, as resume sees it.
 LATEST_VIEW = """
 CREATE VIEW latest AS
 SELECT *
 FROM results
+WHERE superseded IS NOT TRUE
 QUALIFY row_number() OVER (PARTITION BY id ORDER BY finished_at DESC NULLS LAST, run_id DESC) = 1
 """
 
@@ -77,11 +88,23 @@ CREATE MACRO without_snapshot(name) AS regexp_replace(name, '{SNAPSHOT_SUFFIX}',
 # pricing.Price.cost, in SQL. Tests check that both give the same numbers.
 COSTS_VIEW = """
 CREATE VIEW costs AS
-WITH price_keys AS (
+WITH result_rows AS (
+    -- Carried input columns are named by the data. One that shares a name (in any
+    -- case) with a column this view adds is left out here, though it stays in
+    -- `results`, so the arithmetic below always reads its own columns.
+    SELECT COLUMNS(lambda c: lower(c) NOT IN (
+        'price_model', 'price_provider', 'price_valid_from', 'price_source',
+        'input_per_mtok', 'cached_input_per_mtok', 'output_per_mtok',
+        'long_context_threshold', 'long_input_per_mtok', 'long_cached_input_per_mtok',
+        'long_output_per_mtok', 'long_context', 'no_tokens', 'no_usage', 'cost_usd',
+        'unpriced'))
+    FROM results
+),
+price_keys AS (
     -- A price depends on these alone, so each distinct combination is matched once
     -- (a few hundred lookups rather than one per row).
     SELECT DISTINCT model, response_model, provider, CAST(finished_at AS DATE) AS day
-    FROM results
+    FROM result_rows
 ),
 matched AS (
     SELECT k.*, price.*
@@ -116,8 +139,14 @@ priced AS (
         m.* EXCLUDE (model, response_model, provider, day),
         -- Above the threshold the whole request is billed at the long rates.
         coalesce(r.prompt_tokens > m.long_context_threshold, false) AS long_context,
-        coalesce(r.prompt_tokens, 0) = 0 AND coalesce(r.completion_tokens, 0) = 0 AS no_usage
-    FROM results AS r
+        coalesce(r.prompt_tokens, 0) = 0 AND coalesce(r.completion_tokens, 0) = 0 AS no_tokens,
+        -- An answer the server billed (ok, or kept as invalid_json) but whose usage
+        -- block was missing or incomplete: tokens unknown, so the cost is unknown.
+        -- A copy shared from an identical request (shared_from) was not sent at all.
+        (r.status = 'ok' OR r.error_type = 'invalid_json')
+            AND r.shared_from IS NULL
+            AND (r.prompt_tokens IS NULL OR r.completion_tokens IS NULL) AS no_usage
+    FROM result_rows AS r
     LEFT JOIN matched AS m
         ON  m.model IS NOT DISTINCT FROM r.model
         AND m.response_model IS NOT DISTINCT FROM r.response_model
@@ -138,17 +167,20 @@ billed AS (
     FROM priced
 )
 SELECT
-    * EXCLUDE (no_usage),
+    * EXCLUDE (no_tokens, no_usage),
     CASE
+        -- A billed answer without its token counts has no known cost: NULL, never $0.
+        WHEN no_usage THEN NULL
         -- A row that reported no tokens (e.g. an error before any work) cost nothing.
-        WHEN no_usage THEN 0.0
+        WHEN no_tokens THEN 0.0
         -- No price row leaves the rates NULL, so the cost is NULL: never $0.
         -- Reasoning tokens are part of completion_tokens, billed as output.
         ELSE ((coalesce(prompt_tokens, 0) - coalesce(cached_tokens, 0)) * input_per_mtok
               + coalesce(cached_tokens, 0) * cached_input_per_mtok
               + coalesce(completion_tokens, 0) * output_per_mtok) / 1e6
     END AS cost_usd,
-    price_model IS NULL AND NOT no_usage AS unpriced
+    price_model IS NULL AND NOT no_tokens AS unpriced,
+    no_usage
 FROM billed
 """
 
@@ -161,11 +193,15 @@ AGGREGATES = """
     coalesce(sum(cached_tokens), 0) AS cached_tokens,
     coalesce(sum(completion_tokens), 0) AS completion_tokens,
     coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens,
-    -- A group with any unpriced row has no known cost: NULL, never a partial sum.
-    CASE WHEN bool_or(unpriced) THEN NULL ELSE coalesce(sum(cost_usd), 0) END AS cost_usd,
+    -- A group with any unpriced row, or any billed answer without usage, has no known
+    -- cost: NULL, never a partial sum.
+    CASE WHEN bool_or(unpriced) OR bool_or(no_usage) THEN NULL
+         ELSE coalesce(sum(cost_usd), 0) END AS cost_usd,
     coalesce(bool_or(unpriced), false) AS unpriced,
     coalesce(sum(cost_usd), 0) AS priced_cost_usd,
     count(*) FILTER (WHERE unpriced) AS unpriced_requests,
+    count(*) FILTER (WHERE no_usage) AS no_usage,
+    count(cost_usd) AS costed_requests,
     count(*) FILTER (WHERE status = 'error') / nullif(count(*), 0) AS error_rate,
     sum(cached_tokens) / nullif(sum(prompt_tokens), 0) AS cache_hit_share,
     sum(reasoning_tokens) / nullif(sum(completion_tokens), 0) AS reasoning_share,
@@ -217,9 +253,10 @@ JSON_KEYS = (
     "reasoning_share",
     "latency_p50_ms",
     "latency_p95_ms",
+    "no_usage",
 )
 # After REPORT_COLUMNS in CSV, so a spreadsheet can tell a NULL cost from a blank.
-CSV_EXTRA_COLUMNS = ("unpriced", "priced_cost_usd", "unpriced_requests")
+CSV_EXTRA_COLUMNS = ("unpriced", "priced_cost_usd", "unpriced_requests", "no_usage")
 
 # The models behind the UNPRICED lines of a table report.
 UNPRICED_MODELS = """
@@ -231,6 +268,18 @@ SELECT
     coalesce(sum(completion_tokens), 0) AS completion_tokens
 FROM costs
 {where} AND unpriced
+GROUP BY ALL
+ORDER BY ALL
+"""
+
+# The models behind the NO USAGE lines: billed answers that came without token counts.
+NO_USAGE_MODELS = """
+SELECT
+    coalesce(model, response_model) AS model,
+    provider,
+    count(*) AS requests
+FROM costs
+{where} AND no_usage
 GROUP BY ALL
 ORDER BY ALL
 """
@@ -263,25 +312,57 @@ def _create_results_view(con: duckdb.DuckDBPyConnection, out_dir: Path) -> None:
     """``results``: an empty table with our schema, unioned by name with the part files.
 
     The empty table pins every column and type, so queries work before the first run
-    and over old parts that lack a newer column. Part files are globbed at query
-    time, so a long-lived connection sees parts written after it opened.
+    and over old parts that lack a newer column. The part files are listed when the
+    connection opens (a part written later is seen by the next connection) and reach
+    DuckDB as a bound value, never as SQL text: a view cannot hold a prepared
+    parameter, so the list is put in a session variable the view reads.
     """
     con.register("result_schema_arrow", RESULT_SCHEMA.empty_table())
     con.execute("CREATE TABLE result_schema AS SELECT * FROM result_schema_arrow")
     con.unregister("result_schema_arrow")
-    results_dir = out_dir / "results"
-    if any(results_dir.rglob("*.parquet")):
-        pattern = _sql_string(f"{results_dir}/**/*.parquet")
+    parts = sorted((out_dir / "results").rglob("*.parquet"))
+    if parts:
+        con.execute(f"SET VARIABLE {RESULT_PARTS_VARIABLE} = ?", [duckdb_file_list(parts)])
         con.execute(
             f"""
             CREATE VIEW results AS
             SELECT * FROM result_schema
             UNION ALL BY NAME
-            SELECT * FROM read_parquet({pattern}, union_by_name = true, hive_partitioning = false)
+            SELECT * FROM read_parquet(getvariable('{RESULT_PARTS_VARIABLE}'),
+                                       union_by_name = true, hive_partitioning = false)
             """
         )
     else:
         con.execute("CREATE VIEW results AS SELECT * FROM result_schema")
+
+
+RESULT_PARTS_VARIABLE = "pipeline_result_parts"
+_GLOB_CHARACTERS = re.compile(r"([*?\[])")
+
+
+def duckdb_file_list(paths: Iterable[Path]) -> list[str]:
+    """File names DuckDB's readers take literally, to be bound as a parameter.
+
+    DuckDB's readers treat every name they are given as a glob pattern, even inside a
+    list, so an OUT called ``a[x]`` would read the parts of ``ax``. Each glob character
+    (``*``, ``?``, ``[``) is written as a one-character class (``[*]``), which DuckDB
+    matches literally. Names are made absolute, so ``~`` or a relative base never
+    changes their meaning. DuckDB's globber cannot match a backslash next to such a
+    class, so a name with both is refused rather than read wrongly.
+    """
+    names = []
+    for path in paths:
+        name = str(Path(path).absolute())
+        if _GLOB_CHARACTERS.search(name) is None:
+            names.append(name)
+            continue
+        if "\\" in name:
+            raise ReportError(
+                f"{name!r}: DuckDB cannot read a path that holds both a backslash and one "
+                "of * ? [; rename the folder"
+            )
+        names.append(_GLOB_CHARACTERS.sub(r"[\1]", name))
+    return names
 
 
 def _create_pricing_table(con: duckdb.DuckDBPyConnection, prices: PriceTable) -> None:
@@ -326,47 +407,69 @@ def report(
     means ``model``. ``since`` (inclusive) and ``until`` (exclusive) are dates or ISO
     times on ``finished_at``; without a time zone they are UTC.
     """
+    return report_and_notes(out_dir, by, fmt, pricing_file, since, until)[0]
+
+
+def report_and_notes(
+    out_dir: str | Path,
+    by: list[str],
+    fmt: str,
+    pricing_file: str | Path | None = None,
+    since: str | date | datetime | None = None,
+    until: str | date | datetime | None = None,
+) -> tuple[str, list[str]]:
+    """``report``'s text, and the warnings behind it (unpriced models, answers without
+    usage) as lines. Table and markdown already print them; a caller asking for csv or
+    json shows them on stderr, so a cost that is not complete is never silent."""
     _check_format(fmt, FORMATS)
     groups_by = _grouping(by)
     where, params = _time_filter(since, until)
     con = open_views(out_dir, pricing_file)
     try:
-        keys = ", ".join(f"{expr} AS {_sql_ident(name)}" for name, expr in groups_by)
-        order = ", ".join(f"{expr} NULLS LAST" for _, expr in groups_by)
+        # Metadata keys are bound as values: each key expression appears once, in the
+        # select list, and the ORDER BY names its output column.
+        keys = ", ".join(f"{expr} AS {sql_ident(name)}" for name, expr, _ in groups_by)
+        key_params = [p for _, _, p in groups_by if p is not None]
+        order = ", ".join(f"{sql_ident(name)} NULLS LAST" for name, _, _ in groups_by)
         groups = _fetch(
             con,
             f"SELECT {keys}, {AGGREGATES} FROM costs {where} GROUP BY ALL ORDER BY {order}",
-            params,
+            [*key_params, *params],
         )
         total = _fetch(con, f"SELECT {AGGREGATES} FROM costs {where}", params)[0]
         unpriced = _fetch(con, UNPRICED_MODELS.format(where=where or "WHERE true"), params)
+        no_usage = _fetch(con, NO_USAGE_MODELS.format(where=where or "WHERE true"), params)
     finally:
         con.close()
 
-    names = [name for name, _ in groups_by]
+    names = [name for name, _, _ in groups_by]
+    notes = [*_unpriced_notes(unpriced, total), *_no_usage_notes(no_usage, total)]
     if fmt == "json":  # the groups only: a consumer sums them if it wants a total
-        return _json([{**{n: g[n] for n in names}, **{k: g[k] for k in JSON_KEYS}} for g in groups])
+        rows = [{**{n: g[n] for n in names}, **{k: g[k] for k in JSON_KEYS}} for g in groups]
+        return _json(rows), notes
     if fmt == "csv":
         columns = [*names, *(c for c, _, _ in REPORT_COLUMNS), *CSV_EXTRA_COLUMNS]
         total_row = {**total, names[0]: "TOTAL"}
-        return _csv(columns, [[row.get(c) for c in columns] for row in [*groups, total_row]])
+        rows_out = [[row.get(c) for c in columns] for row in [*groups, total_row]]
+        return _csv(columns, rows_out), notes
 
     headers = [*names, *(h for _, h, _ in REPORT_COLUMNS)]
     right = [False] * len(names) + [True] * len(REPORT_COLUMNS)
     cells = [_report_cells(names, g) for g in groups]
     total_cells = ["TOTAL", *[""] * (len(names) - 1), *_report_cells([], total)]
-    notes = _unpriced_notes(unpriced, total)
+    shown = list(notes)
     if not groups:
-        notes.insert(0, f"No results in {Path(out_dir) / 'results'} yet.")
+        shown.insert(0, f"No results in {Path(out_dir) / 'results'} yet.")
     if fmt == "markdown":
         bold_total = [f"**{c}**" if c else c for c in total_cells]
         table = _markdown(headers, [*cells, bold_total], right)
-        return "\n\n".join([table, *(f"> **{n}**" for n in notes)])
-    return "\n".join([_text_table(headers, cells, right, total_cells), *notes])
+        return "\n\n".join([table, *(f"> **{n}**" for n in shown)]), notes
+    return "\n".join([_text_table(headers, cells, right, total_cells), *shown]), notes
 
 
-def _grouping(by: Sequence[str]) -> list[tuple[str, str]]:
-    """(name as the user gave it, SQL expression over ``costs``) for each --by item."""
+def _grouping(by: Sequence[str]) -> list[tuple[str, str, str | None]]:
+    """(name as the user gave it, SQL expression over ``costs``, the value the
+    expression binds or None) for each --by item."""
     names = [part.strip() for item in by for part in item.split(",") if part.strip()] or ["model"]
     if len(set(names)) != len(names):
         raise ReportError(f"--by names a group twice: {', '.join(names)}")
@@ -375,16 +478,26 @@ def _grouping(by: Sequence[str]) -> list[tuple[str, str]]:
         raise ReportError(
             f"--by {clash[0]} is a report column; for the metadata key, write metadata.{clash[0]}"
         )
-    return [(name, DIMENSIONS.get(name) or _metadata_expr(name)) for name in names]
+    grouping: list[tuple[str, str, str | None]] = []
+    for name in names:
+        if name in DIMENSIONS:
+            grouping.append((name, DIMENSIONS[name], None))
+        else:
+            grouping.append((name, METADATA_EXPR, _metadata_path(name)))
+    return grouping
 
 
-def _metadata_expr(name: str) -> str:
+# try(): a row whose metadata is not JSON groups under NULL instead of failing.
+METADATA_EXPR = "try(json_extract_string(metadata, CAST(? AS VARCHAR)))"
+
+
+def _metadata_path(name: str) -> str:
+    """The JSON path of one metadata key: the key quoted, so dots, brackets and ``$``
+    in it are part of the name."""
     key = name.removeprefix("metadata.")
     if not key:
         raise ReportError(f"--by {name!r}: give a metadata key after 'metadata.'")
-    path = '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    # try(): a row whose metadata is not JSON groups under NULL instead of failing.
-    return f"try(json_extract_string(metadata, {_sql_string(path)}))"
+    return '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _time_filter(
@@ -439,13 +552,23 @@ def _report_cells(names: list[str], row: dict[str, Any]) -> list[str]:
     return cells
 
 
+def cost_flags(row: dict[str, Any]) -> list[str]:
+    """Why a group's cost is not known in full: UNPRICED (a model without a price),
+    NO USAGE (billed answers that came without token counts)."""
+    return [
+        *(["UNPRICED"] if row["unpriced"] else []),
+        *(["NO USAGE"] if row["no_usage"] else []),
+    ]
+
+
 def _cost_cell(row: dict[str, Any]) -> str:
-    """Never $0 for what has no price: say UNPRICED, with the priced part if any."""
-    if not row["unpriced"]:
+    """Never $0 for what has no known cost: the flags, after the priced part if any."""
+    flags = cost_flags(row)
+    if not flags:
         return f"{row['cost_usd']:,.6f}"
-    if row["unpriced_requests"] == row["requests"]:
-        return "UNPRICED"
-    return f"{row['priced_cost_usd']:,.6f} + UNPRICED"
+    if row["costed_requests"] == 0:
+        return " + ".join(flags)
+    return " + ".join([f"{row['priced_cost_usd']:,.6f}", *flags])
 
 
 def _unpriced_notes(missing: list[dict[str, Any]], total: dict[str, Any]) -> list[str]:
@@ -461,6 +584,25 @@ def _unpriced_notes(missing: list[dict[str, Any]], total: dict[str, Any]) -> lis
             f"UNPRICED: the priced rows cost ${total['priced_cost_usd']:,.6f}; add the models "
             "above to a price file and pass it with --pricing FILE (columns as in the shipped "
             "pipeline/prices.csv)."
+        )
+    return notes
+
+
+def _no_usage_notes(missing: list[dict[str, Any]], total: dict[str, Any]) -> list[str]:
+    """The answers that were billed but came without token counts, by model."""
+    notes = [
+        f"NO USAGE: {m['requests']:,} answer{'s' * (m['requests'] != 1)} from model "
+        f"{m['model']!r}"
+        + (f" (provider {m['provider']!r})" if m["provider"] else "")
+        + " came without token counts (no usage block); their cost is unknown and not "
+        "included, never counted as $0."
+        for m in missing
+    ]
+    if notes:
+        notes.append(
+            f"NO USAGE: the rows with a known cost come to ${total['priced_cost_usd']:,.6f}; "
+            "check the provider's invoice for the rest (they are the rows of the costs "
+            "view WHERE no_usage)."
         )
     return notes
 
@@ -536,11 +678,14 @@ def _integral(value: Any) -> Any:
     return value
 
 
-def _sql_string(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+def sql_ident(name: str) -> str:
+    """A name as a DuckDB identifier: double-quoted, inner quotes doubled.
 
-
-def _sql_ident(name: str) -> str:
+    The one place an identifier from outside becomes SQL text. DuckDB reads the text
+    up to the first NUL, so a name holding one is refused.
+    """
+    if "\x00" in name:
+        raise ReportError(f"{name!r}: a name cannot hold a NUL character")
     return '"' + name.replace('"', '""') + '"'
 
 

@@ -10,7 +10,8 @@ The numbers come from the same DuckDB views and the same aggregate SQL as
 the table can never disagree. Like the table report it covers every result row
 (retries included: they were sent, and possibly billed). A model without a price is
 never drawn as $0: its bars show the priced part and say UNPRICED, and a banner lists
-what is missing.
+what is missing. Answers that were billed but came without token counts are treated the
+same way: NO USAGE on their bars and cells, and a banner that counts them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from typing import Any
 
 import duckdb
 
-from pipeline.report import AGGREGATES, DIMENSIONS, UNPRICED_MODELS, open_views
+from pipeline.report import (
+    AGGREGATES,
+    DIMENSIONS,
+    NO_USAGE_MODELS,
+    UNPRICED_MODELS,
+    cost_flags,
+    open_views,
+)
 
 # Above this many days the cost-over-time chart shows months: 400 bars are unreadable.
 MAX_DAY_BARS = 120
@@ -77,6 +85,7 @@ class ReportData:
     by_day: list[dict[str, Any]]
     error_types: list[dict[str, Any]]
     unpriced: list[dict[str, Any]]
+    no_usage: list[dict[str, Any]]
     first: datetime | None
     last: datetime | None
 
@@ -104,6 +113,7 @@ def _load(out_dir: Path, pricing_file: str | Path | None) -> ReportData:
             """,
         )
         unpriced = _rows(con, UNPRICED_MODELS.format(where="WHERE true"))
+        no_usage = _rows(con, NO_USAGE_MODELS.format(where="WHERE true"))
         span = _rows(con, "SELECT min(finished_at) AS first, max(finished_at) AS last FROM costs")
         price_table = _rows(con, "SELECT count(*) AS n FROM pricing")[0]["n"]
     finally:
@@ -118,6 +128,7 @@ def _load(out_dir: Path, pricing_file: str | Path | None) -> ReportData:
         by_day=by_day,
         error_types=error_types,
         unpriced=unpriced,
+        no_usage=no_usage,
         first=span[0]["first"],
         last=span[0]["last"],
     )
@@ -152,12 +163,18 @@ def _usd(value: float | None) -> str:
 
 
 def _cost_text(row: dict[str, Any]) -> str:
-    """Never $0 for what has no price: the priced part, then UNPRICED."""
-    if not row["unpriced"]:
+    """Never $0 for what has no known cost: the priced part, then UNPRICED / NO USAGE."""
+    flags = cost_flags(row)
+    if not flags:
         return _usd(row["cost_usd"])
-    if row["unpriced_requests"] == row["requests"] or not row["priced_cost_usd"]:
-        return "UNPRICED"
-    return f"{_usd(row['priced_cost_usd'])} + UNPRICED"
+    if row["costed_requests"] == 0 or not row["priced_cost_usd"]:
+        return " + ".join(flags)
+    return " + ".join([_usd(row["priced_cost_usd"]), *flags])
+
+
+def _incomplete(row: dict[str, Any]) -> bool:
+    """True when some of the row's cost is not known (unpriced, or without usage)."""
+    return bool(cost_flags(row))
 
 
 def _count(value: int | float | None) -> str:
@@ -379,11 +396,12 @@ def _time_bars(by_day: list[dict[str, Any]]) -> tuple[str, list[Bar]]:
         b = buckets[key]
         b["cost"] = b.get("cost", 0.0) + r["priced_cost_usd"]
         b["requests"] = b.get("requests", 0) + r["requests"]
-        b["unpriced"] = b.get("unpriced", False) or r["unpriced"]
+        b["unpriced"] = b.get("unpriced", False) or _incomplete(r)
+        b["flags"] = sorted({*b.get("flags", ()), *cost_flags(r)}, reverse=True)
     bars = []
     for key, b in buckets.items():
         cost = b.get("cost", 0.0)
-        text = f"{key}: {_usd(cost)}" + (" + UNPRICED" if b.get("unpriced") else "")
+        text = f"{key}: {_usd(cost)}" + "".join(f" + {f}" for f in b.get("flags", ()))
         bars.append(
             Bar(
                 label=key if per_month else key[5:],
@@ -420,7 +438,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: 
         "<tr>"
         + "".join(
             f'<td class="{"num" if i >= numeric_from else ""}'
-            f'{" bad" if str(c).endswith("UNPRICED") else ""}">{_e(c)}</td>'
+            f'{" bad" if str(c).endswith(("UNPRICED", "NO USAGE")) else ""}">{_e(c)}</td>'
             for i, c in enumerate(row)
         )
         + "</tr>"
@@ -482,16 +500,21 @@ def render(data: ReportData) -> str:
         empty = f'<section><div class="empty">No results in {_e(data.out_dir)}/results yet.'
         return head + empty + "</div></section></main></body></html>"
 
-    cost_value = t["cost_usd"] if not t["unpriced"] else None
+    incomplete = _incomplete(t)
+    cost_value = t["cost_usd"] if not incomplete else None
+    missing = [
+        *(["UNPRICED models"] if t["unpriced"] else []),
+        *([f"{t['no_usage']:,} answers without usage"] if t["no_usage"] else []),
+    ]
     cards = "".join(
         [
             _card(
                 "total cost",
-                f"≥ {_usd(t['priced_cost_usd'])}" if t["unpriced"] else _usd(t["cost_usd"]),
+                f"≥ {_usd(t['priced_cost_usd'])}" if incomplete else _usd(t["cost_usd"]),
                 "total-cost",
                 cost_value,
-                "+ UNPRICED models (not included)" if t["unpriced"] else "",
-                bad=bool(t["unpriced"]),
+                f"+ {' + '.join(missing)} (not included)" if missing else "",
+                bad=incomplete,
             ),
             _card(
                 "requests",
@@ -537,9 +560,24 @@ def render(data: ReportData) -> str:
             "their cost is not in any total below (never counted as $0).</b>"
             f"<ul>{items}</ul>Add them to a price file and pass it with --pricing FILE.</div>"
         )
+    if data.no_usage:
+        items = "".join(
+            f'<li><b style="display:inline">{_e(u["model"])}</b>'
+            + (f" (provider {_e(u['provider'])})" if u["provider"] else "")
+            + f": {u['requests']:,} answers</li>"
+            for u in data.no_usage
+        )
+        sections.append(
+            f'<div class="banner" id="no-usage"><b>NO USAGE: {t["no_usage"]:,} answers were '
+            "billed but came without token counts, so their cost is not in any total below "
+            f"(never counted as $0).</b><ul>{items}</ul>Check the provider's invoice for "
+            "them: they are the rows of the costs view WHERE no_usage.</div>"
+        )
 
     unit, time_bars = _time_bars(data.by_day)
-    hatch_legend = [("hatch", "has unpriced rows (priced part shown)")] if t["unpriced"] else []
+    hatch_legend = (
+        [("hatch", "has rows without a known cost (priced part shown)")] if incomplete else []
+    )
     sections.append(
         f"<section><h2>Cost by {unit}</h2>"
         + _legend([(COLORS["cost"], "cost (USD)"), *hatch_legend])
@@ -551,7 +589,7 @@ def render(data: ReportData) -> str:
             label=_model_name(r),
             value=r["priced_cost_usd"],
             tooltip=f"{_model_name(r)}: {_cost_text(r)} ({r['requests']:,} requests)",
-            flagged=bool(r["unpriced"]),
+            flagged=_incomplete(r),
             note=_cost_text(r),
         )
         for r in data.by_model

@@ -144,13 +144,19 @@ def test_sql_costs_agree_with_python_row_cost(tmp_path: Path, prices: Path) -> N
     write_part(tmp_path, rows)
     table = load_prices(prices)
     got = {
-        row_id: (cost, unpriced)
-        for row_id, cost, unpriced in costs(
-            tmp_path, prices, "SELECT id, cost_usd, unpriced FROM costs"
+        row_id: (cost, unpriced, no_usage)
+        for row_id, cost, unpriced, no_usage in costs(
+            tmp_path, prices, "SELECT id, cost_usd, unpriced, no_usage FROM costs"
         )
     }
     assert len(got) == len(rows)
     for r in rows:
+        # An ok answer without both token counts has no known cost (row_cost prices
+        # token counts; it cannot know the answer was billed).
+        if r["prompt_tokens"] is None or r["completion_tokens"] is None:
+            assert got[r["id"]][0] is None and got[r["id"]][2] is True, r
+            continue
+        assert got[r["id"]][2] is False, r
         want = row_cost(
             table,
             r["model"],
@@ -161,7 +167,7 @@ def test_sql_costs_agree_with_python_row_cost(tmp_path: Path, prices: Path) -> N
             r["finished_at"],
             response_model=r["response_model"],
         )
-        cost, unpriced = got[r["id"]]
+        cost, unpriced, _ = got[r["id"]]
         assert unpriced is (want is None), r
         if want is None:
             assert cost is None
@@ -338,8 +344,10 @@ def test_json_output_shape_is_exact(tmp_path: Path, prices: Path) -> None:
         "reasoning_share",
         "latency_p50_ms",
         "latency_p95_ms",
+        "no_usage",
     ]
     assert group["model"] == "cheap"
+    assert group["no_usage"] == 0  # the error row reported no tokens and was not billed
     assert (group["requests"], group["ok"], group["errors"]) == (2, 1, 1)
     assert (group["prompt_tokens"], group["cached_tokens"]) == (1000, 250)
     assert (group["completion_tokens"], group["reasoning_tokens"]) == (100, 40)
@@ -516,3 +524,110 @@ def test_sql_formats(tmp_path: Path, prices: Path) -> None:
 def test_sql_error_is_a_report_error(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="query failed"):
         sql(tmp_path, "SELECT nope FROM results", "table")
+
+
+# ------------------------------------------------------------------ no usage block
+
+
+def _no_usage_rows() -> list[dict[str, Any]]:
+    nulls = {"prompt_tokens": None, "cached_tokens": None, "completion_tokens": None}
+    return [
+        result(id="priced", model="cheap"),
+        # billed answers that came without a usage block (or half of one)
+        result(id="bare", model="cheap", **nulls),
+        result(id="half", model="cheap", completion_tokens=None),
+        result(id="bad-json", model="cheap", status="error", error_type="invalid_json", **nulls),
+        # not billed, or billed to another row: these cost nothing
+        result(id="failed", model="cheap", status="error", error_type="server_error", **nulls),
+        result(id="copy", model="cheap", shared_from="bare", **nulls),
+    ]
+
+
+def test_answers_without_usage_cost_null_not_zero(tmp_path: Path, prices: Path) -> None:
+    write_part(tmp_path, _no_usage_rows())
+    rows = costs(tmp_path, prices, "SELECT id, cost_usd, unpriced, no_usage FROM costs ORDER BY id")
+    priced = expected_cost("cheap", 1000, 0, 100)
+    assert rows == [
+        ("bad-json", None, False, True),
+        ("bare", None, False, True),
+        ("copy", 0.0, False, False),
+        ("failed", 0.0, False, False),
+        ("half", None, False, True),
+        ("priced", pytest.approx(priced), False, False),
+    ]
+
+    [group] = json_report(tmp_path, ["model"], prices)
+    assert group["no_usage"] == 3
+    assert group["cost_usd"] is None  # not complete, so not a number
+    assert group["priced_cost_usd"] == pytest.approx(priced)
+    assert group["unpriced"] is False  # the model has a price; the tokens are missing
+    assert list(group)[-1] == "no_usage"  # after the keys scripts already read
+
+
+def test_answers_without_usage_are_loud_in_every_format(tmp_path: Path, prices: Path) -> None:
+    write_part(tmp_path, [*_no_usage_rows(), result(id="other", model="dear")])
+    table = report(tmp_path, ["model"], "table", pricing_file=prices)
+    lines = table.splitlines()
+    cheap = next(line for line in lines if line.startswith("cheap"))
+    dear = next(line for line in lines if line.startswith("dear"))
+    total = next(line for line in lines if line.startswith("TOTAL"))
+    priced = expected_cost("cheap", 1000, 0, 100)
+    assert cheap.endswith(f"{priced:,.6f} + NO USAGE")
+    assert "NO USAGE" not in dear
+    assert total.endswith("+ NO USAGE")
+    assert "NO USAGE: 3 answers from model 'cheap' (provider 'sim') came without token" in table
+    assert "never counted as $0" in table
+
+    markdown = report(tmp_path, ["model"], "markdown", pricing_file=prices)
+    assert "NO USAGE" in markdown and "> **NO USAGE: 3 answers" in markdown
+
+    rows = list(csv.DictReader(io.StringIO(report(tmp_path, ["model"], "csv", prices))))
+    by_model = {r["model"]: r for r in rows}
+    assert by_model["cheap"]["no_usage"] == "3" and by_model["cheap"]["cost_usd"] == ""
+    assert by_model["TOTAL"]["no_usage"] == "3" and by_model["TOTAL"]["cost_usd"] == ""
+    assert by_model["dear"]["no_usage"] == "0" and by_model["dear"]["cost_usd"] != ""
+
+
+def test_cli_warns_on_stderr_for_data_formats(tmp_path: Path, prices: Path) -> None:
+    from tests.conftest import invoke
+
+    write_part(tmp_path, _no_usage_rows())
+    for fmt in ("json", "csv"):
+        code, stdout, stderr = invoke(
+            "report", str(tmp_path), "--format", fmt, "--pricing", str(prices)
+        )
+        assert code == 0, stderr
+        assert "NO USAGE: 3 answers" in stderr
+        assert "NO USAGE" not in stdout  # stdout stays parseable data
+    code, stdout, _ = invoke("report", str(tmp_path), "--format", "json", "--pricing", str(prices))
+    assert json.loads(stdout)[0]["no_usage"] == 3
+
+
+def test_hostile_metadata_keys_group_by_their_own_name(tmp_path: Path, prices: Path) -> None:
+    keys = ['a"b', "it's", "x') AS y --", "back\\slash", "a.b", "$", "[0]", "*"]
+    write_part(
+        tmp_path,
+        [result(metadata=json.dumps({k: f"value of {k}" for k in keys}))]
+        + [result(metadata=json.dumps({"a.b": "other"}))],
+    )
+    for key in keys:
+        groups = json_report(tmp_path, [f"metadata.{key}"], prices)
+        values = {g[f"metadata.{key}"]: g["requests"] for g in groups}
+        assert values[f"value of {key}"] == 1, key
+        assert sum(values.values()) == 2
+    with pytest.raises(ReportError, match="NUL"):
+        report(tmp_path, ["job\x00x"], "json", pricing_file=prices)
+
+
+@pytest.mark.parametrize(
+    "name", ["cost_usd", "unpriced", "no_usage", "long_context", "Input_Per_Mtok", "price_model"]
+)
+def test_carried_columns_never_change_the_arithmetic(
+    tmp_path: Path, prices: Path, name: str
+) -> None:
+    """An input column named like a column the costs view adds stays in results only."""
+    write_part(tmp_path, [result(model="cheap", carried={name: "hostile"})])
+    [group] = json_report(tmp_path, ["model"], prices)
+    assert group["cost_usd"] == pytest.approx(expected_cost("cheap", 1000, 0, 100))
+    assert group["unpriced"] is False and group["no_usage"] == 0
+    assert costs(tmp_path, prices, f'SELECT "{name}" FROM results') == [("hostile",)]

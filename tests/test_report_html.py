@@ -188,3 +188,19 @@ def test_text_from_the_data_is_escaped(tmp_path: Path, prices: Path) -> None:
 def test_no_results_yet(tmp_path: Path) -> None:
     page = _page(tmp_path / "nothing", None, tmp_path)
     assert "No results in" in page and "<svg" not in page
+
+
+def test_answers_without_usage_are_flagged_on_the_page(
+    out: Path, prices: Path, tmp_path: Path
+) -> None:
+    nulls = {"prompt_tokens": None, "cached_tokens": None, "completion_tokens": None}
+    rows = [_row(i, "cheap", day=0) for i in range(2)] + [_row(7, "cheap", day=0, **nulls)]
+    target = _results(tmp_path / "bare", rows)
+    page = _page(target, prices, tmp_path)
+    assert 'id="no-usage"' in page and "NO USAGE: 1 answers were billed" in page
+    assert _data_value(page, "total-cost") is None  # no complete total to state
+    assert "1 answers without usage (not included)" in page
+    assert "+ NO USAGE</td>" in page  # the cheap row and the TOTAL row of the table
+    assert 'class="value flag"' in _svg(page, "cost-by-model")
+    # a page without such rows has no banner
+    assert 'id="no-usage"' not in _page(out, prices, tmp_path)

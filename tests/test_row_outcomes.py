@@ -222,3 +222,18 @@ def test_max_cost_books_an_answer_without_usage_at_its_hold_not_at_zero() -> Non
     assert budget.spent == pytest.approx(hold.amount), "an unknown is the most it could be"
     nothing = budget.reserve(job)
     assert budget.settle(nothing, "gpt-5.5", None) == 0.0, "no answer: nothing billed"
+
+
+def test_latest_and_export_look_past_a_superseded_answer(tmp_path: Path) -> None:
+    from pipeline.report import open_views
+
+    stopped = Scripted({"r": ['{"label": "great"}', 401], "s": ['{"label": "mixed"}']})
+    run(tmp_path, stopped, ["r", "s"], labels=LABELS, concurrency=1)
+    con = open_views(tmp_path / "out")
+    try:
+        latest = con.execute("SELECT id, status FROM latest ORDER BY id").fetchall()
+        billed = con.execute("SELECT count(*) FROM results WHERE id = 'r'").fetchone()
+    finally:
+        con.close()
+    assert latest == [("s", "ok")], "r is pending: its only row was asked again"
+    assert billed == (1,), "the rejected answer stays in results (and in the costs)"
