@@ -20,25 +20,22 @@ import tiktoken.load
 from tiktoken_ext import openai_public  # type: ignore[import-untyped]
 
 from pipeline.config import RunOptions, load_job_file
-from pipeline.estimate import (
-    DEFAULT_OUTPUT_CAP,
+from pipeline.estimate import DEFAULT_OUTPUT_CAP, Estimate, estimate
+from pipeline.estimate_format import format_estimate
+from pipeline.image_tokens import image_size, image_tokens
+from pipeline.request import Job, build_job
+from pipeline.schema import results_table
+from pipeline.source import expand_sources, read_rows
+from pipeline.tokens import (
     ENCODING_FILE,
     ENCODING_PAT_STR,
     ENCODING_SHA256,
     ENCODING_SPECIAL_TOKENS,
-    Estimate,
     count_messages,
     count_request,
     count_text,
-    estimate,
-    format_estimate,
-    image_size,
-    image_tokens,
     o200k_base,
 )
-from pipeline.request import Job, build_job
-from pipeline.schema import results_table
-from pipeline.source import expand_sources, read_rows
 from tests.conftest import prompts, run_with_sim, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
