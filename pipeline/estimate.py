@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunOptions, validate
+from pipeline.dedupe import DEDUPE_WINDOW
 from pipeline.pricing import Price, PriceTable, find_price, load_prices, strip_snapshot
 from pipeline.request import Job, build_job
 from pipeline.resume import load_outcomes
@@ -167,7 +168,6 @@ class Estimate:
 # -------------------------------------------------------------------- estimating
 
 INVALID_EXAMPLES = 5  # invalid rows quoted in the notes
-DEDUPE_WINDOW = 20_000  # distinct requests remembered, as pipeline.dedupe does
 
 
 def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estimate:
