@@ -167,7 +167,7 @@ def estimate(source: tuple[str, ...], fmt: str, **options: Any) -> None:
       pipeline estimate data/reviews.jsonl --model gpt-5.5 --format json
     """
     from pipeline.estimate import estimate as run_estimate
-    from pipeline.estimate import format_estimate
+    from pipeline.estimate_format import format_estimate
 
     try:
         opts = _options(source, options)

@@ -34,9 +34,13 @@ _TOKEN_FIELDS = (
 
 Rows = list[dict[str, Any]] | None
 
+# Distinct requests whose answers are remembered; ``pipeline estimate`` counts
+# duplicates with the same window, so its numbers match what a run sends.
+DEDUPE_WINDOW = 20_000
+
 
 class Dedupe:
-    def __init__(self, window: int = 20_000) -> None:
+    def __init__(self, window: int = DEDUPE_WINDOW) -> None:
         self.window = window  # finished answers remembered (distinct requests)
         self._in_flight: dict[str, anyio.Event] = {}
         self._done: OrderedDict[str, dict[str, Any]] = OrderedDict()

@@ -8,6 +8,8 @@ import hashlib
 import json
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,28 +19,28 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 import tiktoken.load
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiktoken_ext import openai_public  # type: ignore[import-untyped]
 
 from pipeline.config import RunOptions, load_job_file
-from pipeline.estimate import (
-    DEFAULT_OUTPUT_CAP,
+from pipeline.dedupe import DEDUPE_WINDOW, Dedupe
+from pipeline.estimate import DEFAULT_OUTPUT_CAP, Estimate, estimate
+from pipeline.estimate_format import format_estimate
+from pipeline.image_tokens import image_part_tokens, image_size, image_tokens
+from pipeline.request import Job, build_job
+from pipeline.schema import results_table
+from pipeline.source import expand_sources, read_rows
+from pipeline.tokens import (
     ENCODING_FILE,
     ENCODING_PAT_STR,
     ENCODING_SHA256,
     ENCODING_SPECIAL_TOKENS,
-    Estimate,
     count_messages,
     count_request,
     count_text,
-    estimate,
-    format_estimate,
-    image_size,
-    image_tokens,
     o200k_base,
 )
-from pipeline.request import Job, build_job
-from pipeline.schema import results_table
-from pipeline.source import expand_sources, read_rows
 from tests.conftest import prompts, run_with_sim, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,6 +261,44 @@ def test_jpeg_size_after_a_large_exif_block() -> None:
     assert count_messages([{"role": "user", "content": [part]}]).images == 85 + 170 * 4
 
 
+# Image headers come from input rows: any bytes at all, often cut short or lying.
+_MAGICS = [
+    b"",
+    b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR",
+    b"GIF89a",
+    b"\xff\xd8",
+    b"\xff\xd8\xff\xc0",
+    b"RIFF\0\0\0\0WEBPVP8 ",
+    b"RIFF\0\0\0\0WEBPVP8L",
+    b"RIFF\0\0\0\0WEBPVP8X",
+]
+_HEADERS = st.builds(
+    lambda magic, rest: magic + rest, st.sampled_from(_MAGICS), st.binary(max_size=80)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_HEADERS, detail=st.sampled_from([None, "low", "high", "auto"]))
+def test_any_header_bytes_give_a_size_or_none_and_a_bounded_count(
+    data: bytes, detail: str | None
+) -> None:
+    size = image_size(data)
+    assert size is None or (
+        len(size) == 2 and all(isinstance(v, int) and 0 <= v < 2**32 for v in size)
+    )
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    tokens = image_part_tokens({"type": "image_url", "image_url": {"url": url, "detail": detail}})
+    # Whatever a header claims, an image costs 85 to 85 + 8 tiles (768x2048 at most).
+    assert 85 <= tokens <= 85 + 170 * 8
+
+
+@settings(max_examples=200, deadline=None)
+@given(url=st.text(max_size=60), spec=st.sampled_from(["str", "dict", "junk"]))
+def test_any_image_url_text_counts_without_raising(url: str, spec: str) -> None:
+    value: Any = url if spec == "str" else {"url": "data:" + url} if spec == "dict" else [url]
+    assert 85 <= image_part_tokens({"type": "image_url", "image_url": value}) <= 85 + 170 * 8
+
+
 # ------------------------------------------------------------ ranges and prices
 
 
@@ -471,3 +511,29 @@ def test_labels_schema_adds_prompt_tokens(tmp_path: Path) -> None:
     job.labels = None
     without = estimate(job).prompt_tokens
     assert with_schema > without
+
+
+# ------------------------------------------------------------------------ layout
+
+
+def test_token_modules_stand_alone_without_the_estimate() -> None:
+    """The token rules, the image rule and the printing import nothing from the
+    estimate (no cycle), and the image rule needs nothing else from pipeline."""
+    code = (
+        "import sys, pipeline.image_tokens;"
+        "print(sorted(m for m in sys.modules if m.startswith('pipeline.')));"
+        "import pipeline.tokens, pipeline.estimate_format;"
+        "print('pipeline.estimate' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert done.stdout.splitlines() == ["['pipeline.image_tokens']", "False"]
+
+
+def test_estimate_dedupes_over_the_same_window_as_a_run() -> None:
+    import pipeline.estimate
+
+    # One constant, imported, not a second literal that can drift from the run's.
+    assert vars(pipeline.estimate)["DEDUPE_WINDOW"] is DEDUPE_WINDOW
+    assert Dedupe().window == DEDUPE_WINDOW == 20_000
