@@ -228,7 +228,7 @@ def test_latest_and_export_look_past_a_superseded_answer(tmp_path: Path) -> None
     from pipeline.report import open_views
 
     stopped = Scripted({"r": ['{"label": "great"}', 401], "s": ['{"label": "mixed"}']})
-    run(tmp_path, stopped, ["r", "s"], labels=LABELS, concurrency=1)
+    run(tmp_path, stopped, ["s", "r"], labels=LABELS, concurrency=1)  # s first, then r stops
     con = open_views(tmp_path / "out")
     try:
         latest = con.execute("SELECT id, status FROM latest ORDER BY id").fetchall()
