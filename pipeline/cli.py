@@ -287,8 +287,8 @@ def report(
       pipeline report out/ --by run --format json | jq '.[].cost_usd'
       pipeline report out/ --html cost.html
     """
-    from pipeline import report as reporting
-    from pipeline.report_html import write_html_report
+    from pipeline import query as reporting
+    from pipeline.query import write_html_report
 
     try:
         text, notes = reporting.report_and_notes(
@@ -320,7 +320,7 @@ def sql(out: Path, query: str, fmt: str, pricing: Path | None) -> None:
     Example:
       pipeline sql out/ "SELECT model, sum(cost_usd) FROM costs GROUP BY model"
     """
-    from pipeline import report as reporting
+    from pipeline import query as reporting
 
     try:
         click.echo(reporting.sql(out, query, fmt, pricing_file=pricing))
@@ -353,7 +353,7 @@ def export(out: Path, source: tuple[str, ...], fmt: str, output: Path | None) ->
     Example:
       pipeline export out/products --format csv -o products_labeled.csv
     """
-    from pipeline.export import export as run_export
+    from pipeline.query.export import export as run_export
 
     target = output or out / f"export.{fmt}"
     try:

@@ -263,7 +263,7 @@ def completion_history(out_dir: Path, pricing_file: str | Path | None = None) ->
     Answers shared from an identical request (``shared_from``) report 0 tokens and
     are left out, so they do not drag the mean down.
     """
-    from pipeline.report import open_views  # DuckDB only when there are results
+    from pipeline.query import open_views  # DuckDB only when there are results
 
     if not any((out_dir / "results").rglob("*.parquet")):
         return {}

@@ -520,7 +520,7 @@ def _final_counts(out: Path, run_id: str, tally: Tally, finished: dict[str, Any]
     if parts:
         import duckdb
 
-        from pipeline.report import duckdb_file_list  # OUT may hold glob characters
+        from pipeline.query import duckdb_file_list  # OUT may hold glob characters
 
         con = duckdb.connect()
         # Tokens over every row (all were billed); outcomes by the latest row per id,

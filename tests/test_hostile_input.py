@@ -288,7 +288,7 @@ def test_long_line_is_an_invalid_row_naming_file_and_line(tmp_path: Path) -> Non
     assert bad["error_type"] == "invalid_input"
     assert f"{src}:2" in bad["error_message"] and "over the limit" in bad["error_message"]
     # export reads with the run's cap, so the long row keeps the id the run gave it
-    from pipeline.export import export
+    from pipeline.query.export import export
 
     export(tmp_path / "out", tmp_path / "x.parquet")
     exported = pq.read_table(tmp_path / "x.parquet").to_pylist()
@@ -426,7 +426,7 @@ def test_an_id_used_twice_is_a_collision_not_a_merge(tmp_path: Path) -> None:
     assert len(hashed) == 2 and len({r["id"] for r in hashed}) == 1
 
     # export hands each input row its own outcome: the repeat gets its collision
-    from pipeline.export import export
+    from pipeline.query.export import export
 
     assert export(tmp_path / "out", tmp_path / "x.parquet") == 7
     exported = pq.read_table(tmp_path / "x.parquet").to_pylist()

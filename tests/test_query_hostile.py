@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.export import ANSWER_COLUMNS, export, output_names
-from pipeline.report import open_views
+from pipeline.query import open_views
+from pipeline.query.export import ANSWER_COLUMNS, export, output_names
 from tests.conftest import invoke, write_jsonl
 
 SECRET = "TOP-SECRET-8d1f"

@@ -112,7 +112,7 @@ def test_a_rerun_sends_nothing_and_report_reads_the_ray_output(
 
     import json
 
-    from pipeline.report import report
+    from pipeline.query.report import report
 
     lines = json.loads(report(out, ["model"], "json"))
     assert sum(g["requests"] for g in lines) == 601

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.pricing import PricingError, load_prices, row_cost
-from pipeline.report import ReportError, open_views, report, sql
+from pipeline.query import ReportError, open_views, sql
+from pipeline.query.report import report
 from pipeline.schema import results_table
 
 WHEN = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -631,3 +632,31 @@ def test_carried_columns_never_change_the_arithmetic(
     assert group["cost_usd"] == pytest.approx(expected_cost("cheap", 1000, 0, 100))
     assert group["unpriced"] is False and group["no_usage"] == 0
     assert costs(tmp_path, prices, f'SELECT "{name}" FROM results') == [("hostile",)]
+
+
+def test_the_run_path_never_loads_the_read_side() -> None:
+    """`pipeline run` must not pay for (or depend on) DuckDB: importing the run path
+    leaves pipeline.query and duckdb unloaded. A fresh interpreter, since this test
+    process has long imported both."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, pipeline.execute\n"
+        "print(sorted(m for m in sys.modules\n"
+        "             if m.split('.')[0] == 'duckdb' or m.startswith('pipeline.query')))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert done.stdout.strip() == "[]"
+    # The probe itself works: the read side does load both.
+    code = code.replace("pipeline.execute", "pipeline.query")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    loaded = done.stdout
+    assert "'duckdb'" in loaded and "'pipeline.query.views'" in loaded

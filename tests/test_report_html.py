@@ -12,8 +12,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.report import report
-from pipeline.report_html import write_html_report
+from pipeline.query import write_html_report
+from pipeline.query.report import report
 from pipeline.schema import results_table
 
 DAY = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

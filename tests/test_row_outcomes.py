@@ -225,7 +225,7 @@ def test_max_cost_books_an_answer_without_usage_at_its_hold_not_at_zero() -> Non
 
 
 def test_latest_and_export_look_past_a_superseded_answer(tmp_path: Path) -> None:
-    from pipeline.report import open_views
+    from pipeline.query import open_views
 
     stopped = Scripted({"r": ['{"label": "great"}', 401], "s": ['{"label": "mixed"}']})
     run(tmp_path, stopped, ["s", "r"], labels=LABELS, concurrency=1)  # s first, then r stops

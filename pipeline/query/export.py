@@ -1,7 +1,8 @@
 """``pipeline export``: the input rows with their answers joined back, one row per input row.
 
-Results come back in completion order, and joining them to the wrong rows is the
-most common bulk-labeling bug (USERS.md #1). Export re-reads the inputs, computes
+Results come back in completion order, not input order, and joining them back to the
+wrong rows is the easiest way to ruin a bulk-labeling job without noticing: every label
+looks plausible, it just belongs to another row. Export re-reads the inputs, computes
 each row's id exactly as the run did (same ``build_job``, same id column and
 templates, taken from the run's manifest), and joins the newest outcome per id in
 DuckDB, keeping input order. Rows never sent come out with ``status`` NULL.
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from pipeline.config import RunOptions
 from pipeline.errors import UsageError
 from pipeline.manifest import list_runs
-from pipeline.report import duckdb_file_list, open_views
+from pipeline.query.views import duckdb_file_list, open_views
 from pipeline.request import IdClaims, RequestOptions, build_claimed_job
 from pipeline.schema import carried_array
 from pipeline.source import DEFAULT_MAX_LINE_BYTES, expand_sources, read_rows
