@@ -26,6 +26,7 @@ FORMATS = ("table", "csv", "json", "markdown")
 
 
 def check_format(fmt: str, allowed: Sequence[str]) -> None:
+    """Refuse a format name before any work is done, naming the ones there are."""
     if fmt not in allowed:
         raise ReportError(f"unknown format {fmt!r}; use one of {', '.join(allowed)}")
 
@@ -58,10 +59,13 @@ def jsonable(value: Any) -> Any:
 
 
 def to_json(rows: list[dict[str, Any]]) -> str:
+    """A JSON array of objects, one per row, keys in the rows' order."""
     return json.dumps([jsonable(r) for r in rows], indent=2, ensure_ascii=False)
 
 
 def to_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A header line and one line per row; NULL is an empty field, booleans are
+    true/false, and floats are written with ``repr``, which loses no digit."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -102,6 +106,8 @@ def text_table(
 
 
 def markdown_table(headers: Sequence[str], rows: list[list[str]], right: Sequence[bool]) -> str:
+    """A GitHub-flavoured table; a ``|`` inside a cell is escaped so it cannot split it."""
+
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
