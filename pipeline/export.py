@@ -2,7 +2,7 @@
 
 Results come back in completion order, and joining them to the wrong rows is the
 most common bulk-labeling bug (USERS.md #1). Export re-reads the inputs, computes
-each row's id exactly as the run did (same ``build_job``, same id column and
+each row's id exactly as the run did (same ``selection.name_row``, same id column and
 templates, taken from the run's manifest), and joins the newest outcome per id in
 DuckDB, keeping input order. Rows never sent come out with ``status`` NULL.
 
@@ -29,8 +29,9 @@ from pipeline.config import RunOptions
 from pipeline.errors import UsageError
 from pipeline.manifest import list_runs
 from pipeline.report import duckdb_file_list, open_views
-from pipeline.request import IdClaims, RequestOptions, build_claimed_job
+from pipeline.request import RequestOptions
 from pipeline.schema import carried_array
+from pipeline.selection import IdClaims, name_row
 from pipeline.source import DEFAULT_MAX_LINE_BYTES, expand_sources, read_rows
 
 ANSWER_COLUMNS = (
@@ -99,7 +100,7 @@ def _stage_inputs(
         table = pa.table(
             {
                 "__order": pa.array(range(order, order + len(rows)), pa.int64()),
-                "id": pa.array([build_claimed_job(r, opts, claims).id for r in rows], pa.string()),
+                "id": pa.array([name_row(r, opts, claims).id for r in rows], pa.string()),
                 **columns,
             }
         )
