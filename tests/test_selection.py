@@ -99,3 +99,42 @@ def _nothing_done() -> Any:
     from pipeline.resume import Outcomes
 
     return Outcomes()
+
+
+def test_estimate_accepts_every_run_option_that_changes_which_rows_go() -> None:
+    from pipeline.cli import NOT_FOR_ESTIMATE, estimate, run
+
+    run_params = {p.name for p in run.params if p.name is not None}
+    estimate_params = {p.name for p in estimate.params if p.name is not None}
+    missing = run_params - estimate_params
+    assert missing == set(NOT_FOR_ESTIMATE), "each run option applies, or says why not"
+    assert all(reason for reason in NOT_FOR_ESTIMATE.values())
+    for name in ("image_root", "labels", "shard", "dedupe", "providers_file", "id_column"):
+        assert name in estimate_params
+
+
+def test_estimate_on_the_command_line_splits_rows_as_the_run_did(
+    mixed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import json
+
+    from tests.conftest import invoke
+
+    src, images = mixed
+    common = [str(src), "--out", str(tmp_path / "out"), "--model", "gpt-5.5"]
+    common += ["--image-root", str(images), "--labels", "yes,no", "--shard", "0/2"]
+    code, out, _ = invoke("estimate", *common, "--no-dedupe", "--format", "json")
+    assert code == 0, out
+    before = json.loads(out)
+    code, _, _ = invoke("run", *common, "--no-dedupe", "--quiet")
+    assert code == 1  # the invalid rows
+    rows = _results(tmp_path / "out")
+    ran, invalid = split_of_run(rows)
+    assert before["rows"]["invalid"] == invalid > 0
+    assert before["rows"]["to_send"] == ran > 0
+
+
+def _results(out: Path) -> list[dict[str, Any]]:
+    from tests.conftest import read_results
+
+    return read_results(out)
