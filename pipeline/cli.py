@@ -63,13 +63,73 @@ def cli() -> None:
     """
 
 
+# Options that decide which rows go and what each request looks like. `run` and
+# `estimate` take exactly these, so an estimate prices what the same run would send.
+ROW_OPTIONS = (
+    click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: ./out]."),
+    click.option("--provider", help="sim (default), starmagic, evolink, modelstream, openai."),
+    click.option(
+        "--base-url", multiple=True, help="OpenAI-compatible base URL; repeat: fallbacks."
+    ),
+    click.option("--model", help="Model for rows that name none."),
+    click.option("--pricing", type=click.Path(path_type=Path), help="Price table CSV override."),
+    click.option("--limit", type=int, help="Only the first N pending rows."),
+    click.option(
+        "--retry-failed", is_flag=True, default=None, help="Also take rows that failed before."
+    ),
+    click.option("--no-dedupe", "dedupe", flag_value=False, default=None, help="Send repeats."),
+    click.option(
+        "--shard", metavar="I/N", help="Take shard I of N (by id); limits are split N ways."
+    ),
+    click.option("--prompt-template", help="Prompt with {column} placeholders."),
+    click.option("--system-prompt", help="System prompt with {column} placeholders."),
+    click.option("--id-column", help="Column holding each row's id [default: id]."),
+    click.option(
+        "--max-line-bytes", type=int, help="Longest JSONL line read [default: 67108864, 64 MiB]."
+    ),
+    click.option("--labels", help="Comma-separated allowed labels: asks for one, checks it."),
+    click.option(
+        "--providers-file", type=click.Path(path_type=Path), help="Extra gateways (TOML)."
+    ),
+    click.option(
+        "--image-root", type=click.Path(path_type=Path), help="Folder local images may be in."
+    ),
+)
+
+# `run` options that change how rows are sent, not which rows go or what a request
+# says: `estimate` has no use for them (tests/test_cli.py holds the two lists together).
+NOT_FOR_ESTIMATE = {
+    "api_key_env": "estimate sends nothing, so it needs no key",
+    "concurrency": "paces sending; the rows and their prices are the same",
+    "rpm": "paces sending",
+    "tpm": "paces sending",
+    "max_attempts": "retries are not billed twice (errors cost nothing)",
+    "timeout": "bounds waiting for answers",
+    "deadline": "bounds waiting for answers",
+    "max_response_mb": "bounds reading answers",
+    "stream": "the same request and the same tokens, delivered as a stream",
+    "http_transport": "how requests travel",
+    "max_cost": "stops a run at a cap; the estimate shows the full range",
+    "engine": "where rows are sent from",
+    "ray_address": "where rows are sent from",
+    "ray_workers": "where rows are sent from",
+    "json_retries": "re-asks happen only for answers that come back wrong",
+    "quiet": "progress output of a run",
+    "log_format": "progress output of a run",
+    "sim_settings": "the simulator's behaviour while answering",
+}
+
+
+def _row_options(command: F) -> F:
+    for option in reversed(ROW_OPTIONS):
+        command = option(command)
+    return command
+
+
 @cli.command(epilog=RUN_EXAMPLE)
 @click.argument("source", nargs=-1)
-@click.option("--out", type=click.Path(path_type=Path), help="Results folder [default: ./out].")
-@click.option("--provider", help="sim (default), starmagic, evolink, modelstream, openai.")
-@click.option("--base-url", multiple=True, help="OpenAI-compatible base URL; repeat: fallbacks.")
+@_row_options
 @click.option("--api-key-env", metavar="VAR", help="Environment variable that holds the key.")
-@click.option("--model", help="Model for rows that name none.")
 @click.option("--concurrency", type=int, help="Requests in flight at most [default: 32].")
 @click.option("--rpm", type=float, help="Requests per minute [default: learn from the server].")
 @click.option("--tpm", type=float, help="Tokens per minute [default: no limit].")
@@ -93,26 +153,10 @@ def cli() -> None:
     "--http-transport", type=click.Choice(["aiohttp", "httpx"]), help="[default: aiohttp]"
 )
 @click.option("--max-cost", type=float, metavar="USD", help="Stop before spend passes this.")
-@click.option("--pricing", type=click.Path(path_type=Path), help="Price table CSV override.")
-@click.option("--limit", type=int, help="Only the first N pending rows.")
-@click.option("--retry-failed", is_flag=True, default=None, help="Re-send rows that failed.")
-@click.option("--no-dedupe", "dedupe", flag_value=False, default=None, help="Send repeats.")
-@click.option("--shard", metavar="I/N", help="Take shard I of N (by id); limits are split N ways.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), help="[default: local]")
 @click.option("--ray-address", metavar="ADDR", help="Ray cluster [default: start a local one].")
 @click.option("--ray-workers", type=int, help="Ray worker actors [default: one per CPU].")
-@click.option("--prompt-template", help="Prompt with {column} placeholders.")
-@click.option("--system-prompt", help="System prompt with {column} placeholders.")
-@click.option("--id-column", help="Column holding each row's id [default: id].")
-@click.option(
-    "--max-line-bytes", type=int, help="Longest JSONL line read [default: 67108864, 64 MiB]."
-)
-@click.option("--labels", help="Comma-separated allowed labels: asks for one, checks it.")
 @click.option("--json-retries", type=int, help="Re-asks for a bad JSON answer [default: 2].")
-@click.option("--providers-file", type=click.Path(path_type=Path), help="Extra gateways (TOML).")
-@click.option(
-    "--image-root", type=click.Path(path_type=Path), help="Folder local images may be in."
-)
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress (for cron).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="stderr format.")
 @click.option("--sim", "sim_settings", multiple=True, metavar="KEY=VALUE", help="Simulator knob.")
@@ -142,18 +186,7 @@ def _fail(exc: Exception) -> None:
 
 @cli.command()
 @click.argument("source", nargs=-1)
-@click.option("--out", type=click.Path(path_type=Path), help="Results folder, for resume.")
-@click.option("--provider", help="Provider whose prices apply.")
-@click.option("--model", help="Model for rows that name none.")
-@click.option("--pricing", type=click.Path(path_type=Path), help="Price table CSV override.")
-@click.option("--limit", type=int, help="Only the first N pending rows.")
-@click.option("--retry-failed", is_flag=True, default=None, help="Count failed rows too.")
-@click.option("--prompt-template", help="Prompt with {column} placeholders.")
-@click.option("--system-prompt", help="System prompt with {column} placeholders.")
-@click.option("--id-column", help="Column holding each row's id [default: id].")
-@click.option(
-    "--max-line-bytes", type=int, help="Longest JSONL line read [default: 67108864, 64 MiB]."
-)
+@_row_options
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def estimate(source: tuple[str, ...], fmt: str, **options: Any) -> None:
     """Tokens and dollars a run would cost, before spending anything.

@@ -20,6 +20,7 @@ from pipeline.jsoncheck import label_format
 from pipeline.providers import Provider, get_provider, load_providers
 from pipeline.redact import refuse_url_secrets
 from pipeline.request import RequestOptions
+from pipeline.selection import RowSelection
 from pipeline.source import DEFAULT_MAX_LINE_BYTES
 
 # Seconds one attempt may take in all, streams included (``--deadline``): a server
@@ -121,6 +122,15 @@ class RunOptions:
             image_root=self.image_root,
             defaults=self.request_defaults,
             response_format=answer_format,
+        )
+
+    def row_selection(self, model: str | None = None) -> RowSelection:
+        """Which rows go and under which id: one rule for run, estimate and export."""
+        return RowSelection(
+            request=self.request_options(model),
+            shard=parse_shard(self.shard) if self.shard is not None else None,
+            limit=self.limit,
+            retry_failed=self.retry_failed,
         )
 
     def redacted(self) -> dict[str, Any]:

@@ -23,9 +23,8 @@ no price is reported as UNPRICED, never as $0.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,8 +33,9 @@ from typing import Any
 from pipeline.config import RunOptions, validate
 from pipeline.dedupe import DEDUPE_WINDOW
 from pipeline.pricing import Price, PriceTable, find_price, load_prices, strip_snapshot
-from pipeline.request import IdClaims, Job, build_claimed_job
+from pipeline.request import Job
 from pipeline.resume import load_outcomes
+from pipeline.selection import RowSelector
 from pipeline.source import check_readable, expand_sources, read_rows
 from pipeline.tokens import ENCODING_NAME, count_request
 
@@ -188,8 +188,6 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     prices = load_prices(pricing_file if pricing_file is not None else opts.pricing)
     history = completion_history(Path(opts.out), prices.path)
     outcomes = load_outcomes(Path(opts.out))
-    request_options = opts.request_options(model)
-    in_shard = _shard_filter(opts.shard)
     result = Estimate(
         files=[str(f) for f in files],
         out=str(opts.out),
@@ -198,20 +196,9 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     )
     pricer = _Pricer(prices, provider.name, history)
     recent: OrderedDict[str, None] = OrderedDict()
-    limit = opts.limit if opts.limit is not None else math.inf
-    taken = 0
-    claims = IdClaims()  # a repeated id is an invalid row, as in a run
-    for batch in read_rows(files, max_line_bytes=opts.max_line_bytes):
-        for row in batch:
-            result.rows_read += 1
-            item = build_claimed_job(row, request_options, claims)
-            if in_shard is not None and not in_shard(item.id):
-                result.not_in_shard += 1
-                continue
-            if outcomes.done(item.id, opts.retry_failed):
-                result.already_done += 1
-                continue
-            taken += 1
+    selector = RowSelector(opts.row_selection(model), outcomes)  # as `run` selects
+    for batch in selector.batches(read_rows(files, max_line_bytes=opts.max_line_bytes)):
+        for item in batch:
             if isinstance(item, Job):
                 if opts.dedupe and _seen(recent, item.request_hash):
                     result.duplicates += 1
@@ -221,11 +208,11 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
                 result.invalid += 1
                 if len(result.invalid_examples) < INVALID_EXAMPLES:
                     result.invalid_examples.append(item.message)
-            if taken >= limit:
-                result.limited = True
-                break
-        if result.limited:
-            break
+    counts = selector.counts
+    result.rows_read = counts.read
+    result.not_in_shard = counts.not_in_shard
+    result.already_done = counts.done
+    result.limited = counts.limited
     result.models = sorted(pricer.models.values(), key=lambda m: m.model)
     return result
 
@@ -239,14 +226,6 @@ def _seen(recent: OrderedDict[str, None], key: str) -> bool:
     if len(recent) > DEDUPE_WINDOW:
         recent.popitem(last=False)
     return False
-
-
-def _shard_filter(shard: str | None) -> Callable[[str], bool] | None:
-    if shard is None:
-        return None
-    from pipeline.execute import shard_filter  # the run's own rule, imported lazily
-
-    return shard_filter(shard)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -32,19 +31,6 @@ from pipeline.resume import load_outcomes
 from pipeline.runner import Runner, RunResult, make_client
 from pipeline.sink import recover_journals
 from pipeline.source import check_readable, expand_sources, warn_on_stderr
-
-
-def shard_filter(shard: str | None) -> Callable[[str], bool] | None:
-    """Membership in shard I of N by a stable hash of the id (same in every process)."""
-    if shard is None:
-        return None
-    index, count = parse_shard(shard)
-
-    def member(row_id: str) -> bool:
-        digest = hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest()
-        return int.from_bytes(digest, "big") % count == index
-
-    return member
 
 
 def _absolute_paths(opts: RunOptions) -> RunOptions:
@@ -233,7 +219,6 @@ def _local_runner(
         progress=progress,
         sleep=sleep,
         clock=clock,
-        row_filter=shard_filter(opts.shard),
     )
     if opts.shard is not None:
         share_limits(runner, opts, parse_shard(opts.shard)[1])

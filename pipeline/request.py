@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import string
-from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,125 +311,6 @@ def _row_id(raw: Any) -> str | None:
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
         raise InvalidRow(f"id must be a string or an integer, got {type(raw).__name__}")
     return str(raw)
-
-
-class IdClaims:
-    """The explicit ids one run has met so far, each with the place it was first met.
-
-    Ids are compared as text (``7``, ``"7"`` and a Parquet int 7 are one id), and a
-    second row with an id already met is a collision: reported, never merged into the
-    first row's answer. A run may meet ten million ids, so a ``dict`` of ids (about 150
-    bytes an entry) is out: this is an open-addressing table of two int64 arrays, the
-    id's 64-bit hash and its first place (file number << 36 | line), 16 bytes a slot
-    kept at most three quarters full: 21-43 bytes an id, about 270 MB for 10M ids
-    (tests/test_hostile_input.py measures it). The id itself is not kept, so two
-    different ids whose 64-bit hashes are equal would be called a collision: the odds
-    are about one in 400,000 for a ten-million-row run, and the report names the first
-    row, so such a case is visible rather than silent.
-    """
-
-    __slots__ = (
-        "_hashes",
-        "_places",
-        "_mask",
-        "_used",
-        "_files",
-        "_file_numbers",
-        "_last_file",
-        "_last_number",
-    )
-
-    _LINE_BITS = 36  # lines up to 68 billion; file numbers above
-    _MAX_LINE = (1 << _LINE_BITS) - 1
-
-    def __init__(self, capacity: int = 1024) -> None:
-        size = 1 << max(4, (capacity - 1).bit_length())
-        self._hashes = array("q", bytes(8 * size))  # 0: empty slot
-        self._places = array("q", bytes(8 * size))
-        self._mask = size - 1
-        self._used = 0
-        self._files: list[str] = []
-        self._file_numbers: dict[str, int] = {}
-        self._last_file = "\0"  # the file of the previous claim (rows come file by file)
-        self._last_number = 0
-
-    def __len__(self) -> int:
-        return self._used
-
-    @property
-    def nbytes(self) -> int:
-        return self._hashes.itemsize * len(self._hashes) * 2
-
-    def claim(self, row_id: str, file: str, line: int) -> str | None:
-        """Record ``row_id`` as met at ``file:line``; if it was met before, return
-        that first place (``file:line``) instead and record nothing."""
-        wanted = hash(row_id) or 1
-        hashes, mask = self._hashes, self._mask
-        slot = wanted & mask
-        stored = hashes[slot]
-        while stored:
-            if stored == wanted:
-                place = self._places[slot]
-                first = self._files[place >> self._LINE_BITS]
-                return f"{first}:{place & ((1 << self._LINE_BITS) - 1)}"
-            slot = (slot + 1) & mask
-            stored = hashes[slot]
-        if file != self._last_file:
-            number = self._file_numbers.get(file)
-            if number is None:
-                number = self._file_numbers[file] = len(self._files)
-                self._files.append(file)
-            self._last_file, self._last_number = file, number
-        hashes[slot] = wanted
-        self._places[slot] = (self._last_number << self._LINE_BITS) | min(line, self._MAX_LINE)
-        self._used += 1
-        if self._used * 4 > (mask + 1) * 3:
-            self._grow()
-        return None
-
-    def _grow(self) -> None:
-        old_hashes, old_places = self._hashes, self._places
-        size = len(old_hashes) * 2
-        self._hashes = hashes = array("q", bytes(8 * size))
-        self._places = places = array("q", bytes(8 * size))
-        self._mask = mask = size - 1
-        for stored, place in zip(old_hashes, old_places, strict=True):
-            if stored:
-                slot = stored & mask
-                while hashes[slot]:
-                    slot = (slot + 1) & mask
-                hashes[slot] = stored
-                places[slot] = place
-
-
-def id_collision(row: SourceRow, row_id: str, first: str) -> Rejected:
-    """The row that repeats an id met earlier in the run. It is named by its own place
-    (as a malformed line is), so its error never becomes the first row's latest
-    outcome, and an export never hands it the first row's answer."""
-    metadata = row.data.get("metadata") if row.data is not None else None
-    shown = row_id if len(row_id) <= 80 else row_id[:77] + "..."  # an id can be huge
-    return Rejected(
-        id=f"{row.file.name}:{row.line}",
-        message=(
-            f"{row.where}: id {shown!r} is already used by {first} "
-            '(ids are compared as text: 7 and "7" are the same id)'
-        ),
-        source_file=str(row.file),
-        source_line=row.line,
-        metadata=metadata,
-    )
-
-
-def build_claimed_job(row: SourceRow, opts: RequestOptions, claims: IdClaims) -> Job | Rejected:
-    """``build_job`` under the run's id rule: a row repeating an explicit id met
-    earlier (in ``claims``) is a collision. ``estimate`` and ``export`` call this so
-    they count and name rows exactly as ``run`` does."""
-    row_id = explicit_id(row, opts.id_column)
-    if row_id is not None:
-        first = claims.claim(row_id, str(row.file), row.line)
-        if first is not None:
-            return id_collision(row, row_id, first)
-    return build_job(row, opts)
 
 
 def explicit_id(row: SourceRow, id_column: str) -> str | None:

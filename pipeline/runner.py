@@ -14,7 +14,6 @@ never sent get no outcome row, so a plain re-run sends them.
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -49,17 +48,10 @@ from pipeline.outcome import (
 )
 from pipeline.pricing import PricingError, load_prices
 from pipeline.progress import Progress, Tally
-from pipeline.request import (
-    DEFAULT_COMPLETION_GUESS,
-    IdClaims,
-    Job,
-    Rejected,
-    build_job,
-    explicit_id,
-    id_collision,
-)
+from pipeline.request import DEFAULT_COMPLETION_GUESS, Job, Rejected
 from pipeline.resume import Outcomes
 from pipeline.retry import first_wait, gives_up_at_once, retrying
+from pipeline.selection import RowSelector
 from pipeline.sink import ResultSink, write_part
 from pipeline.source import SourceRow, read_rows
 
@@ -125,7 +117,6 @@ class Runner:
         progress: Progress | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         clock: Callable[[], float] | None = None,
-        row_filter: Callable[[str], bool] | None = None,
         rows: Callable[[], Iterator[list[SourceRow]]] | None = None,
         sink_name: str | None = None,
         budget_topup: Callable[[Budget, float], Awaitable[bool | None]] | None = None,
@@ -140,7 +131,6 @@ class Runner:
         self._budget_topup = budget_topup
         # A Ray worker leaves signals to Ray; the driver relays a stop to every worker.
         self._handle_signals = handle_signals
-        self.outcomes = outcomes
         self.client = client
         self.ctx = RunContext(run_id=run_id, provider=provider_name)
         self.tally = Tally()
@@ -152,7 +142,6 @@ class Runner:
         self.limiter = RateLimiter(
             opts.concurrency, opts.rpm, opts.tpm, clock=clock or time.monotonic, sleep=self._wait
         )
-        self.request_options = opts.request_options()
         self.dedupe = Dedupe() if opts.dedupe else None
         self.budget = None
         if opts.max_cost is not None:
@@ -163,7 +152,8 @@ class Runner:
         # Ray workers write under names of their own, with the job's run_id in the rows.
         self.sink = ResultSink(opts.out, sink_name or run_id, part_rows=opts.part_rows)
         self.result = RunResult(run_id, opts.out, self.tally, time.monotonic())
-        self._row_filter = row_filter  # e.g. shard membership, by id
+        # Which rows go, under which id: the rule run, estimate and export share.
+        self.selector = RowSelector(opts.row_selection(), outcomes)
         self._stop = anyio.Event()
         self._budget_freed = anyio.Event()  # set (and replaced) whenever a hold is settled
         self._topping_up = anyio.Lock()
@@ -249,55 +239,10 @@ class Runner:
     # -- reading --------------------------------------------------------------------
 
     def _batches(self) -> Iterator[list[Job | Rejected]]:
-        limit = self.opts.limit if self.opts.limit is not None else math.inf
-        taken = 0
-        claims = IdClaims()  # explicit ids met in this run, for collisions
-        for rows in self._rows():
-            batch: list[Job | Rejected] = []
-            for row in rows:
-                item = self._prepare(row, claims)
-                if item is None:
-                    continue
-                batch.append(item)
-                taken += 1
-                if taken >= limit:
-                    break
+        for batch in self.selector.batches(self._rows(), lambda: self.stopping):
+            self.tally.skipped = self.selector.counts.done
             yield batch
-            if taken >= limit or self.stopping:
-                return
-
-    def _prepare(self, row: SourceRow, claims: IdClaims) -> Job | Rejected | None:
-        # Most rows of a resumed run are done: skip them by their own id before the
-        # (costlier) request is built. Rows without an id are named by their request.
-        # An explicit id already met in this run (in this shard: one id is always in
-        # one shard) is a collision, whether the first row is done or not, so it is
-        # never merged into the first row's answer; like any invalid row it is named
-        # by its place and reported again only with --retry-failed. Rows named by
-        # their request's hash share it on purpose: dedupe answers repeats once.
-        row_id = explicit_id(row, self.request_options.id_column)
-        if row_id is not None:
-            if not self._in_shard(row_id):
-                return None
-            first = claims.claim(row_id, str(row.file), row.line)
-            if first is not None:
-                collision = id_collision(row, row_id, first)
-                return collision if self._wanted(collision.id) else None
-            if not self._wanted(row_id):
-                return None
-        item = build_job(row, self.request_options)
-        if row_id is None and not (self._in_shard(item.id) and self._wanted(item.id)):
-            return None
-        return item
-
-    def _in_shard(self, row_id: str) -> bool:
-        return self._row_filter is None or self._row_filter(row_id)
-
-    def _wanted(self, row_id: str) -> bool:
-        """Not done yet (counted as skipped when done)."""
-        if self.outcomes.done(row_id, self.opts.retry_failed):
-            self.tally.skipped += 1
-            return False
-        return True
+        self.tally.skipped = self.selector.counts.done
 
     async def _reader(
         self,

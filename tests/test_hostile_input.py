@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 from pipeline.errors import UsageError
 from pipeline.images import MAX_IMAGE_BYTES, ImageError, resolve_image
-from pipeline.request import IdClaims, Job, Rejected, RequestOptions, build_job, request_hash
+from pipeline.request import Job, Rejected, RequestOptions, build_job, request_hash
+from pipeline.selection import IdClaims
 from pipeline.source import (
     SourceRow,
     bounded_lines,

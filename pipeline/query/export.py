@@ -3,7 +3,7 @@
 Results come back in completion order, not input order, and joining them back to the
 wrong rows is the easiest way to ruin a bulk-labeling job without noticing: every label
 looks plausible, it just belongs to another row. Export re-reads the inputs, computes
-each row's id exactly as the run did (same ``build_job``, same id column and
+each row's id exactly as the run did (same ``selection.name_row``, same id column and
 templates, taken from the run's manifest), and joins the newest outcome per id in
 DuckDB, keeping input order. Rows never sent come out with ``status`` NULL.
 
@@ -30,8 +30,9 @@ from pipeline.config import RunOptions
 from pipeline.errors import UsageError
 from pipeline.manifest import list_runs
 from pipeline.query.views import duckdb_file_list, open_views
-from pipeline.request import IdClaims, RequestOptions, build_claimed_job
+from pipeline.request import RequestOptions
 from pipeline.schema import carried_array
+from pipeline.selection import IdClaims, name_row
 from pipeline.source import DEFAULT_MAX_LINE_BYTES, expand_sources, read_rows
 
 ANSWER_COLUMNS = (
@@ -100,7 +101,7 @@ def _stage_inputs(
         table = pa.table(
             {
                 "__order": pa.array(range(order, order + len(rows)), pa.int64()),
-                "id": pa.array([build_claimed_job(r, opts, claims).id for r in rows], pa.string()),
+                "id": pa.array([name_row(r, opts, claims).id for r in rows], pa.string()),
                 **columns,
             }
         )
