@@ -373,7 +373,10 @@ def export(out: Path, source: tuple[str, ...], fmt: str, output: Path | None) ->
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def runs(out: Path, fmt: str) -> None:
-    """Past runs in OUT: when, counts, exit code.
+    """Past runs in OUT: when, status, counts, exit code.
+
+    A status of "killed" is a run whose process ended without recording how
+    (kill -9, out of memory, power loss); "failed", one stopped by an internal error.
 
     \b
     Example:
@@ -389,13 +392,14 @@ def runs(out: Path, fmt: str) -> None:
         click.echo(f"no runs recorded in {out}")
         return
     click.echo(
-        f"{'run_id':<25} {'started_at':<20} {'exit':>4} {'ok':>9} {'error':>7} "
+        f"{'run_id':<25} {'started_at':<20} {'status':<8} {'exit':>4} {'ok':>9} {'error':>7} "
         f"{'invalid':>7} {'pending':>7} {'seconds':>8}"
     )
     for r in found:
         c = r.get("counts", {})
         click.echo(
             f"{r.get('run_id', '?'):<25} {str(r.get('started_at', ''))[:19]:<20} "
+            f"{str(r.get('status', '?')):<8} "
             f"{str(r.get('exit_code', '-')):>4} {c.get('ok', 0):>9,} {c.get('error', 0):>7,} "
             f"{c.get('invalid_input', 0):>7,} {c.get('pending', 0):>7,} "
             f"{r.get('wall_seconds', 0):>8}"

@@ -240,9 +240,15 @@ class ResultSink:
             self._after_break = self._unflushed  # maybe cut short on disk, or not there
             if self._journal is not None:
                 # Drop what the file object still buffers: a later flush of it could
-                # append after a line the disk cut short, and damage a whole line.
-                with contextlib.suppress(OSError):
-                    os.close(self._journal.fileno())
+                # append after a line the disk cut short, and damage a whole line. The
+                # descriptor is pointed at /dev/null rather than closed, so its number
+                # is never reused under the file object (by a part being written).
+                with contextlib.suppress(OSError, ValueError):
+                    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.dup2(null, self._journal.fileno(), inheritable=False)
+                    finally:
+                        os.close(null)
                 with contextlib.suppress(OSError, ValueError):
                     self._journal.close()
         return error

@@ -292,6 +292,8 @@ def test_a_dead_runs_manifest_is_marked_killed_and_a_live_one_is_left_alone(
         assert run.result.run_id in states["x"]["error"]
         assert states["y"]["status"] == "running", "a live run was marked dead"
         assert states[run.result.run_id]["status"] == "finished"
+        code, table, _ = invoke("runs", str(out))
+        assert code == 0 and "killed" in table and "finished" in table
 
 
 # --- who may share an OUT ----------------------------------------------------------
