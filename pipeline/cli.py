@@ -129,8 +129,8 @@ def run(source: tuple[str, ...], sim_settings: tuple[str, ...], **options: Any) 
         click.echo("Results so far are kept; re-run the same command to resume.", err=True)
     if result.unsaved:
         click.echo(
-            f"warning: {result.unsaved:,} answers received after OUT failed could not be "
-            "kept; a re-run sends those rows again",
+            f"warning: up to {result.unsaved:,} answers received after OUT failed may not "
+            "have been kept; a re-run sends those rows again",
             err=True,
         )
     sys.exit(result.exit_code)

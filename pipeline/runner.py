@@ -83,7 +83,7 @@ class RunResult:
     signal: int | None = None
     pending: int = 0  # rows read but never sent (stopped early)
     internal: str | None = None  # "<Class>: <message>" of an unexpected error (exit 5)
-    unsaved: int = 0  # answers received but lost to a broken OUT: sent again on re-run
+    unsaved: int = 0  # answers maybe lost to a broken OUT (at most): sent again on re-run
 
     @property
     def exit_code(self) -> int:
