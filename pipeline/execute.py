@@ -227,6 +227,9 @@ def _run_locked(
     except BaseException as exc:  # noqa: BLE001 - every ending is recorded, then judged
         result = runner.result if runner is not None else RunResult(run_id, out, Tally(), started)
         result.finished = result.finished or time.monotonic()
+        if runner is not None:  # closed already unless the run never got going
+            with contextlib.suppress(Exception):
+                runner.sink.close()
         _record_crash(result, exc, manifest, api_key)
         if not isinstance(exc, Exception | KeyboardInterrupt):
             _finish_manifest(out, manifest, result)
