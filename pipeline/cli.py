@@ -31,8 +31,9 @@ Examples:
 
 \b
 Exit codes: 0 all ok, 1 some rows failed, 2 bad usage or input (nothing sent),
-3 stopped on auth/quota/budget (results kept), 4 --out in use by another run,
-130/143 interrupted (results kept). Re-running the same command resumes.
+3 stopped on auth/quota/budget/disk full (results kept), 4 --out in use by another
+run (nothing sent), 5 internal error, a bug (results kept), 130/143 interrupted
+(results kept). Re-running the same command resumes.
 """
 
 
@@ -163,6 +164,7 @@ def _row_options(command: F) -> F:
 def run(source: tuple[str, ...], sim_settings: tuple[str, ...], **options: Any) -> None:
     """Run jobs from JSONL, JSONL.gz, Parquet files, folders, globs or a job file (.toml)."""
     from pipeline.execute import execute, summary_line
+    from pipeline.sink import SinkError
 
     try:
         opts = _options(source, options)
@@ -170,18 +172,45 @@ def run(source: tuple[str, ...], sim_settings: tuple[str, ...], **options: Any) 
             opts.sim = {**opts.sim, **_parse_assignments(sim_settings, "--sim")}
         with fewer_full_collections():
             result = execute(opts)
-    except (UsageError, LockedError) as exc:
+    except (UsageError, LockedError, SinkError) as exc:
+        _fail(exc)
+    except Exception as exc:  # noqa: BLE001 - a bug before the run started: 5, never 1
         _fail(exc)
     click.echo(summary_line(result))
-    if result.fatal:
+    if result.internal:
+        click.echo(f"error: stopped by an internal error (a bug): {result.internal}", err=True)
+        click.echo(
+            f"Results so far are kept; the traceback is in {result.out}/runs/"
+            f"{result.run_id}.json; re-run the same command to resume.",
+            err=True,
+        )
+    elif result.fatal:
         click.echo(f"error: stopped early: {result.fatal}", err=True)
         click.echo("Results so far are kept; re-run the same command to resume.", err=True)
+    if result.unsaved:
+        click.echo(
+            f"warning: up to {result.unsaved:,} answers received after OUT failed may not "
+            "have been kept; a re-run sends those rows again",
+            err=True,
+        )
     sys.exit(result.exit_code)
 
 
 def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(4 if isinstance(exc, LockedError) else 2)
+    """Exit for an error raised before any request: 2 usage, 3 OUT unwritable
+    (disk full), 4 OUT locked, 5 anything else (a bug)."""
+    from pipeline.runner import EXIT_FATAL, EXIT_INTERNAL, EXIT_LOCKED, EXIT_USAGE
+    from pipeline.sink import SinkError
+
+    if isinstance(exc, UsageError | LockedError | SinkError):
+        click.echo(f"error: {exc}", err=True)
+    else:
+        click.echo(f"error: internal error (a bug): {type(exc).__name__}: {exc}", err=True)
+    if isinstance(exc, LockedError):
+        sys.exit(EXIT_LOCKED)
+    if isinstance(exc, SinkError):
+        sys.exit(EXIT_FATAL)
+    sys.exit(EXIT_USAGE if isinstance(exc, UsageError) else EXIT_INTERNAL)
 
 
 @cli.command()
@@ -400,7 +429,10 @@ def export(out: Path, source: tuple[str, ...], fmt: str, output: Path | None) ->
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def runs(out: Path, fmt: str) -> None:
-    """Past runs in OUT: when, counts, exit code.
+    """Past runs in OUT: when, status, counts, exit code.
+
+    A status of "killed" is a run whose process ended without recording how
+    (kill -9, out of memory, power loss); "failed", one stopped by an internal error.
 
     \b
     Example:
@@ -418,7 +450,7 @@ def runs(out: Path, fmt: str) -> None:
         click.echo(f"no runs recorded in {out}")
         return
     click.echo(
-        f"{'run_id':<25} {'started_at':<20} {'exit':>4} {'ok':>9} {'error':>7} "
+        f"{'run_id':<25} {'started_at':<20} {'status':<8} {'exit':>4} {'ok':>9} {'error':>7} "
         f"{'invalid':>7} {'pending':>7} {'seconds':>8}"
     )
     for r in found:
@@ -426,6 +458,7 @@ def runs(out: Path, fmt: str) -> None:
         c = c if isinstance(c, dict) else {}
         click.echo(
             f"{str(r.get('run_id', '?')):<25} {str(r.get('started_at', ''))[:19]:<20} "
+            f"{str(r.get('status', '?')):<8} "
             f"{str(r.get('exit_code', '-')):>4} {_tally(c, 'ok'):>9} {_tally(c, 'error'):>7} "
             f"{_tally(c, 'invalid_input'):>7} {_tally(c, 'pending'):>7} "
             f"{str(r.get('wall_seconds', 0)):>8}"

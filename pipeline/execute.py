@@ -2,7 +2,10 @@
 
 Everything that can fail without spending money (options, inputs, the key, the
 lock) is checked before the first request, so exit codes 2 and 4 always mean
-"nothing was sent".
+"nothing was sent". Once the run's manifest exists, every ending is recorded in it:
+an error nobody expected (a bug) still leaves the results so far, a manifest
+``failed`` with the error, and exit 5; OUT failing (disk full) is exit 3. A crash is
+never reported as exit 1, "some rows failed".
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import time
+import traceback
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,12 +30,12 @@ from pipeline.client import ChatClient
 from pipeline.config import RunOptions, parse_shard, validate
 from pipeline.errors import UsageError
 from pipeline.lock import OutLock
-from pipeline.manifest import new_run_id, write_manifest
+from pipeline.manifest import mark_dead_runs, new_run_id, run_alive, write_manifest
 from pipeline.progress import Progress, Tally
 from pipeline.redact import plain_http_warnings
 from pipeline.resume import load_outcomes
-from pipeline.runner import Runner, RunResult, make_client
-from pipeline.sink import recover_journals
+from pipeline.runner import EXIT_FAILED, EXIT_OK, Runner, RunResult, make_client
+from pipeline.sink import SinkError, recover_journals, sink_error
 from pipeline.source import check_readable, expand_sources, warn_on_stderr
 
 
@@ -87,7 +93,7 @@ def execute(
     on_ray = opts.engine == "ray"
     engine = contextlib.ExitStack()
     if on_ray:
-        from pipeline.ray_engine import import_ray, ray_session
+        from pipeline.ray_engine import import_ray
         from pipeline.splits import check_location, expand_locations
 
         import_ray()  # not installed: exit 2 now, not after the lock and the manifest
@@ -112,86 +118,198 @@ def execute(
         opts = dataclasses.replace(opts, model=provider.default_model)
 
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
     run_id = new_run_id()
-    lock_name = ".lock" if opts.shard is None else f".lock-shard-{opts.shard.replace('/', '-of-')}"
+    shard = parse_shard(opts.shard) if opts.shard is not None else None
     # The lock is let go last: after a hard stop, Ray's workers are gone (and their
     # journals with no live writer) before another run may take this OUT.
-    with OutLock(out, lock_name) as lock, engine:
-        lock.acquire(run_id)
-        # After the lock (a second copy exits 4 at once), before the manifest (a
-        # cluster that cannot be reached is exit 2 with nothing written).
-        ray = engine.enter_context(ray_session(opts)) if on_ray else None
-        progress = Progress(
-            Tally(),
-            quiet=opts.quiet,
-            log_format=opts.log_format,
-            every=opts.progress_seconds,
-            stream=progress_stream or sys.stderr,
-        )
-        for warning in plain_http_warnings(base_urls, api_key):
-            progress.message(warning, "warning")
-        manifest: dict[str, Any] = {
-            "run_id": run_id,
-            "version": __version__,
-            "started_at": datetime.now(UTC).isoformat(),
-            "pid": os.getpid(),
-            "command": "run",
-            "inputs": locations,
-            "base_urls": base_urls,
-            "options": opts.redacted(),
-            "status": "running",
-        }
+    try:
+        with OutLock(out, shard) as lock, engine:
+            lock.acquire(run_id)
+            # After the lock (a second copy exits 4 at once), before anything is written
+            # (a cluster that cannot be reached is exit 2 with nothing written).
+            ray = engine.enter_context(ray_session_for(opts)) if on_ray else None
+            with run_alive(out, run_id):
+                mark_dead_runs(out, run_id)
+                return _run_locked(
+                    opts,
+                    run_id,
+                    ray=ray,
+                    locations=locations,
+                    files=files,
+                    provider_name=provider.name,
+                    base_urls=base_urls,
+                    api_key=api_key,
+                    transport=transport,
+                    sleep=sleep,
+                    clock=clock,
+                    progress_stream=progress_stream,
+                )
+    except OSError as exc:  # OUT itself: cannot create, lock or mark (nothing sent yet)
+        raise sink_error(exc) from exc
+
+
+def _run_locked(
+    opts: RunOptions,
+    run_id: str,
+    *,
+    ray: Any,
+    locations: list[str],
+    files: list[Path],
+    provider_name: str,
+    base_urls: list[str],
+    api_key: str | None,
+    transport: httpx.AsyncBaseTransport | None,
+    sleep: Callable[[float], Awaitable[None]] | None,
+    clock: Callable[[], float] | None,
+    progress_stream: Any,
+) -> RunResult:
+    """The run proper, OUT locked: from the first manifest on, every ending is recorded."""
+    out = Path(opts.out)
+    on_ray = ray is not None
+    progress = Progress(
+        Tally(),
+        quiet=opts.quiet,
+        log_format=opts.log_format,
+        every=opts.progress_seconds,
+        stream=progress_stream or sys.stderr,
+    )
+    for warning in plain_http_warnings(base_urls, api_key):
+        progress.message(warning, "warning")
+    manifest: dict[str, Any] = {
+        "run_id": run_id,
+        "version": __version__,
+        "started_at": datetime.now(UTC).isoformat(),
+        "pid": os.getpid(),
+        "command": "run",
+        "inputs": locations,
+        "base_urls": base_urls,
+        "options": opts.redacted(),
+        "status": "running",
+    }
+    started = time.monotonic()
+    runner: Runner | None = None
+    if not on_ray:
+        if transport is None and provider_name == "sim":
+            transport = sim_transport_for(opts)
+        client = make_client(opts, base_urls, api_key, transport=transport)
+        runner = _local_runner(opts, run_id, files, client, provider_name, progress, sleep, clock)
+    try:
+        write_manifest(out, run_id, manifest)
+    except BaseException:
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                runner.sink.close()
+        raise
+    try:
         if on_ray:
             from pipeline.ray_engine import run_on_ray
-
-            write_manifest(out, run_id, manifest)
 
             result, manifest["engine"] = run_on_ray(
                 ray,
                 opts,
                 run_id=run_id,
                 locations=locations,
-                provider_name=provider.name,
+                provider_name=provider_name,
                 base_urls=base_urls,
                 api_key=api_key,
                 progress=progress,
             )
         else:
-            if transport is None and provider.name == "sim":
-                transport = sim_transport_for(opts)
-            client = make_client(opts, base_urls, api_key, transport=transport)
-            runner = _local_runner(
-                opts, run_id, files, client, provider.name, progress, sleep, clock
-            )
-            write_manifest(out, run_id, manifest)
+            assert runner is not None
             result = anyio.run(runner.run)
-        t = result.tally
-        manifest.update(
-            status="finished" if result.exit_code in (0, 1) else "stopped",
-            finished_at=datetime.now(UTC).isoformat(),
-            wall_seconds=round(result.wall_seconds, 3),
-            exit_code=result.exit_code,
-            counts={
-                "ok": t.status["ok"],
-                "error": t.status["error"],
-                "invalid_input": t.status["invalid_input"],
-                "skipped_done": t.skipped,
-                "pending": result.pending,
-            },
-            tokens={
-                "prompt": t.prompt_tokens,
-                "cached": t.cached_tokens,
-                "completion": t.completion_tokens,
-                "reasoning": t.reasoning_tokens,
-            },
-            rate_limited=t.rate_limited,
-            retries=t.retries,
-            fatal=result.fatal,
-            signal=result.signal,
-        )
-        write_manifest(out, run_id, manifest)
-        return result
+    except BaseException as exc:  # noqa: BLE001 - every ending is recorded, then judged
+        result = runner.result if runner is not None else RunResult(run_id, out, Tally(), started)
+        result.finished = result.finished or time.monotonic()
+        if runner is not None:  # closed already unless the run never got going
+            with contextlib.suppress(Exception):
+                runner.sink.close()
+        _record_crash(result, exc, manifest, api_key)
+        if not isinstance(exc, Exception | KeyboardInterrupt):
+            _finish_manifest(out, manifest, result)
+            raise  # SystemExit and the like: recorded, not swallowed
+    if runner is not None:
+        result.unsaved = runner.sink.unsaved
+    _finish_manifest(out, manifest, result)
+    return result
+
+
+def ray_session_for(opts: RunOptions) -> contextlib.AbstractContextManager[Any]:
+    from pipeline.ray_engine import ray_session
+
+    return ray_session(opts)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups: what actually went wrong."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _record_crash(
+    result: RunResult, exc: BaseException, manifest: dict[str, Any], api_key: str | None
+) -> None:
+    """Turn an exception that ended the run into the result's exit code and the
+    manifest's error: Ctrl-C is 130, OUT failing is 3, anything else a bug (5)."""
+    leaves = _leaves(exc)
+    if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        result.signal = result.signal or int(signal.SIGINT)
+        return
+    if all(isinstance(leaf, SinkError | OSError) for leaf in leaves) and any(
+        isinstance(leaf, SinkError) for leaf in leaves
+    ):
+        error = next(leaf for leaf in leaves if isinstance(leaf, SinkError))
+        result.fatal = result.fatal or str(error)
+        return
+    bug = next(
+        (leaf for leaf in leaves if not isinstance(leaf, KeyboardInterrupt | SinkError)), exc
+    )
+
+    def redact(text: str) -> str:
+        return text.replace(api_key, "[redacted]") if api_key else text
+
+    result.internal = redact(f"{type(bug).__name__}: {bug}")[:2000]
+    manifest["traceback"] = redact("".join(traceback.format_exception(bug)))[-20_000:]
+
+
+def _finish_manifest(out: Path, manifest: dict[str, Any], result: RunResult) -> None:
+    """The manifest's final state. If OUT cannot take even that, the run says so
+    (exit 3 unless something worse happened); the next run marks it ``killed``."""
+    t = result.tally
+    code = result.exit_code
+    status = "finished" if code in (EXIT_OK, EXIT_FAILED) else "stopped"
+    if result.internal is not None and result.signal is None:
+        status = "failed"
+    manifest.update(
+        status=status,
+        finished_at=datetime.now(UTC).isoformat(),
+        wall_seconds=round(result.wall_seconds, 3),
+        exit_code=code,
+        counts={
+            "ok": t.status["ok"],
+            "error": t.status["error"],
+            "invalid_input": t.status["invalid_input"],
+            "skipped_done": t.skipped,
+            "pending": result.pending,
+            "unsaved": result.unsaved,
+        },
+        tokens={
+            "prompt": t.prompt_tokens,
+            "cached": t.cached_tokens,
+            "completion": t.completion_tokens,
+            "reasoning": t.reasoning_tokens,
+        },
+        rate_limited=t.rate_limited,
+        retries=t.retries,
+        fatal=result.fatal,
+        signal=result.signal,
+        error=result.internal,
+    )
+    try:
+        write_manifest(out, str(manifest["run_id"]), manifest)
+    except OSError as exc:
+        if result.fatal is None:
+            result.fatal = f"{sink_error(exc)} (the run's manifest could not be written)"
 
 
 def _local_runner(

@@ -370,12 +370,14 @@ def run_on_ray(
         except Exception as exc:  # a worker raised: results so far are kept, say why
             failure = f"a Ray worker failed: {str(exc).strip().splitlines()[-1][:500]}"
         finished = ray.get(coordinator.finished.remote())
-        stop = failure or ray.get(coordinator.share.remote())["stop"]
+        stop = ray.get(coordinator.share.remote())["stop"]
     finally:
         ray.kill(coordinator)
     tally.cost_usd = finished["spent_usd"]
     result.pending = int(finished["counts"]["pending"])
-    if stop and result.signal is None:
+    if failure is not None:
+        result.internal = failure  # not a condition of the job's: exit 5, never 1 or 3
+    elif stop and result.signal is None:
         result.fatal = stop
     _final_counts(out, run_id, tally, finished)
     result.finished = time.monotonic()

@@ -52,10 +52,11 @@ from pipeline.request import DEFAULT_COMPLETION_GUESS, Job, Rejected
 from pipeline.resume import Outcomes
 from pipeline.retry import first_wait, gives_up_at_once, retrying
 from pipeline.selection import RowSelector
-from pipeline.sink import ResultSink, write_part
+from pipeline.sink import ResultSink, SinkError, write_part
 from pipeline.source import SourceRow, read_rows
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_INTERNAL = 5  # an unexpected error outside any row (a bug): never reported as 1
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 GRACE_SECONDS = 30.0  # after a first signal, how long in-flight requests may take
 
@@ -85,11 +86,16 @@ class RunResult:
     fatal: str | None = None  # why the run stopped early, with advice
     signal: int | None = None
     pending: int = 0  # rows read but never sent (stopped early)
+    internal: str | None = None  # "<Class>: <message>" of an unexpected error (exit 5)
+    unsaved: int = 0  # answers maybe lost to a broken OUT (at most): sent again on re-run
 
     @property
     def exit_code(self) -> int:
+        """One code for the run; when several apply: signal, internal, fatal, failed."""
         if self.signal is not None:
             return EXIT_SIGNAL.get(signal.Signals(self.signal), 128 + self.signal)
+        if self.internal is not None:
+            return EXIT_INTERNAL
         if self.fatal is not None:
             return EXIT_FATAL
         t = self.tally
@@ -507,7 +513,7 @@ class Runner:
                         self._write(results_rx.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                         break
-                self.sink.flush()
+                self._flush()
 
     async def _write_loop(
         self,
@@ -515,10 +521,21 @@ class Runner:
         compactions: anyio.abc.TaskGroup,
     ) -> None:
         while True:
+            # Rows journaled but not yet fsynced wait at most the sink's sync window,
+            # even when no other answer comes to trigger the group commit.
+            wait = self.sink.sync_wait()
+            row: dict[str, Any] | None = None
             try:
-                row = await results_rx.receive()
+                if wait is None:
+                    row = await results_rx.receive()
+                else:
+                    with anyio.move_on_after(wait):
+                        row = await results_rx.receive()
             except anyio.EndOfStream:
                 break
+            if row is None:  # the window passed with nothing new: commit what waits
+                await self._sync()
+                continue
             self._write(row)
             # Drain whatever else is ready, then flush once: a small group per flush.
             while True:
@@ -526,22 +543,61 @@ class Runner:
                     self._write(results_rx.receive_nowait())
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
-            self.sink.flush()
+            self._flush()
+            if self.sink.sync_due:
+                await self._sync()
             if self.sink.part_due:
-                taken = self.sink.take_part()
+                taken = self._take_part()
                 if taken is not None:
                     compactions.start_soon(self._compact, *taken)
             self.progress.tick()
+
+    def _out_failed(self, error: SinkError) -> None:
+        """OUT cannot be written: stop dispatch (exit 3). Answers still in flight are
+        held in memory and written as one part at the end if OUT allows it then."""
+        self.stop(str(error))
+
+    def _flush(self) -> None:
+        try:
+            self.sink.flush()
+        except SinkError as error:
+            self._out_failed(error)
+
+    async def _sync(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.sink.sync)
+        except SinkError as error:
+            self._out_failed(error)
+
+    def _take_part(self) -> tuple[list[dict[str, Any]], Path, Path] | None:
+        try:
+            return self.sink.take_part()
+        except SinkError as error:
+            self._out_failed(error)
+            return None
 
     async def _compact(self, rows: list[dict[str, Any]], part: Path, segment: Path) -> None:
         """Write one Parquet part from a closed journal segment, one part at a time."""
         async with self._compacting:
             with anyio.CancelScope(shield=True):  # a part is written whole or not at all
-                await anyio.to_thread.run_sync(write_part, rows, part)
+                try:
+                    await anyio.to_thread.run_sync(self._write_part, rows, part, segment)
+                except OSError as exc:
+                    # The segment is whole on disk: the next run compacts it.
+                    self._out_failed(self.sink.fail(exc))
+                    return
                 self.sink.part_done(segment)
 
+    @staticmethod
+    def _write_part(rows: list[dict[str, Any]], part: Path, segment: Path) -> None:
+        ResultSink.sync_segment(segment)  # safe on disk before the part is
+        write_part(rows, part)
+
     def _write(self, row: dict[str, Any]) -> None:
-        self.sink.write(row)
+        try:
+            self.sink.write(row)
+        except SinkError as error:
+            self._out_failed(error)
         t = self.tally
         t.prompt_tokens += row.get("prompt_tokens") or 0
         t.completion_tokens += row.get("completion_tokens") or 0

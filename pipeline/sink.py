@@ -2,20 +2,33 @@
 
 Each result is appended to a journal segment (``OUT/journal/<run_id>-<seq>.jsonl``)
 and the file is flushed after every small group, so a ``kill -9`` loses only what
-was still in flight: an answer the server billed is on disk the moment the writer
-has it. Every ``part_rows`` results the segment is compacted into a Parquet part
-(``OUT/results/<run_id>/part-<seq>.parquet``), written under a temporary name and
-renamed, so a reader never sees half a part. The segment is deleted only after the
+was still in flight: an answer the server billed is in the OS the moment the writer
+has it. A power cut is another matter: the OS writes to the disk when it likes. So
+the journal is also fsynced by group commit, once ``sync_rows`` results are waiting
+or the oldest has waited ``sync_seconds`` (defaults below, chosen by measurement in
+``bench/fsync.py``), which bounds what a power cut can take to that window plus the
+fsync itself. Every ``part_rows`` results the segment is compacted into a Parquet
+part (``OUT/results/<run_id>/part-<seq>.parquet``), written under a temporary name,
+fsynced and renamed, and the folder fsynced, so a reader never sees half a part and
+a power cut never loses a renamed one. The segment is deleted only after the
 rename; a segment found at start-up is compacted again under the same part name,
 which makes recovery idempotent.
+
+When OUT cannot be written (disk full, quota, I/O error), the sink raises
+``SinkError`` once and keeps later results in memory only; ``close`` then tries to
+write everything it holds as one part, and if that fails too, the journal segment
+is left for the next run to recover. What was journaled is never damaged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +36,34 @@ from typing import IO, Any
 
 import pyarrow.parquet as pq
 
+from pipeline.errors import PipelineError
+from pipeline.lock import open_nofollow
+from pipeline.manifest import fsync_dir
 from pipeline.schema import results_table
+
+# Group commit of the journal: fsync once this many results wait, or once the oldest
+# has waited this long. Measured with bench/fsync.py (bench/RESULTS.md).
+SYNC_ROWS = 256
+SYNC_SECONDS = 0.05
+
+# Errors that mean "OUT has no room" rather than "something else is wrong with it".
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class SinkError(PipelineError):
+    """Results could not be written to OUT (disk full, quota, I/O error, read-only):
+    the run stops sending (exit 3); what was journaled stays."""
+
+
+def sink_error(exc: OSError) -> SinkError:
+    """The message a person reads: what happened to OUT, and what to do."""
+    what = "disk full on OUT" if exc.errno in _NO_ROOM else "cannot write to OUT"
+    where = f" ({exc.filename})" if exc.filename else ""
+    return SinkError(
+        f"{what}{where}: {exc.strerror or exc}. Results journaled so far are kept; "
+        "make room (or fix the disk) and re-run the same command to resume"
+    )
+
 
 _TIMESTAMP_FIELDS = ("started_at", "finished_at")
 
@@ -55,14 +95,28 @@ def _journal_rows(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def write_part(rows: list[dict[str, Any]], path: Path) -> None:
-    """Write rows as one Parquet file, atomically (temp name, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write rows as one Parquet file, atomically and durably: a temp name (never a
+    symlink followed), fsync, rename, fsync of the folder (and of its parent when the
+    folder is new). On failure the temp file is removed and the error raised."""
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsync_dir(path.parent.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     table = results_table(rows)
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+        with os.fdopen(fd, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
 
 
 @contextmanager
@@ -74,7 +128,7 @@ def _dead_run(journal_dir: Path, run_id: str) -> Iterator[bool]:
     journal of another, nor compact a dead one at the same time as a third process.
     """
     lock_path = journal_dir / f"{run_id}.lock"
-    with open(lock_path, "a+") as fh:
+    with open_nofollow(lock_path) as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -88,7 +142,15 @@ def _dead_run(journal_dir: Path, run_id: str) -> Iterator[bool]:
 
 
 def recover_journals(out: Path) -> int:
-    """Compact journal segments left by runs that died. Returns the rows recovered."""
+    """Compact journal segments left by runs that died. Returns the rows recovered.
+    Raises SinkError when OUT cannot be written."""
+    try:
+        return _recover(out)
+    except OSError as exc:
+        raise sink_error(exc) from exc
+
+
+def _recover(out: Path) -> int:
     journal_dir = out / "journal"
     if not journal_dir.is_dir():
         return 0
@@ -102,7 +164,7 @@ def recover_journals(out: Path) -> int:
     # One recovery at a time per OUT, waited for: a process that starts while another
     # is compacting a dead journal must not take "locked" for "alive", skip it, and
     # then load the done ids without those rows (it would send them again).
-    with open(journal_dir / ".recovery.lock", "a+") as guard:
+    with open_nofollow(journal_dir / ".recovery.lock") as guard:
         fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
         for run_id, segments in runs.items():
             with _dead_run(journal_dir, run_id) as dead:
@@ -120,78 +182,227 @@ def recover_journals(out: Path) -> int:
 
 
 class ResultSink:
-    """Append-only writer of result rows for one run."""
+    """Append-only writer of result rows for one run.
 
-    def __init__(self, out: Path, run_id: str, *, part_rows: int = 20_000) -> None:
+    Not thread-safe: one writer task calls it; ``sync`` may run in a worker thread
+    while that task awaits it.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        run_id: str,
+        *,
+        part_rows: int = 20_000,
+        sync_rows: int = SYNC_ROWS,
+        sync_seconds: float = SYNC_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.out = out
         self.run_id = run_id
         self.part_rows = part_rows  # results per Parquet part
+        self.sync_rows = sync_rows
+        self.sync_seconds = sync_seconds
+        self._clock = clock
         self.rows_written = 0
+        self.broken: SinkError | None = None  # set once OUT could not be written
+        self.unsaved = 0  # results received but lost to a broken OUT (sent again on re-run)
+        self._after_break = 0  # results held only in memory since the break
         self._seq = 0
         self._buffer: list[dict[str, Any]] = []
         self._journal: IO[str] | None = None
         self._journal_path: Path | None = None
-        (out / "journal").mkdir(parents=True, exist_ok=True)
-        (out / "results").mkdir(parents=True, exist_ok=True)
-        # Held until the process ends (the kernel drops it even on kill -9): while it
-        # is held, no other run on this OUT will compact our journal under us.
-        self._live = open(out / "journal" / f"{run_id}.lock", "a+")  # noqa: SIM115
-        fcntl.flock(self._live.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # Who holds it, for a person (or a test) looking at a stuck or crashed job.
-        self._live.truncate(0)
-        self._live.write(f"{os.getpid()}\n")
-        self._live.flush()
+        self._unflushed = 0  # results given to the file object since its last flush
+        self._unsynced = 0  # journaled results not yet fsynced
+        self._oldest_unsynced = 0.0
+        self._new_segment = False  # its name is not yet durable in the folder
+        try:
+            for folder in (out / "journal", out / "results"):
+                if not folder.is_dir():
+                    folder.mkdir(parents=True, exist_ok=True)
+                    fsync_dir(out)
+            # Held until the process ends (the kernel drops it even on kill -9): while it
+            # is held, no other run on this OUT will compact our journal under us.
+            self._live = open_nofollow(out / "journal" / f"{run_id}.lock")
+            fcntl.flock(self._live.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Who holds it, for a person (or a test) looking at a stuck or crashed job.
+            self._live.truncate(0)
+            self._live.write(f"{os.getpid()}\n")
+            self._live.flush()
+        except OSError as exc:
+            raise sink_error(exc) from exc
+
+    def _break(self, exc: OSError) -> SinkError:
+        """OUT failed us: from now on results are held in memory only (see close)."""
+        error = sink_error(exc)
+        if self.broken is None:
+            self.broken = error
+            self._after_break = self._unflushed  # maybe cut short on disk, or not there
+            if self._journal is not None:
+                # Drop what the file object still buffers: a later flush of it could
+                # append after a line the disk cut short, and damage a whole line. The
+                # descriptor is pointed at /dev/null rather than closed, so its number
+                # is never reused under the file object (by a part being written).
+                with contextlib.suppress(OSError, ValueError):
+                    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.dup2(null, self._journal.fileno(), inheritable=False)
+                    finally:
+                        os.close(null)
+                with contextlib.suppress(OSError, ValueError):
+                    self._journal.close()
+        return error
+
+    def fail(self, exc: OSError) -> SinkError:
+        """Another write to OUT (a Parquet part) failed: treat it as the journal's own."""
+        return self._break(exc)
 
     def _open_segment(self) -> IO[str]:
         self._seq += 1
         self._journal_path = self.out / "journal" / f"{self.run_id}-{self._seq:05d}.jsonl"
-        self._journal = open(self._journal_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in take_part
+        fd = os.open(
+            self._journal_path,
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+        )
+        self._journal = os.fdopen(fd, "a", encoding="utf-8")
+        self._new_segment = True
         return self._journal
 
     def write(self, row: dict[str, Any]) -> None:
-        """Journal one result (buffered until ``flush``)."""
-        journal = self._journal or self._open_segment()
-        journal.write(json.dumps(row, ensure_ascii=False, default=_encode) + "\n")
+        """Journal one result (buffered until ``flush``). Raises SinkError once, when
+        OUT fails; after that, results are kept in memory for ``close``."""
         self._buffer.append(row)
         self.rows_written += 1
+        if self.broken is not None:
+            self._after_break += 1
+            return
+        self._unflushed += 1
+        try:
+            journal = self._journal or self._open_segment()
+            journal.write(json.dumps(row, ensure_ascii=False, default=_encode) + "\n")
+        except OSError as exc:
+            raise self._break(exc) from exc
+        if not self._unsynced:
+            self._oldest_unsynced = self._clock()
+        self._unsynced += 1
 
     def flush(self) -> None:
         """Push journaled rows to the OS: from here on they survive a kill -9."""
-        if self._journal is not None:
-            self._journal.flush()
+        if self._journal is not None and self.broken is None:
+            try:
+                self._journal.flush()
+            except OSError as exc:
+                raise self._break(exc) from exc
+            self._unflushed = 0
+
+    def sync_wait(self) -> float | None:
+        """Seconds until the journal is due an fsync; None when nothing waits."""
+        if not self._unsynced or self.broken is not None:
+            return None
+        return max(0.0, self._oldest_unsynced + self.sync_seconds - self._clock())
+
+    @property
+    def sync_due(self) -> bool:
+        wait = self.sync_wait()
+        return wait is not None and (wait <= 0 or self._unsynced >= self.sync_rows)
+
+    def sync(self) -> None:
+        """fsync the flushed journal (and, for a new segment, its folder): from here on
+        its rows survive a power cut. Call after ``flush``; may run in a thread."""
+        if self._journal is None or self.broken is not None:
+            self._unsynced = 0
+            return
+        try:
+            os.fsync(self._journal.fileno())
+            if self._new_segment:
+                fsync_dir(self.out / "journal")
+                self._new_segment = False
+        except OSError as exc:
+            raise self._break(exc) from exc
+        self._unsynced = 0
 
     @property
     def part_due(self) -> bool:
-        return len(self._buffer) >= self.part_rows
+        return len(self._buffer) >= self.part_rows and self.broken is None
 
     def take_part(self) -> tuple[list[dict[str, Any]], Path, Path] | None:
         """Close the current segment and hand back its rows, part path and segment path.
 
-        The caller writes the part (maybe in a thread) and then calls ``part_done``,
-        while new results go to a fresh segment.
+        The caller writes the part (maybe in a thread; ``sync_segment`` first) and then
+        calls ``part_done``, while new results go to a fresh segment.
         """
-        if not self._buffer or self._journal is None or self._journal_path is None:
+        if (
+            not self._buffer
+            or self._journal is None
+            or self._journal_path is None
+            or self.broken is not None
+        ):
             return None
-        self._journal.flush()
-        self._journal.close()
+        try:
+            self._journal.flush()
+            self._journal.close()
+        except OSError as exc:
+            raise self._break(exc) from exc
         rows, self._buffer = self._buffer, []
         part = self.out / "results" / self.run_id / f"part-{self._seq:05d}.parquet"
         segment = self._journal_path
         self._journal = None
         self._journal_path = None
+        self._unflushed = self._unsynced = 0
+        self._new_segment = False
         return rows, part, segment
+
+    @staticmethod
+    def sync_segment(segment: Path) -> None:
+        """fsync a closed segment: its rows stay safe while its part is being written."""
+        fd = os.open(segment, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def part_done(segment: Path) -> None:
         segment.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Compact what is left into a last part, then let go of the journal lock."""
-        taken = self.take_part()
-        if taken is not None:
-            rows, part, segment = taken
-            write_part(rows, part)
-            self.part_done(segment)
-        if not self._live.closed:
-            (self.out / "journal" / f"{self.run_id}.lock").unlink(missing_ok=True)
-            self._live.close()
+        """Compact what is left into a last part, then let go of the journal lock.
+
+        After OUT failed, everything held (journaled or not) is tried as one part;
+        if that fails too, the segment stays for the next run's recovery and the
+        results that reached no disk are counted in ``unsaved``. Raises SinkError
+        for a failure not reported before that left results out of Parquet.
+        """
+        reported = self.broken is not None
+        try:
+            if self.broken is None:
+                try:
+                    taken = self.take_part()
+                except SinkError:
+                    taken = None  # broken now; the rows are still in the buffer
+                if taken is not None:
+                    rows, part, segment = taken
+                    try:
+                        write_part(rows, part)
+                    except OSError as exc:
+                        # The segment is whole on disk: the next run compacts it.
+                        raise self._break(exc) from exc
+                    self.part_done(segment)
+            if self.broken is not None and self._buffer:
+                part = self.out / "results" / self.run_id / f"part-{self._seq:05d}.parquet"
+                try:
+                    write_part(self._buffer, part)
+                except OSError:
+                    self.unsaved = self._after_break
+                    if not reported:
+                        raise self.broken from None
+                else:
+                    if self._journal_path is not None:
+                        self._journal_path.unlink(missing_ok=True)
+                finally:
+                    self._buffer = []
+        finally:
+            if not self._live.closed:
+                (self.out / "journal" / f"{self.run_id}.lock").unlink(missing_ok=True)
+                self._live.close()

@@ -93,9 +93,13 @@ def test_kill_9_loses_at_most_what_was_in_flight_and_its_lock_is_taken_over(
     first_run_id = manifest_of(out, run.pid)["run_id"]
     billed_before_rerun = server.settled_billed()
 
+    assert manifest_of(out, run.pid)["status"] == "running"
     rerun = procs.start(run_cmd(src, out, server))
     code, err = finish(rerun)
     assert code == 0, f"the rerun did not take over the dead run's lock: exit {code}: {err}"
+    killed = manifest_of(out, run.pid)
+    assert killed["status"] == "killed", "a dead run's manifest still says running"
+    assert manifest_of(out, rerun.pid)["run_id"] in killed["error"]
     rows = assert_every_id_ok_once(out, ROWS, "k")
 
     kept = sum(1 for r in rows if r["run_id"] == first_run_id)
