@@ -45,6 +45,28 @@ class Budget:
         self.holds = 0  # requests in flight holding part of ``reserved``
         self.largest_completion = 0  # tokens, for reservations without max_tokens
 
+    # -- sharing one job's cap among processes (--shard, Ray workers) -----------------
+
+    def share(self, parts: int) -> None:
+        """Keep 1/``parts`` of the cap: one of ``parts`` processes that split a job."""
+        self.cap /= parts
+
+    def lease(self, amount: float) -> None:
+        """Add ``amount`` USD leased from the job's budget (Ray) to this process's cap."""
+        self.cap += amount
+
+    def unspent(self, keep: float = 0.0) -> float:
+        """USD of the cap neither spent nor held by requests in flight, beyond ``keep``."""
+        return self.cap - self.spent - self.reserved - keep
+
+    def give_back(self, amount: float) -> None:
+        """Hand ``amount`` USD of the cap back to the job (it no longer counts here)."""
+        self.cap -= amount
+
+    def learn_completion(self, tokens: int) -> None:
+        """A completion seen elsewhere in the job: reservations without max_tokens grow."""
+        self.largest_completion = max(self.largest_completion, tokens)
+
     def _price(self, model: str, response_model: str | None = None) -> Price:
         today = datetime.now(UTC)
         price = find_price(self.prices, model, self.provider, today, response_model=response_model)

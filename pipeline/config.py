@@ -86,6 +86,14 @@ class RunOptions:
             return Provider(name, tuple(self.base_url), self.api_key_env)
         return get_provider(name, providers)
 
+    def with_default_model(self, provider: Provider) -> RunOptions:
+        """These options with the provider's default model for rows that name none,
+        when neither ``--model`` nor a bare ``--base-url`` (whose models we cannot
+        know) says otherwise: the one rule for run and estimate."""
+        if self.model is None and provider.default_model and not self.base_url:
+            return dataclasses.replace(self, model=provider.default_model)
+        return self
+
     def base_urls(self, provider: Provider) -> list[str]:
         """The base URLs to use; one that carries credentials is a usage error (exit 2)."""
         urls = list(self.base_url) or list(provider.base_urls)

@@ -182,9 +182,7 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     for path in files:
         check_readable(path)
     provider = opts.resolved_provider()
-    model = opts.model
-    if model is None and provider.default_model and not opts.base_url:
-        model = provider.default_model  # as execute() does
+    model = opts.with_default_model(provider).model
     prices = load_prices(pricing_file if pricing_file is not None else opts.pricing)
     history = completion_history(Path(opts.out), prices.path)
     outcomes = load_outcomes(Path(opts.out))

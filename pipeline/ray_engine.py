@@ -43,13 +43,16 @@ import httpx
 from pipeline.budget import Budget
 from pipeline.config import RunOptions
 from pipeline.coordinator import COUNTS, HEARTBEAT_SECONDS, Coordinator
+from pipeline.engine import JobContext
 from pipeline.errors import UsageError
 from pipeline.gc_tuning import fewer_full_collections
+from pipeline.local import build_runner, make_client, sim_transport_for
 from pipeline.progress import Progress, Tally
 from pipeline.resume import Outcomes, load_outcomes
-from pipeline.runner import GRACE_SECONDS, Runner, RunResult, make_client
+from pipeline.runner import GRACE_SECONDS, RowSource, Runner, RunResult
 from pipeline.sink import recover_journals
-from pipeline.splits import Split, plan_splits, read_split
+from pipeline.source import warn_on_stderr
+from pipeline.splits import Split, check_location, expand_locations, plan_splits, read_split
 
 NAMESPACE = "pipeline"
 
@@ -127,24 +130,21 @@ class SplitWorker:
         writer = f"{spec.run_id}-w{secrets.token_hex(4)}"
         transport: httpx.AsyncBaseTransport | None = None
         if spec.provider_name == "sim":
-            from pipeline.execute import sim_transport_for
-
             transport = sim_transport_for(opts)
         client = make_client(opts, spec.base_urls, self.api_key, transport=transport)
-        runner = Runner(
+        runner = build_runner(
             opts,
             run_id=spec.run_id,
-            files=[],
-            outcomes=self.outcomes,
-            client=client,
             provider_name=spec.provider_name,
-            rows=lambda: read_split(split),
+            client=client,
+            outcomes=self.outcomes,
+            source=RowSource(lambda: read_split(split)),
             sink_name=writer,
             budget_topup=lambda budget, amount: self._top_up(runner, writer, budget, amount),
             handle_signals=False,
         )
-        if runner.budget is not None:
-            runner.budget.cap = 0.0  # everything this worker spends is leased first
+        if runner.budget is not None:  # everything this worker spends is leased first
+            runner.budget.give_back(runner.budget.cap)
         share = _get(self.coordinator.register.remote(writer))
         self._apply(runner, share)
         runner.limiter.start_empty()
@@ -177,8 +177,7 @@ class SplitWorker:
             share["concurrency"], share["rpm"], share["tpm"], workers=share["workers"]
         )
         if runner.budget is not None:
-            budget = runner.budget
-            budget.largest_completion = max(budget.largest_completion, share["largest_completion"])
+            runner.budget.learn_completion(share["largest_completion"])
         if share["stop"] and not runner.stopping:
             runner.stop()
 
@@ -195,14 +194,14 @@ class SplitWorker:
         if not had_holds:
             # Nothing of ours in flight: what we were granted and did not spend goes
             # back first, for a worker that may need it more than our remainder.
-            spare = budget.cap - budget.spent
+            spare = budget.unspent()  # (nothing is reserved)
             if spare > 0:
-                budget.cap -= spare
+                budget.give_back(spare)
                 await self.coordinator.give_back.remote(writer, spare)
-        want = budget.spent + budget.reserved + amount - budget.cap
+        want = amount - budget.unspent()
         granted = await self.coordinator.grant.remote(writer, max(want, 1e-9))
         if granted > 0:
-            budget.cap += granted
+            budget.lease(granted)
             return True
         if had_holds or budget.holds > 0:
             return None  # our own answers settle first; then the request is tried again
@@ -226,9 +225,9 @@ class SplitWorker:
         budget = runner.budget
         if budget is None:
             return
-        spare = budget.cap - budget.spent - budget.reserved - keep
+        spare = budget.unspent(keep)
         if spare > keep:
-            budget.cap -= spare
+            budget.give_back(spare)
             await self.coordinator.give_back.remote(writer, spare)
 
 
@@ -557,3 +556,63 @@ def _final_counts(out: Path, run_id: str, tally: Tally, finished: dict[str, Any]
         tally.completion_tokens += completion
         tally.reasoning_tokens += reasoning
     tally.skipped = max(0, tally.skipped - lost)
+
+
+class RayEngine:
+    """Splits of the inputs on a Ray cluster's worker pool (``--engine ray``)."""
+
+    def __init__(self, **hooks: Any) -> None:
+        if any(v is not None for v in hooks.values()):
+            raise UsageError("a transport, clock or sleep can only drive --engine local")
+        self._ray: Any = None
+        self._job: JobContext | None = None
+
+    def inputs(self, opts: RunOptions) -> tuple[RunOptions, list[str]]:
+        import_ray()  # not installed: exit 2 now, not after the lock and the manifest
+        locations = expand_locations(
+            list(opts.sources), out=opts.out, say=warn_on_stderr(opts.log_format)
+        )
+        for location in locations:
+            check_location(location)
+        return _absolute_paths(opts), locations  # workers run elsewhere, in other folders
+
+    @contextlib.contextmanager
+    def connect(self, opts: RunOptions) -> Iterator[None]:
+        with ray_session(opts) as ray:
+            self._ray = ray
+            yield
+
+    def prepare(self, job: JobContext) -> None:
+        self._job = job
+
+    def run(self) -> tuple[RunResult, dict[str, Any] | None]:
+        job = self._job
+        assert job is not None and self._ray is not None, "connect() and prepare() first"
+        return run_on_ray(
+            self._ray,
+            job.opts,
+            run_id=job.run_id,
+            locations=job.locations,
+            provider_name=job.provider_name,
+            base_urls=job.base_urls,
+            api_key=job.api_key,
+            progress=job.progress,
+        )
+
+    def so_far(self) -> RunResult | None:
+        return None  # the workers' journals hold what they got to; the next run compacts
+
+
+def _absolute_paths(opts: RunOptions) -> RunOptions:
+    """Paths as the driver sees them: workers may run in another folder or host."""
+
+    def absolute(path: Path | None) -> Path | None:
+        return None if path is None else Path(path).absolute()
+
+    return dataclasses.replace(
+        opts,
+        out=Path(opts.out).absolute(),
+        pricing=absolute(opts.pricing),
+        image_root=absolute(opts.image_root),
+        providers_file=absolute(opts.providers_file),
+    )

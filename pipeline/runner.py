@@ -25,14 +25,12 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.to_thread
-import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.budget import Budget, BudgetExceeded, Reservation
 from pipeline.client import ChatClient, Reply
-from pipeline.config import RunOptions
 from pipeline.dedupe import Dedupe
-from pipeline.errors import ApiError, Kind, RequestError, UsageError, fatal_advice
+from pipeline.errors import ApiError, Kind, RequestError, fatal_advice
 from pipeline.jsoncheck import check_answer, wants_json
 from pipeline.limiter import RateLimiter
 from pipeline.outcome import (
@@ -46,14 +44,12 @@ from pipeline.outcome import (
     ok_row,
     utcnow,
 )
-from pipeline.pricing import PricingError, load_prices
 from pipeline.progress import Progress, Tally
 from pipeline.request import DEFAULT_COMPLETION_GUESS, Job, Rejected
-from pipeline.resume import Outcomes
 from pipeline.retry import first_wait, gives_up_at_once, retrying
 from pipeline.selection import RowSelector
 from pipeline.sink import ResultSink, SinkError, write_part
-from pipeline.source import SourceRow, read_rows
+from pipeline.source import SourceRow
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3, 4
 EXIT_INTERNAL = 5  # an unexpected error outside any row (a bug): never reported as 1
@@ -108,59 +104,107 @@ class RunResult:
         return (self.finished or time.monotonic()) - self.started
 
 
+class StopSignal:
+    """The run's "stop dispatching now": set by a fatal answer, a signal or the budget.
+
+    Built before the runner and handed to the limiter as its sleep, so a wait for a
+    server's ``Retry-After`` (up to minutes) ends the moment the run stops.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep that wakes early when the run stops."""
+        if seconds <= 0:
+            return
+        with anyio.move_on_after(seconds):
+            await self._event.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class Attempts:
+    """How hard the runner tries one row. Defaults are the ``run`` options' defaults."""
+
+    max_attempts: int = 6  # per row, for errors other than 429 (429s are paced, not counted)
+    max_retry_time: float = 900.0  # seconds a row may spend retrying before it gives up
+    json_retries: int = 2  # re-asks when a JSON answer breaks the schema or label set
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSettings:
+    """What the runner decides by itself (its collaborators hold their own settings)."""
+
+    run_id: str
+    provider: str  # recorded in every row
+    out: Path  # for the result's summary; the sink owns the writing
+    workers: int  # worker tasks; the limiter decides how many may send at once
+    attempts: Attempts = Attempts()
+    handle_signals: bool = True  # a Ray worker leaves signals to Ray (the driver relays)
+
+
+@dataclass(slots=True)
+class RunParts:
+    """The runner's collaborators, built (and for a shard or a Ray worker, given their
+    share of the job's limits) before the runner: it uses them, never patches them."""
+
+    client: ChatClient
+    limiter: RateLimiter
+    selector: RowSelector
+    sink: ResultSink
+    stop: StopSignal
+    budget: Budget | None = None
+    dedupe: Dedupe | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RowSource:
+    """Where the rows come from: input files, or a piece of them (a Ray split)."""
+
+    batches: Callable[[], Iterator[list[SourceRow]]]
+    count: Callable[[], int | None] = lambda: None  # rows in all, for the ETA; None: unknown
+
+
 class Runner:
-    """One run over a stream of files. Build it, then ``await run()``."""
+    """One run over a stream of rows. Build it, then ``await run()``."""
 
     def __init__(
         self,
-        opts: RunOptions,
+        settings: RunnerSettings,
+        parts: RunParts,
+        source: RowSource,
         *,
-        run_id: str,
-        files: list[Path],
-        outcomes: Outcomes,
-        client: ChatClient,
-        provider_name: str,
         progress: Progress | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
-        clock: Callable[[], float] | None = None,
-        rows: Callable[[], Iterator[list[SourceRow]]] | None = None,
-        sink_name: str | None = None,
         budget_topup: Callable[[Budget, float], Awaitable[bool | None]] | None = None,
-        handle_signals: bool = True,
     ) -> None:
-        self.opts = opts
-        self.files = files
-        # What to read: the files (one process), or a piece of them (a Ray partition).
-        self._rows = rows or (lambda: read_rows(files, max_line_bytes=opts.max_line_bytes))
+        self.settings = settings
+        self.client = parts.client
+        self.limiter = parts.limiter
+        self.selector = parts.selector
+        self.sink = parts.sink
+        self.budget = parts.budget
+        self.dedupe = parts.dedupe
+        self._stop = parts.stop
+        self._source = source
+        # Tests hand in a fake clock's sleep; a real run's retry waits end when it stops.
+        self._wait = sleep or parts.stop.sleep
         # A job-wide budget (Ray) tops this process's allowance up instead of stopping:
         # it answers True (leased more), None (nothing now, ask again) or False (none left).
         self._budget_topup = budget_topup
-        # A Ray worker leaves signals to Ray; the driver relays a stop to every worker.
-        self._handle_signals = handle_signals
-        self.client = client
-        self.ctx = RunContext(run_id=run_id, provider=provider_name)
+        self.ctx = RunContext(run_id=settings.run_id, provider=settings.provider)
         self.tally = Tally()
         self.progress = progress or Progress(self.tally, quiet=True)
         self.progress.tally = self.tally
-        # Tests hand in a fake clock and sleep; a real run sleeps in a way a stop can cut
-        # short. The limiter and the retry waits share the one chosen here.
-        self._wait = sleep or self._sleep
-        self.limiter = RateLimiter(
-            opts.concurrency, opts.rpm, opts.tpm, clock=clock or time.monotonic, sleep=self._wait
-        )
-        self.dedupe = Dedupe() if opts.dedupe else None
-        self.budget = None
-        if opts.max_cost is not None:
-            try:
-                self.budget = Budget(opts.max_cost, load_prices(opts.pricing), provider_name)
-            except PricingError as exc:
-                raise UsageError(str(exc)) from None
-        # Ray workers write under names of their own, with the job's run_id in the rows.
-        self.sink = ResultSink(opts.out, sink_name or run_id, part_rows=opts.part_rows)
-        self.result = RunResult(run_id, opts.out, self.tally, time.monotonic())
-        # Which rows go, under which id: the rule run, estimate and export share.
-        self.selector = RowSelector(opts.row_selection(), outcomes)
-        self._stop = anyio.Event()
+        self.result = RunResult(settings.run_id, settings.out, self.tally, time.monotonic())
         self._budget_freed = anyio.Event()  # set (and replaced) whenever a hold is settled
         self._topping_up = anyio.Lock()
         self._compacting = anyio.Lock()
@@ -177,31 +221,24 @@ class Runner:
             self.result.fatal = reason
         self._stop.set()
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep that wakes early when the run stops, so nobody waits out a long pause."""
-        if seconds <= 0:
-            return
-        with anyio.move_on_after(seconds):
-            await self._stop.wait()
-
     # -- the run --------------------------------------------------------------------
 
     async def run(self) -> RunResult:
         jobs_tx, jobs_rx = anyio.create_memory_object_stream[Job](
-            max_buffer_size=max(64, self.opts.concurrency)
+            max_buffer_size=max(64, self.settings.workers)
         )
         results_tx, results_rx = anyio.create_memory_object_stream[dict[str, Any]](
             max_buffer_size=4096
         )
         try:
             async with anyio.create_task_group() as tg:
-                if self._handle_signals:
+                if self.settings.handle_signals:
                     tg.start_soon(self._watch_signals, tg.cancel_scope)
                 tg.start_soon(self._count_total)
                 async with anyio.create_task_group() as work:
                     work.start_soon(self._writer, results_rx)
                     async with results_tx, jobs_rx:
-                        for _ in range(self.opts.concurrency):
+                        for _ in range(self.settings.workers):
                             work.start_soon(self._worker, jobs_rx.clone(), results_tx.clone())
                         await self._reader(jobs_tx, results_tx.clone())
                 tg.cancel_scope.cancel()  # stop the signal watcher and the counter
@@ -235,17 +272,15 @@ class Runner:
 
     async def _count_total(self) -> None:
         """Count input rows in the background for the progress bar's ETA."""
-        from pipeline.source import count_rows
-
         try:
-            self.tally.total = await anyio.to_thread.run_sync(count_rows, self.files)
+            self.tally.total = await anyio.to_thread.run_sync(self._source.count)
         except Exception:  # it only feeds the ETA: the run goes on without one
             self.tally.total = None
 
     # -- reading --------------------------------------------------------------------
 
     def _batches(self) -> Iterator[list[Job | Rejected]]:
-        for batch in self.selector.batches(self._rows(), lambda: self.stopping):
+        for batch in self.selector.batches(self._source.batches(), lambda: self.stopping):
             self.tally.skipped = self.selector.counts.done
             yield batch
         self.tally.skipped = self.selector.counts.done
@@ -339,7 +374,7 @@ class Runner:
             if problem is None:
                 return [row]
             json_failures += 1
-            final = json_failures > self.opts.json_retries
+            final = json_failures > self.settings.attempts.json_retries
             rejected = invalid_json_row(row, problem, final=final)
             if final:
                 return [rejected]
@@ -381,7 +416,7 @@ class Runner:
         try:
             return await self._send_once(job), 1
         except RequestError as exc:
-            if gives_up_at_once(exc, self.opts.max_attempts):
+            if gives_up_at_once(exc, self.settings.attempts.max_attempts):
                 raise _Failed(exc, 1) from None
             first = exc
         attempts = 1
@@ -389,8 +424,8 @@ class Runner:
         await self._wait(first_wait(first))
         try:
             async for attempt in retrying(
-                self.opts.max_attempts,
-                self.opts.max_retry_time,
+                self.settings.attempts.max_attempts,
+                self.settings.attempts.max_retry_time,
                 sleep=self._wait,
                 first_failure=first,
             ):
@@ -608,23 +643,3 @@ class Runner:
             return
         status = row["status"]
         t.status["invalid_input" if row.get("error_type") == "invalid_input" else status] += 1
-
-
-def make_client(
-    opts: RunOptions,
-    base_urls: list[str],
-    api_key: str | None,
-    *,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> ChatClient:
-    return ChatClient(
-        base_urls,
-        api_key,
-        transport=transport,
-        timeout=opts.timeout,
-        deadline=opts.deadline,
-        max_response_bytes=int(opts.max_response_mb * 2**20),
-        stream=opts.stream,
-        max_connections=opts.concurrency,
-        http_transport=opts.http_transport,
-    )

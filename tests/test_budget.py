@@ -70,8 +70,8 @@ def test_a_leased_budget_is_topped_up_while_requests_are_in_flight(tmp_path: Pat
 
     from pipeline.budget import Budget
     from pipeline.config import RunOptions
+    from pipeline.local import build_runner, file_source, make_client
     from pipeline.resume import Outcomes
-    from pipeline.runner import Runner, make_client
     from pipeline.sim import SimConfig, sim_transport
     from tests.conftest import FakeClock
 
@@ -86,23 +86,23 @@ def test_a_leased_budget_is_topped_up_while_requests_are_in_flight(tmp_path: Pat
 
     async def top_up(budget: Budget, amount: float) -> bool | None:
         grant = amount * 2  # two requests' worth, as a small slice of a big job would be
-        budget.cap += grant
+        budget.lease(grant)
         leases.append(grant)
         return True
 
-    runner = Runner(
+    runner = build_runner(
         opts,
         run_id="r",
-        files=[src],
-        outcomes=Outcomes(),
-        client=make_client(opts, ["http://sim/v1"], None, transport=sim_transport(sim)),
         provider_name="sim",
+        client=make_client(opts, ["http://sim/v1"], None, transport=sim_transport(sim)),
+        outcomes=Outcomes(),
+        source=file_source([src], opts.max_line_bytes),
         sleep=clock.sleep,
         clock=clock,
         budget_topup=top_up,
     )
     assert runner.budget is not None
-    runner.budget.cap = 0.0
+    runner.budget.give_back(runner.budget.cap)  # every dollar is leased, as on Ray
     start = clock()
     result = anyio.run(runner.run)
     assert result.exit_code == 0 and result.tally.status["ok"] == 320

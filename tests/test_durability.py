@@ -274,7 +274,7 @@ def test_ctrl_c_reaching_execute_is_130_and_recorded(
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pipeline.execute.anyio.run", interrupted)
+    monkeypatch.setattr("pipeline.local.anyio.run", interrupted)
     run = run_with_sim([src], tmp_path / "out")
     assert run.result.exit_code == 130
     (manifest,) = _manifests(tmp_path / "out")

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import RunOptions
-from pipeline.execute import share_limits
+from pipeline.local import build_runner, make_client
 from pipeline.resume import Outcomes
-from pipeline.runner import Runner, make_client
+from pipeline.runner import RowSource
 from pipeline.sim import SimConfig, Simulator
 from tests.conftest import FakeClock, prompts, run_with_sim, write_jsonl
 from tests.realproc import (
@@ -67,19 +67,19 @@ def test_each_shard_takes_its_share_of_the_jobs_limits(tmp_path: Path) -> None:
     assert elapsed >= (sent - 4) / (200 / 60), f"{sent} rows in {elapsed:.1f}s: faster than 200/min"
 
 
-def test_share_limits_divides_every_job_wide_limit(tmp_path: Path) -> None:
+def test_one_of_n_processes_takes_its_share_of_every_job_wide_limit(tmp_path: Path) -> None:
     opts = RunOptions(
         sources=["unused"], out=tmp_path, concurrency=64, rpm=6000, tpm=1e6, max_cost=9.0
     )
-    runner = Runner(
+    runner = build_runner(
         opts,
         run_id="r",
-        files=[],
-        outcomes=Outcomes(),
-        client=make_client(opts, ["http://127.0.0.1:9/v1"], None),
         provider_name="sim",
+        client=make_client(opts, ["http://127.0.0.1:9/v1"], None),
+        outcomes=Outcomes(),
+        source=RowSource(lambda: iter([])),
+        parts=3,
     )
-    share_limits(runner, opts, 3)
     runner.sink.close()
     assert runner.limiter.max_concurrency == 21
     assert runner.limiter.rpm == pytest.approx(2000)

@@ -1,0 +1,225 @@
+"""The local engine: every row (or one ``--shard`` of them) in this process.
+
+Also the one place where a run's collaborators are built from the options (client,
+limiter, budget, dedupe, sink, row selection), each with its own settings and, for
+one of several processes, its share of the job's limits. The Ray engine builds each
+worker's runner with the same function, so a worker runs exactly what a local run
+does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from pipeline.budget import Budget
+from pipeline.client import ChatClient
+from pipeline.config import RunOptions, parse_shard
+from pipeline.dedupe import Dedupe
+from pipeline.engine import JobContext
+from pipeline.errors import UsageError
+from pipeline.limiter import RateLimiter
+from pipeline.pricing import PricingError, load_prices
+from pipeline.progress import Progress
+from pipeline.resume import Outcomes, load_outcomes
+from pipeline.runner import (
+    Attempts,
+    RowSource,
+    Runner,
+    RunnerSettings,
+    RunParts,
+    RunResult,
+    StopSignal,
+)
+from pipeline.selection import RowSelector
+from pipeline.sink import ResultSink, recover_journals
+from pipeline.source import (
+    SourceRow,
+    check_readable,
+    count_rows,
+    expand_sources,
+    read_rows,
+    warn_on_stderr,
+)
+
+
+def sim_transport_for(opts: RunOptions) -> httpx.AsyncBaseTransport:
+    """The in-process simulator, with the knobs of the job's [sim] table / --sim."""
+    from pipeline.sim import SimConfig, Simulator, sim_transport
+
+    try:
+        config = SimConfig(**opts.sim)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"simulator settings: {exc}") from None
+    return sim_transport(Simulator(config))
+
+
+def make_client(
+    opts: RunOptions,
+    base_urls: list[str],
+    api_key: str | None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> ChatClient:
+    return ChatClient(
+        base_urls,
+        api_key,
+        transport=transport,
+        timeout=opts.timeout,
+        deadline=opts.deadline,
+        max_response_bytes=int(opts.max_response_mb * 2**20),
+        stream=opts.stream,
+        max_connections=opts.concurrency,
+        http_transport=opts.http_transport,
+    )
+
+
+def build_runner(
+    opts: RunOptions,
+    *,
+    run_id: str,
+    provider_name: str,
+    client: ChatClient,
+    outcomes: Outcomes,
+    source: RowSource,
+    progress: Progress | None = None,
+    parts: int = 1,
+    sink_name: str | None = None,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+    clock: Callable[[], float] | None = None,
+    budget_topup: Callable[[Budget, float], Awaitable[bool | None]] | None = None,
+    handle_signals: bool = True,
+) -> Runner:
+    """A runner with its collaborators built from ``opts``; ``parts`` > 1 gives this
+    process its 1/``parts`` share of ``--rpm``, ``--tpm``, ``--concurrency`` and
+    ``--max-cost``, which describe the whole job (N shards at the full ``--rpm`` would
+    reach the gateway N times too fast)."""
+    stop = StopSignal()
+    limiter = RateLimiter(
+        opts.concurrency,
+        opts.rpm,
+        opts.tpm,
+        clock=clock or time.monotonic,
+        sleep=sleep or stop.sleep,
+    )
+    budget = None
+    if opts.max_cost is not None:
+        try:
+            budget = Budget(opts.max_cost, load_prices(opts.pricing), provider_name)
+        except PricingError as exc:
+            raise UsageError(str(exc)) from None
+    if parts > 1:
+        limiter.set_share(
+            max(1, opts.concurrency // parts),
+            opts.rpm / parts if opts.rpm else None,
+            opts.tpm / parts if opts.tpm else None,
+            workers=parts,
+        )
+        if budget is not None:
+            budget.share(parts)
+    collaborators = RunParts(
+        client=client,
+        limiter=limiter,
+        selector=RowSelector(opts.row_selection(), outcomes),
+        # Ray workers write under names of their own, with the job's run_id in the rows.
+        sink=ResultSink(opts.out, sink_name or run_id, part_rows=opts.part_rows),
+        stop=stop,
+        budget=budget,
+        dedupe=Dedupe() if opts.dedupe else None,
+    )
+    settings = RunnerSettings(
+        run_id=run_id,
+        provider=provider_name,
+        out=Path(opts.out),
+        workers=opts.concurrency,
+        attempts=Attempts(opts.max_attempts, opts.max_retry_time, opts.json_retries),
+        handle_signals=handle_signals,
+    )
+    return Runner(
+        settings,
+        collaborators,
+        source,
+        progress=progress,
+        sleep=sleep,
+        budget_topup=budget_topup,
+    )
+
+
+def file_source(files: list[Path], max_line_bytes: int) -> RowSource:
+    """Rows of whole input files, counted in the background for the ETA."""
+
+    def batches() -> Iterator[list[SourceRow]]:
+        return read_rows(files, max_line_bytes=max_line_bytes)
+
+    return RowSource(batches, lambda: count_rows(files))
+
+
+class LocalEngine:
+    """Every row in this process (or every row of one ``--shard``)."""
+
+    def __init__(
+        self,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._transport = transport  # tests and benchmarks: a simulator or a mock
+        self._sleep = sleep
+        self._clock = clock
+        self._files: list[Path] = []
+        self._runner: Runner | None = None
+
+    def inputs(self, opts: RunOptions) -> tuple[RunOptions, list[str]]:
+        self._files = expand_sources(
+            list(opts.sources), out=opts.out, say=warn_on_stderr(opts.log_format)
+        )
+        for path in self._files:
+            check_readable(path)
+        return opts, [str(f) for f in self._files]
+
+    def connect(self, opts: RunOptions) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def prepare(self, job: JobContext) -> None:
+        opts = job.opts
+        out = Path(opts.out)
+        recovered = recover_journals(out)
+        if recovered:
+            job.progress.message(f"recovered {recovered} results journaled by an interrupted run")
+        transport = self._transport
+        if transport is None and job.provider_name == "sim":
+            transport = sim_transport_for(opts)
+        client = make_client(opts, job.base_urls, job.api_key, transport=transport)
+        self._runner = build_runner(
+            opts,
+            run_id=job.run_id,
+            provider_name=job.provider_name,
+            client=client,
+            outcomes=load_outcomes(out),
+            source=file_source(self._files, opts.max_line_bytes),
+            progress=job.progress,
+            parts=parse_shard(opts.shard)[1] if opts.shard is not None else 1,
+            sleep=self._sleep,
+            clock=self._clock,
+        )
+
+    def run(self) -> tuple[RunResult, dict[str, Any] | None]:
+        assert self._runner is not None, "prepare() first"
+        result = anyio.run(self._runner.run)
+        result.unsaved = self._runner.sink.unsaved
+        return result, None
+
+    def so_far(self) -> RunResult | None:
+        if self._runner is None:
+            return None
+        with contextlib.suppress(Exception):  # closed already unless it never got going
+            self._runner.sink.close()
+        return self._runner.result
