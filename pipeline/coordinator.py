@@ -27,29 +27,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.limiter import MIN_EVIDENCE, OUTCOME_WINDOW, OVERLOAD_CUT, OVERLOAD_SHARE
+from pipeline.progress import COUNTS
+
 HEARTBEAT_SECONDS = 0.5  # how often a worker reports and takes its share
 DEAD_AFTER = 10.0  # seconds without a heartbeat after which a worker's share is freed
-WINDOW = 5.0  # seconds of answers the job-wide 429 share is measured over
-OVERLOAD_SHARE = 0.10
-MIN_EVIDENCE = 10
-CUT = 0.7
+# The job-wide 429 rule is the one each process applies to itself: the same window,
+# share of 429s and evidence (pipeline.limiter), measured over every worker's answers.
+WINDOW = OUTCOME_WINDOW
+CUT = OVERLOAD_CUT
 MIN_FACTOR = 0.1
 GROWTH_PER_SECOND = 0.1
 BUDGET_SLICES = 8  # a grant is at most cap / (workers * BUDGET_SLICES) beyond what is asked
-
-COUNTS = (
-    "ok",
-    "error",
-    "invalid_input",
-    "skipped",
-    "pending",
-    "rate_limited",
-    "retries",
-    "prompt_tokens",
-    "cached_tokens",
-    "completion_tokens",
-    "reasoning_tokens",
-)
 
 
 @dataclass

@@ -82,6 +82,7 @@ OUTCOME_WINDOW = 5.0  # seconds of answers the overload share is measured over
 OVERLOAD_SHARE = 0.10  # share of 429s among recent answers that means "we are too fast"
 MIN_RATE = 0.2  # requests/s: the slowest a learned rate goes
 MIN_EVIDENCE = 10  # answers in the window before their 429 share means anything
+OVERLOAD_CUT = 0.7  # in-flight cap (and, job-wide, every share) times this on overload
 COMPLETION_SMOOTHING = 0.1  # weight of each new answer in the running completion mean
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -324,7 +325,7 @@ class RateLimiter:
             return
         self._last_cut = now
         self._clean_since_cut = 0
-        self.limit = max(1.0, self.limit * 0.7)
+        self.limit = max(1.0, self.limit * OVERLOAD_CUT)
         self._learned_limit = self.limit
         current = self._requests.rate if self._requests else math.inf
         accepted = total - limited

@@ -10,9 +10,23 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
+
+STATUSES = ("ok", "error", "invalid_input")  # how rows end: the keys of Tally.status
+_FIELDS = (
+    "skipped",
+    "rate_limited",
+    "retries",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+)
+# The counts one process reports for a job spread over many (Ray): a Tally's statuses
+# and fields by these names, plus the rows it left pending.
+COUNTS = (*STATUSES, "skipped", "pending", *_FIELDS[1:])
 
 
 @dataclass
@@ -34,6 +48,19 @@ class Tally:
     @property
     def finished(self) -> int:
         return sum(self.status.values())
+
+    def to_counts(self) -> dict[str, int]:
+        """The tally by ``COUNTS`` names (``pending`` aside: the run's result has it)."""
+        counts = {key: self.status[key] for key in STATUSES}
+        counts.update((key, int(getattr(self, key))) for key in _FIELDS)
+        return counts
+
+    def set_counts(self, counts: Mapping[str, float]) -> None:
+        """The inverse of ``to_counts``: job totals into this tally."""
+        for key in STATUSES:
+            self.status[key] = int(counts[key])
+        for key in _FIELDS:
+            setattr(self, key, int(counts[key]))
 
 
 def _eta(seconds: float) -> str:

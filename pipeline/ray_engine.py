@@ -42,7 +42,7 @@ import httpx
 
 from pipeline.budget import Budget
 from pipeline.config import RunOptions
-from pipeline.coordinator import COUNTS, HEARTBEAT_SECONDS, Coordinator
+from pipeline.coordinator import HEARTBEAT_SECONDS, Coordinator
 from pipeline.engine import JobContext
 from pipeline.errors import UsageError
 from pipeline.gc_tuning import fewer_full_collections
@@ -80,15 +80,10 @@ class JobSpec:
     coordinator: str  # the coordinator actor's name in NAMESPACE
 
 
-_STATUSES = ("ok", "error", "invalid_input")  # Tally.status keys among COUNTS
-_TALLY_FIELDS = tuple(k for k in COUNTS if k not in (*_STATUSES, "pending"))  # attributes
-
-
 def _counts(runner: Runner) -> dict[str, Any]:
     """What a worker reports for its split (cumulative), in COUNTS' names and more."""
     t = runner.tally
-    counts: dict[str, Any] = {key: t.status[key] for key in _STATUSES}
-    counts.update((key, getattr(t, key)) for key in _TALLY_FIELDS)
+    counts: dict[str, Any] = dict(t.to_counts())
     counts["pending"] = runner.result.pending
     # Every request after a row's first try is a retry (429s included), so first
     # tries that ended a row, re-asks after bad JSON and retries are all answers.
@@ -427,7 +422,7 @@ def _run_dataset(
                 totals = ray.get(coordinator.totals.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - progress must never fail the job
                 continue
-            _fill(tally, totals)
+            tally.set_counts(totals)
             progress.tick()
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -490,14 +485,6 @@ class _SignalRelay:
         return False
 
 
-def _fill(tally: Tally, totals: dict[str, float]) -> None:
-    """The inverse of ``_counts``: job totals into the driver's tally."""
-    for key in _STATUSES:
-        tally.status[key] = int(totals[key])
-    for key in _TALLY_FIELDS:
-        setattr(tally, key, int(totals[key]))
-
-
 def _final_counts(out: Path, run_id: str, tally: Tally, finished: dict[str, Any]) -> None:
     """The job's counts: what finished splits reported, plus what writers that did not
     finish (a worker that died, or was stopped by a second Ctrl-C) left on disk.
@@ -508,7 +495,7 @@ def _final_counts(out: Path, run_id: str, tally: Tally, finished: dict[str, Any]
     are read, never the whole job's ids.
     """
     counts = finished["counts"]
-    _fill(tally, counts)
+    tally.set_counts(counts)
     recover_journals(out)
     done = set(finished["writers"])
     parts = [

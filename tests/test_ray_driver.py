@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.coordinator import COUNTS
 from pipeline.errors import UsageError
-from pipeline.progress import Tally
+from pipeline.progress import COUNTS, Tally
 from pipeline.sink import ResultSink
 
 
