@@ -5,7 +5,7 @@ the OUT lock, the manifest, the final summary) and hands the job to an engine:
 
 - ``local`` (``pipeline.local.LocalEngine``): every row, or one ``--shard`` of them,
   in this process;
-- ``ray`` (``pipeline.ray_engine.RayEngine``): splits of the inputs on a Ray cluster.
+- ``ray`` (``pipeline.cluster.engine.RayEngine``): splits of the inputs on a Ray cluster.
 
 A new way to run a job (a provider's Batch API, say) is one more class with these
 four steps, registered in ``ENGINES``; ``execute`` does not change. Every engine
@@ -69,7 +69,7 @@ EngineFactory = Callable[..., Engine]
 # Engine name -> "module:class", imported on use: a local run never imports Ray.
 ENGINES = {
     "local": "pipeline.local:LocalEngine",
-    "ray": "pipeline.ray_engine:RayEngine",
+    "ray": "pipeline.cluster.engine:RayEngine",
 }
 
 

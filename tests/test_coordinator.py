@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.coordinator import (
+from pipeline.cluster.coordinator import (
     BUDGET_SLICES,
     DEAD_AFTER,
     MIN_EVIDENCE,

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.cluster.splits import plan_splits, read_split
 from pipeline.errors import UsageError
 from pipeline.images import MAX_IMAGE_BYTES, ImageError, resolve_image
 from pipeline.request import Job, Rejected, RequestOptions, build_job, request_hash
@@ -37,7 +38,6 @@ from pipeline.source import (
     parse_line,
     read_rows,
 )
-from pipeline.splits import plan_splits, read_split
 from tests.conftest import invoke, run_with_sim, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -530,7 +530,7 @@ def test_estimate_counts_a_repeated_id_as_invalid(tmp_path: Path) -> None:
 
 
 def test_ray_url_listing_skips_hidden_files_like_a_folder_walk(messy: Path) -> None:
-    from pipeline.splits import expand_locations
+    from pipeline.cluster.splits import expand_locations
 
     urls = expand_locations([f"file://{messy}"])
     globbed = expand_locations([f"file://{messy}/**/*.jsonl"])

@@ -28,7 +28,7 @@ def _row(row_id: str, status: str, second: int, **extra: object) -> dict[str, ob
 
 
 def test_a_dead_writers_rows_count_once_per_id_and_leave_skipped(tmp_path: Path) -> None:
-    from pipeline.ray_engine import _final_counts
+    from pipeline.cluster.engine import _final_counts
 
     dead = ResultSink(tmp_path, "job-wdead")
     dead.write(_row("x", "error", 1, error_type="invalid_json"))  # billed, asked again
@@ -50,7 +50,7 @@ def test_a_dead_writers_rows_count_once_per_id_and_leave_skipped(tmp_path: Path)
 def test_a_port_nobody_answers_is_a_usage_error_at_once() -> None:
     import socket
 
-    from pipeline.ray_engine import _probe
+    from pipeline.cluster.engine import _probe
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

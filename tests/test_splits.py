@@ -17,9 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import UsageError
-from pipeline.source import RemoteFile, SourceRow, expand_sources, read_rows
-from pipeline.splits import (
+from pipeline.cluster.splits import (
     GRANULE,
     MAX_SPLIT_ROWS,
     MIN_SPLIT_ROWS,
@@ -29,6 +27,8 @@ from pipeline.splits import (
     read_split,
     split_rows_for,
 )
+from pipeline.errors import UsageError
+from pipeline.source import RemoteFile, SourceRow, expand_sources, read_rows
 
 BOM = b"\xef\xbb\xbf"
 

@@ -1,13 +1,13 @@
 """``--engine ray``: one job across the processes and machines of a Ray cluster.
 
-Ray Data hands the job's splits (``pipeline.splits``: pieces of the input files, cut
+Ray Data hands the job's splits (``pipeline.cluster.splits``: pieces of the input files, cut
 on line breaks or row groups) to a pool of worker actors. Each worker runs the very
 same ``Runner`` as a local run on its split (validation, limiter, retries,
 streaming, journal), so a Ray job behaves like a local one, only wider:
 
 - limits hold for the whole job: a ``Coordinator`` actor gives each worker its share
   of ``--concurrency``/``--rpm``/``--tpm`` and leases ``--max-cost`` (see
-  ``pipeline.coordinator``);
+  ``pipeline.cluster.coordinator``);
 - results land in the same ``OUT`` layout, in parts named after each split's writer,
   with the job's run id in every row, so ``report``, ``sql``, ``export`` and resume
   work unchanged;
@@ -41,8 +41,9 @@ import anyio
 import httpx
 
 from pipeline.budget import Budget
+from pipeline.cluster.coordinator import HEARTBEAT_SECONDS, Coordinator
+from pipeline.cluster.splits import Split, check_location, expand_locations, plan_splits, read_split
 from pipeline.config import RunOptions
-from pipeline.coordinator import HEARTBEAT_SECONDS, Coordinator
 from pipeline.engine import JobContext
 from pipeline.errors import UsageError
 from pipeline.gc_tuning import fewer_full_collections
@@ -52,7 +53,6 @@ from pipeline.resume import Outcomes, load_outcomes
 from pipeline.runner import GRACE_SECONDS, RowSource, Runner, RunResult
 from pipeline.sink import recover_journals
 from pipeline.source import warn_on_stderr
-from pipeline.splits import Split, check_location, expand_locations, plan_splits, read_split
 
 NAMESPACE = "pipeline"
 
