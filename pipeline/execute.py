@@ -28,13 +28,13 @@ import httpx
 from pipeline import __version__
 from pipeline.client import ChatClient
 from pipeline.config import RunOptions, parse_shard, validate
-from pipeline.errors import UsageError
+from pipeline.errors import Exit, UsageError
 from pipeline.lock import OutLock
 from pipeline.manifest import mark_dead_runs, new_run_id, run_alive, write_manifest
 from pipeline.progress import Progress, Tally
 from pipeline.redact import plain_http_warnings
 from pipeline.resume import load_outcomes
-from pipeline.runner import EXIT_FAILED, EXIT_OK, Runner, RunResult, make_client
+from pipeline.runner import Runner, RunResult, make_client
 from pipeline.sink import SinkError, recover_journals, sink_error
 from pipeline.source import check_readable, expand_sources, warn_on_stderr
 
@@ -277,7 +277,7 @@ def _finish_manifest(out: Path, manifest: dict[str, Any], result: RunResult) -> 
     (exit 3 unless something worse happened); the next run marks it ``killed``."""
     t = result.tally
     code = result.exit_code
-    status = "finished" if code in (EXIT_OK, EXIT_FAILED) else "stopped"
+    status = "finished" if code in (Exit.OK, Exit.FAILED) else "stopped"
     if result.internal is not None and result.signal is None:
         status = "failed"
     manifest.update(

@@ -12,12 +12,10 @@ import base64
 import stat
 from pathlib import Path
 
+from pipeline.errors import ImageError as ImageError
+
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_IMAGES_PER_ROW = 10
-
-
-class ImageError(ValueError):
-    """An image reference that cannot be sent; the message names it and why."""
 
 
 def sniff_image_type(head: bytes) -> str | None:

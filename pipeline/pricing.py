@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+from pipeline.errors import PricingError as PricingError
+
 SHIPPED_PRICES = Path(__file__).with_name("prices.csv")
 
 REQUIRED_COLUMNS = ("model", "input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
@@ -58,10 +60,6 @@ KNOWN_COLUMNS = frozenset(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
 # A trailing snapshot date, as in gpt-5.5-2026-04-23. report.py uses the same pattern.
 SNAPSHOT_SUFFIX = r"-\d{4}-\d{2}-\d{2}$"
 _SNAPSHOT_RE = re.compile(SNAPSHOT_SUFFIX)
-
-
-class PricingError(ValueError):
-    """The price table cannot be used; the message names the file and line."""
 
 
 @dataclass(frozen=True, slots=True)

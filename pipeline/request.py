@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.images import MAX_IMAGES_PER_ROW, ImageError, resolve_image
+from pipeline.errors import ImageError, InvalidRow
+from pipeline.images import MAX_IMAGES_PER_ROW, resolve_image
 from pipeline.source import SourceRow
 
 # Fields passed to the API as given (after validation).
@@ -46,10 +47,6 @@ PASSTHROUGH_FIELDS = (
 FLAT_FIELDS = ("prompt", "system_prompt", "image_urls", "image_detail")
 BATCH_FIELDS = ("custom_id", "method", "url", "body")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-
-
-class InvalidRow(ValueError):
-    """The row cannot be a valid request; the message says which field and why."""
 
 
 # Completion tokens assumed for a request before any answer of the run has been seen,

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
+from pipeline.errors import SinkError as SinkError
 from pipeline.lock import open_nofollow
 from pipeline.manifest import fsync_dir
 from pipeline.schema import results_table
@@ -48,11 +48,6 @@ SYNC_SECONDS = 0.05
 
 # Errors that mean "OUT has no room" rather than "something else is wrong with it".
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-class SinkError(PipelineError):
-    """Results could not be written to OUT (disk full, quota, I/O error, read-only):
-    the run stops sending (exit 3); what was journaled stays."""
 
 
 def sink_error(exc: OSError) -> SinkError:
