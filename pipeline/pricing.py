@@ -71,7 +71,9 @@ class Rates:
     output_per_mtok: float
 
     def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> float:
-        """USD for one request: DESIGN.md's formula, written once."""
+        """USD for one request, written once: uncached prompt tokens at the input
+        rate, cached prompt tokens at the cached rate, completion tokens (reasoning
+        included) at the output rate, all per million tokens."""
         return (
             (prompt_tokens - cached_tokens) * self.input_per_mtok
             + cached_tokens * self.cached_input_per_mtok

@@ -1,6 +1,6 @@
 """Built-in gateway profiles: where each gateway lives, which variable holds its key.
 
-Base URLs and models come from the gateways' own docs (shared/seeds). EvoLink
+Base URLs and models are the ones each gateway publishes for itself. EvoLink
 documents a primary for text (``direct.evolink.ai``) and a fallback
 (``api.evolink.ai``); StarMagic documents one base URL. A user file (TOML, one
 table per provider) can add or override profiles.

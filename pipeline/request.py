@@ -1,6 +1,6 @@
 """Turn an input row into a request body, or into the reason it cannot be one.
 
-Three row forms are accepted (DESIGN.md, "Input rows"): the flat form of ModelStream's
+Three row forms are accepted: the flat form of ModelStream's
 form schema (``prompt``, ``system_prompt``, ``image_urls``, ``image_detail``), full
 OpenAI ``messages``, and OpenAI Batch-API lines (``custom_id`` + ``body``). Every
 request field is checked here, before anything is sent, so a bad row costs nothing
@@ -152,7 +152,7 @@ def _response_format(value: Any) -> None:
         raise InvalidRow("json_schema format needs a 'json_schema' object")
 
 
-# Ranges from the gateways' docs (shared/seeds).
+# The ranges the gateways accept for each request field.
 VALIDATORS: dict[str, Callable[[Any], None]] = {
     "model": _of_type(str, "a string"),
     "temperature": _number(0, 2),
