@@ -183,28 +183,6 @@ def find_price(
     return None
 
 
-def row_cost(
-    prices: PriceTable,
-    model: str | None,
-    provider: str | None,
-    prompt_tokens: int | None,
-    cached_tokens: int | None,
-    completion_tokens: int | None,
-    when: date | datetime | None,
-    *,
-    response_model: str | None = None,
-) -> float | None:
-    """USD for one result row, or None when it used tokens and has no price.
-
-    Missing token counts (an error row with no usage block) count as 0.
-    """
-    prompt, cached, completion = prompt_tokens or 0, cached_tokens or 0, completion_tokens or 0
-    if prompt == 0 and completion == 0:
-        return 0.0
-    price = find_price(prices, model, provider, when, response_model=response_model)
-    return None if price is None else price.cost(prompt, cached, completion)
-
-
 def _utc_day(when: date | datetime | None) -> date:
     if when is None:
         return datetime.now(UTC).date()

@@ -9,7 +9,7 @@ table per provider) can add or override profiles.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UsageError
@@ -23,7 +23,6 @@ class Provider:
     models: tuple[str, ...] = ()
     default_model: str | None = None
     notes: str = ""
-    extra_headers: dict[str, str] = field(default_factory=dict)
 
 
 BUILTIN: dict[str, Provider] = {

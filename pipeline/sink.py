@@ -199,7 +199,6 @@ class ResultSink:
         self.sync_rows = sync_rows
         self.sync_seconds = sync_seconds
         self._clock = clock
-        self.rows_written = 0
         self.broken: SinkError | None = None  # set once OUT could not be written
         self.unsaved = 0  # results received but lost to a broken OUT (sent again on re-run)
         self._after_break = 0  # results held only in memory since the break
@@ -268,7 +267,6 @@ class ResultSink:
         """Journal one result (buffered until ``flush``). Raises SinkError once, when
         OUT fails; after that, results are kept in memory for ``close``."""
         self._buffer.append(row)
-        self.rows_written += 1
         if self.broken is not None:
             self._after_break += 1
             return
