@@ -177,7 +177,7 @@ def open_views(
 
     The caller closes it. Nothing is written to OUT: the views read the part files.
 
-    Raises PricingError (a ValueError) when the price table is bad.
+    Raises PricingError (a UsageError) when the price table is bad.
     """
     prices = load_prices(pricing_file)
     con = duckdb.connect()
