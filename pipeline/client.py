@@ -24,7 +24,13 @@ import anyio
 import httpx
 
 from pipeline.config import DEFAULT_DEADLINE, DEFAULT_MAX_RESPONSE_MB
-from pipeline.errors import ApiError, ConfigurationError, RequestError, TransportError
+from pipeline.errors import (
+    ApiError,
+    ConfigurationError,
+    RequestError,
+    TransportError,
+    UsageError,
+)
 from pipeline.failover import Endpoints
 from pipeline.httpx_shortcuts import skip_empty_cookies, unbind
 from pipeline.redact import Redactor, refuse_url_secrets
@@ -46,10 +52,13 @@ def normalize_base_url(url: str) -> str:
     url = url.strip().rstrip("/")
     if url.endswith("/chat/completions"):
         url = url[: -len("/chat/completions")]
-    refuse_url_secrets(url)
+    try:
+        refuse_url_secrets(url)
+    except ValueError as exc:  # only its own refusal: the message names no secret
+        raise UsageError(f"--base-url {exc}") from None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"base URL {url!r} must look like http(s)://host[:port][/v1]")
+        raise UsageError(f"--base-url {url!r} must look like http(s)://host[:port][/v1]")
     if parts.path in ("", "/"):
         url = url + "/v1"
     return url
