@@ -320,7 +320,10 @@ def sim(
         config = SimConfig(**knobs)
     except TypeError as exc:  # an unknown keyword: the name came from --set
         raise UsageError(f"unknown simulator setting ({exc})") from None
-    run_server(config, host, port)
+    try:
+        run_server(config, host, port)
+    except OSError as exc:  # the address: in use, not ours, or no such interface
+        raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @cli.command()

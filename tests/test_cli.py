@@ -269,3 +269,14 @@ def test_exit_precedence_is_one_rule() -> None:
     assert worst_exit([Exit.LOCKED, Exit.USAGE]) is Exit.USAGE
     assert signal_exit(2) is Exit.SIGINT and signal_exit(15) is Exit.SIGTERM
     assert signal_exit(1) == 129
+
+
+def test_sim_on_a_port_in_use_is_bad_usage_not_a_bug() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = invoke("sim", "--port", str(port))
+    assert code == 2 and f"127.0.0.1:{port}" in err and "internal error" not in err
