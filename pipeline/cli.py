@@ -6,6 +6,7 @@ Data goes to stdout; progress, warnings and errors go to stderr, so
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -16,12 +17,12 @@ import click
 
 from pipeline import __version__
 from pipeline.config import RunOptions, load_job_file, merge
-from pipeline.errors import LockedError, UsageError
+from pipeline.errors import Exit, LockedError, PipelineError, StopError, UsageError, exit_help
 from pipeline.gc_tuning import fewer_full_collections
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-RUN_EXAMPLE = """
+RUN_EXAMPLE = f"""
 \b
 Examples:
   pipeline run jobs/demo.toml
@@ -29,12 +30,52 @@ Examples:
       --api-key-env MY_KEY --model gpt-5.5 --concurrency 16 --out out/
   pipeline run data/ --provider evolink --rpm 600 --quiet     # key in $EVOLINK_API_KEY
 
-\b
-Exit codes: 0 all ok, 1 some rows failed, 2 bad usage or input (nothing sent),
-3 stopped on auth/quota/budget/disk full (results kept), 4 --out in use by another
-run (nothing sent), 5 internal error, a bug (results kept), 130/143 interrupted
-(results kept). Re-running the same command resumes.
+{exit_help()} Re-running the same command resumes.
 """
+
+REPORT_BUGS = "please report it with the command and this message"
+
+
+def exit_for(exc: BaseException) -> Exit:
+    """The one mapping from the error tree to an exit code: usage 2, locked 4,
+    a stop (OUT unwritable) 3, anything else is a bug, 5."""
+    if isinstance(exc, UsageError):
+        return Exit.USAGE
+    if isinstance(exc, LockedError):
+        return Exit.LOCKED
+    if isinstance(exc, StopError):
+        return Exit.FATAL
+    return Exit.INTERNAL
+
+
+def _fail(exc: Exception) -> None:
+    """Print what went wrong and exit with the code the error tree gives it."""
+    code = exit_for(exc)
+    if code is Exit.INTERNAL or not isinstance(exc, PipelineError):
+        click.echo(
+            f"error: internal error (a bug): {type(exc).__name__}: {exc}; {REPORT_BUGS}",
+            err=True,
+        )
+    else:
+        click.echo(f"error: {exc}", err=True)
+    sys.exit(code)
+
+
+def exits(command: F) -> F:
+    """Every command runs under this: an error from the tree exits with its code and
+    its message; anything else is reported as an internal error (exit 5), so a bug
+    never looks like bad usage. click's own errors (bad options) pass through."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to 2/3/4, or 5 for a bug
+            _fail(exc)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _parse_assignments(values: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -161,21 +202,16 @@ def _row_options(command: F) -> F:
 @click.option("--quiet", "-q", is_flag=True, default=None, help="No progress (for cron).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="stderr format.")
 @click.option("--sim", "sim_settings", multiple=True, metavar="KEY=VALUE", help="Simulator knob.")
+@exits
 def run(source: tuple[str, ...], sim_settings: tuple[str, ...], **options: Any) -> None:
     """Run jobs from JSONL, JSONL.gz, Parquet files, folders, globs or a job file (.toml)."""
     from pipeline.execute import execute, summary_line
-    from pipeline.sink import SinkError
 
-    try:
-        opts = _options(source, options)
-        if sim_settings:
-            opts.sim = {**opts.sim, **_parse_assignments(sim_settings, "--sim")}
-        with fewer_full_collections():
-            result = execute(opts)
-    except (UsageError, LockedError, SinkError) as exc:
-        _fail(exc)
-    except Exception as exc:  # noqa: BLE001 - a bug before the run started: 5, never 1
-        _fail(exc)
+    opts = _options(source, options)
+    if sim_settings:
+        opts.sim = {**opts.sim, **_parse_assignments(sim_settings, "--sim")}
+    with fewer_full_collections():
+        result = execute(opts)
     click.echo(summary_line(result))
     if result.internal:
         click.echo(f"error: stopped by an internal error (a bug): {result.internal}", err=True)
@@ -196,27 +232,11 @@ def run(source: tuple[str, ...], sim_settings: tuple[str, ...], **options: Any) 
     sys.exit(result.exit_code)
 
 
-def _fail(exc: Exception) -> None:
-    """Exit for an error raised before any request: 2 usage, 3 OUT unwritable
-    (disk full), 4 OUT locked, 5 anything else (a bug)."""
-    from pipeline.runner import EXIT_FATAL, EXIT_INTERNAL, EXIT_LOCKED, EXIT_USAGE
-    from pipeline.sink import SinkError
-
-    if isinstance(exc, UsageError | LockedError | SinkError):
-        click.echo(f"error: {exc}", err=True)
-    else:
-        click.echo(f"error: internal error (a bug): {type(exc).__name__}: {exc}", err=True)
-    if isinstance(exc, LockedError):
-        sys.exit(EXIT_LOCKED)
-    if isinstance(exc, SinkError):
-        sys.exit(EXIT_FATAL)
-    sys.exit(EXIT_USAGE if isinstance(exc, UsageError) else EXIT_INTERNAL)
-
-
 @cli.command()
 @click.argument("source", nargs=-1)
 @_row_options
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@exits
 def estimate(source: tuple[str, ...], fmt: str, **options: Any) -> None:
     """Tokens and dollars a run would cost, before spending anything.
 
@@ -231,11 +251,8 @@ def estimate(source: tuple[str, ...], fmt: str, **options: Any) -> None:
     from pipeline.estimate import estimate as run_estimate
     from pipeline.estimate_format import format_estimate
 
-    try:
-        opts = _options(source, options)
-        click.echo(format_estimate(run_estimate(opts, options.get("pricing")), fmt))
-    except (UsageError, ValueError) as exc:
-        _fail(UsageError(str(exc)))
+    opts = _options(source, options)
+    click.echo(format_estimate(run_estimate(opts, options.get("pricing")), fmt))
 
 
 def _options(source: tuple[str, ...], options: dict[str, Any]) -> RunOptions:
@@ -263,6 +280,7 @@ def _options(source: tuple[str, ...], options: dict[str, Any]) -> RunOptions:
 @click.option("--quota-requests", type=int, help="Answer 402 after this many billed answers.")
 @click.option("--require-key-env", metavar="VAR", help="Demand the key held in this variable.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other knob.")
+@exits
 def sim(
     host: str,
     port: int,
@@ -295,14 +313,17 @@ def sim(
     if require_key_env:
         key = os.environ.get(require_key_env)
         if not key:
-            _fail(UsageError(f"--require-key-env: {require_key_env} is not set"))
+            raise UsageError(f"--require-key-env: {require_key_env} is not set")
         knobs["api_key"] = key
     knobs.update(_parse_assignments(settings, "--set"))
     try:
         config = SimConfig(**knobs)
-    except TypeError as exc:
-        _fail(UsageError(f"unknown simulator setting ({exc})"))
-    run_server(config, host, port)
+    except TypeError as exc:  # an unknown keyword: the name came from --set
+        raise UsageError(f"unknown simulator setting ({exc})") from None
+    try:
+        run_server(config, host, port)
+    except OSError as exc:  # the address: in use, not ours, or no such interface
+        raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @cli.command()
@@ -331,6 +352,7 @@ def sim(
     type=click.Path(path_type=Path),
     help="Also write a self-contained HTML report (cost by day and model) here.",
 )
+@exits
 def report(
     out: Path,
     by: tuple[str, ...],
@@ -352,16 +374,13 @@ def report(
     from pipeline import query as reporting
     from pipeline.query import write_html_report
 
-    try:
-        text, notes = reporting.report_and_notes(
-            out, list(by), fmt, pricing_file=pricing, since=since, until=until
-        )
-        if html is not None:
-            if since or until:
-                raise UsageError("--html covers all results: drop --since / --until")
-            write_html_report(out, html, pricing_file=pricing)
-    except (UsageError, ValueError) as exc:
-        _fail(UsageError(str(exc)))
+    text, notes = reporting.report_and_notes(
+        out, list(by), fmt, pricing_file=pricing, since=since, until=until
+    )
+    if html is not None:
+        if since or until:
+            raise UsageError("--html covers all results: drop --since / --until")
+        write_html_report(out, html, pricing_file=pricing)
     click.echo(text)
     if fmt in ("csv", "json"):  # table and markdown print them; data formats keep stdout clean
         for note in notes:
@@ -375,6 +394,7 @@ def report(
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 @click.option("--pricing", type=click.Path(path_type=Path), help="Price table CSV override.")
+@exits
 def sql(out: Path, query: str, fmt: str, pricing: Path | None) -> None:
     """Ad-hoc DuckDB SQL over the views results, latest, costs and pricing.
 
@@ -384,10 +404,7 @@ def sql(out: Path, query: str, fmt: str, pricing: Path | None) -> None:
     """
     from pipeline import query as reporting
 
-    try:
-        click.echo(reporting.sql(out, query, fmt, pricing_file=pricing))
-    except (UsageError, ValueError) as exc:
-        _fail(UsageError(str(exc)))
+    click.echo(reporting.sql(out, query, fmt, pricing_file=pricing))
 
 
 @cli.command()
@@ -406,6 +423,7 @@ def sql(out: Path, query: str, fmt: str, pricing: Path | None) -> None:
     type=click.Path(path_type=Path),
     help="File to write [default: OUT/export.FORMAT].",
 )
+@exits
 def export(out: Path, source: tuple[str, ...], fmt: str, output: Path | None) -> None:
     """Input rows with their label / answer joined back by id, one row per input row.
 
@@ -418,16 +436,14 @@ def export(out: Path, source: tuple[str, ...], fmt: str, output: Path | None) ->
     from pipeline.query.export import export as run_export
 
     target = output or out / f"export.{fmt}"
-    try:
-        count = run_export(out, target, fmt, list(source) or None)
-    except (UsageError, ValueError) as exc:
-        _fail(UsageError(str(exc)))
+    count = run_export(out, target, fmt, list(source) or None)
     click.echo(f"{count:,} rows written to {target}")
 
 
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@exits
 def runs(out: Path, fmt: str) -> None:
     """Past runs in OUT: when, status, counts, exit code.
 
@@ -473,6 +489,7 @@ def _tally(counts: dict[str, Any], key: str) -> str:
 
 @cli.command()
 @click.option("--providers-file", type=click.Path(path_type=Path), help="Extra gateways (TOML).")
+@exits
 def providers(providers_file: Path | None) -> None:
     """The built-in gateway profiles: base URLs, key variable, models.
 
@@ -482,10 +499,7 @@ def providers(providers_file: Path | None) -> None:
     """
     from pipeline.providers import load_providers
 
-    try:
-        table = load_providers(providers_file)
-    except UsageError as exc:
-        _fail(exc)
+    table = load_providers(providers_file)
     for p in table.values():
         click.echo(f"{p.name}")
         click.echo(f"  base URLs: {', '.join(p.base_urls)}")

@@ -24,8 +24,15 @@ import anyio
 import httpx
 
 from pipeline.config import DEFAULT_DEADLINE, DEFAULT_MAX_RESPONSE_MB
-from pipeline.errors import ApiError, ConfigurationError, RequestError, TransportError
+from pipeline.errors import (
+    ApiError,
+    ConfigurationError,
+    RequestError,
+    TransportError,
+    UsageError,
+)
 from pipeline.failover import Endpoints
+from pipeline.httpx_shortcuts import skip_empty_cookies, unbind
 from pipeline.redact import Redactor, refuse_url_secrets
 from pipeline.wire import (
     MAX_SSE_LINE_BYTES,
@@ -45,10 +52,13 @@ def normalize_base_url(url: str) -> str:
     url = url.strip().rstrip("/")
     if url.endswith("/chat/completions"):
         url = url[: -len("/chat/completions")]
-    refuse_url_secrets(url)
+    try:
+        refuse_url_secrets(url)
+    except ValueError as exc:  # only its own refusal: the message names no secret
+        raise UsageError(f"--base-url {exc}") from None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"base URL {url!r} must look like http(s)://host[:port][/v1]")
+        raise UsageError(f"--base-url {url!r} must look like http(s)://host[:port][/v1]")
     if parts.path in ("", "/"):
         url = url + "/v1"
     return url
@@ -111,7 +121,7 @@ class ChatClient:
             limits=limits,
             transport=transport,
         )
-        self._http._cookies = _Cookies()  # the setter would copy it into a plain Cookies
+        skip_empty_cookies(self._http)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -166,7 +176,7 @@ class ChatClient:
             raw = self.redactor.data(await self._read_body(response))
         finally:
             await response.aclose()
-        _unbind(response)
+        unbind(response)
         if response.status_code >= 400:
             raise parse_error(response.status_code, raw, response.headers)
         answer = parse_completion(raw)
@@ -216,7 +226,7 @@ class ChatClient:
             except httpx.HTTPError as exc:
                 raise TransportError("stream_cut", _describe(exc, self.redactor)) from None
             status, headers = response.status_code, response.headers
-        _unbind(response)  # closed by now: the ``async with`` has exited
+        unbind(response)  # closed by now: the ``async with`` has exited
         answer = assembler.finish()
         if self.redactor:
             _scrub_answer(answer, self.redactor)
@@ -363,37 +373,6 @@ def _aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
     from httpx_aiohttp import AiohttpTransport
 
     return AiohttpTransport(limits=limits)
-
-
-class _Cookies(httpx.Cookies):
-    """httpx's cookie handling, minus its cost on answers that set no cookie.
-
-    httpx hands every response to ``http.cookiejar``, building urllib request and
-    response stand-ins first: ~9% of the event loop's time at 1,500 in flight
-    (bench/RESULTS.md). The jar only acts on ``Set-Cookie``/``Set-Cookie2`` headers,
-    so a response without them is skipped; one with them is handled as before.
-    """
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        headers = response.headers
-        if "set-cookie" in headers or "set-cookie2" in headers:
-            super().extract_cookies(response)
-
-
-_DRAINED = httpx.ByteStream(b"")
-
-
-def _unbind(response: httpx.Response) -> None:
-    """Break the reference cycle httpx makes between a response and its stream.
-
-    httpx wraps every response's stream in one that points back at the response, so
-    each request leaves ~35 objects (request, URL, headers, aiohttp's response) that
-    only the cyclic garbage collector can free: work for every young-generation pass,
-    and, since ``pipeline run`` makes full passes rare (``pipeline.cli``), garbage
-    that could otherwise pile up in the old generation between them. Call once the
-    body is read and the stream closed: the bytes stay in ``response.content``.
-    """
-    response.stream = _DRAINED
 
 
 def _describe(exc: BaseException, redactor: Redactor | None = None) -> str:

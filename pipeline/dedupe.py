@@ -44,7 +44,6 @@ class Dedupe:
         self.window = window  # finished answers remembered (distinct requests)
         self._in_flight: dict[str, anyio.Event] = {}
         self._done: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.shared = 0  # rows answered by a copy
 
     async def run(self, job: Job, send: Callable[[], Awaitable[Rows]]) -> Rows:
         key = job.request_hash
@@ -52,7 +51,6 @@ class Dedupe:
             finished = self._done.get(key)
             if finished is not None:
                 self._done.move_to_end(key)
-                self.shared += 1
                 return [self._copy(finished, job)]
             waiting = self._in_flight.get(key)
             if waiting is None:

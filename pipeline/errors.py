@@ -1,10 +1,17 @@
-"""What can go wrong, and what the run does about it.
+"""Every exception this package raises on purpose, and the exit code each one means.
 
 Exception tree::
 
     PipelineError                 anything this package raises on purpose
     ├── UsageError                bad options or an unreadable input: exit 2, nothing sent
+    │   ├── PricingError          a price table that cannot be used (names file and line)
+    │   └── ReportError           a report or query that cannot be made as asked
+    │                             (bad --by, date, format or SQL)
     ├── LockedError               another run holds the --out lock: exit 4, nothing sent
+    ├── StopError                 the run had to stop; what it wrote is kept: exit 3
+    │   └── SinkError             OUT cannot be written (disk full, quota, I/O error)
+    ├── InvalidRow                one input row cannot be a request: that row's outcome
+    │   └── ImageError            an image reference that cannot be sent
     └── RequestError              one request did not produce a usable answer
         ├── ApiError              the server answered with an error body
         │   (its ``kind`` says what to do: retry, give up on the row, or stop the run)
@@ -13,15 +20,88 @@ Exception tree::
         └── ConfigurationError    the base URL itself is wrong (a redirect, a certificate
                                   that fails verification): stop the run
 
+Anything else that escapes a command is a bug: the command line reports it as an
+internal error (exit 5), never as bad usage.
+
 Classification lives here, in one table, so the retry policy, the runner and the
-tests agree on it (DESIGN.md, "Errors from the server").
+tests agree on it: an error answer is ``{"error": {"code", "message", "type",
+"param"}}`` with an HTTP status; the status (and a quota type, whatever status it
+came with) decides whether to retry, give up on the row or stop the run.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import signal
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+
+class Exit(enum.IntEnum):
+    """The process exit codes: the command line, the runner, the manifest and the
+    ``run --help`` text all take them from here."""
+
+    OK = 0  # every row ok
+    FAILED = 1  # some rows failed
+    USAGE = 2  # bad usage or input (nothing sent)
+    FATAL = 3  # stopped on auth/quota/budget/disk full (results kept)
+    LOCKED = 4  # --out in use by another run (nothing sent)
+    INTERNAL = 5  # internal error, a bug (results kept)
+    SIGINT = 130  # interrupted by Ctrl-C (results kept)
+    SIGTERM = 143  # terminated (results kept)
+
+    @property
+    def meaning(self) -> str:
+        """One line saying what this code means."""
+        return EXIT_MEANINGS[self]
+
+
+EXIT_MEANINGS = {
+    Exit.OK: "all ok",
+    Exit.FAILED: "some rows failed",
+    Exit.USAGE: "bad usage or input (nothing sent)",
+    Exit.FATAL: "stopped on auth/quota/budget/disk full (results kept)",
+    Exit.LOCKED: "--out in use by another run (nothing sent)",
+    Exit.INTERNAL: "internal error, a bug (results kept)",
+    Exit.SIGINT: "interrupted by Ctrl-C (results kept)",
+    Exit.SIGTERM: "terminated (results kept)",
+}
+
+# When several codes apply, the first in this order wins: a usage or lock problem
+# means nothing ran; a signal is what the person asked for; a bug outranks the
+# stop it may have caused; a stop outranks failed rows.
+EXIT_PRECEDENCE = (
+    Exit.USAGE,
+    Exit.LOCKED,
+    Exit.SIGINT,
+    Exit.SIGTERM,
+    Exit.INTERNAL,
+    Exit.FATAL,
+    Exit.FAILED,
+    Exit.OK,
+)
+
+
+def worst_exit(codes: Iterable[Exit]) -> Exit:
+    """The code that wins among ``codes`` (``Exit.OK`` when none apply)."""
+    found = set(codes)
+    return next((code for code in EXIT_PRECEDENCE if code in found), Exit.OK)
+
+
+def signal_exit(signum: int) -> Exit | int:
+    """The exit code for a run stopped by signal ``signum`` (the shell's 128 + n)."""
+    if signum == signal.SIGINT:
+        return Exit.SIGINT
+    if signum == signal.SIGTERM:
+        return Exit.SIGTERM
+    return 128 + signum
+
+
+def exit_help() -> str:
+    """The exit-code paragraph of ``run --help``, drawn from ``Exit``."""
+    parts = [f"{code.value} {code.meaning}" for code in Exit if code < Exit.SIGINT]
+    parts.append(f"{Exit.SIGINT.value}/{Exit.SIGTERM.value} interrupted (results kept)")
+    return "Exit codes: " + ", ".join(parts) + "."
 
 
 class PipelineError(Exception):
@@ -32,8 +112,35 @@ class UsageError(PipelineError):
     """Bad options or unreadable input: the run must not start (exit 2)."""
 
 
+class PricingError(UsageError):
+    """The price table cannot be used; the message names the file and line."""
+
+
+class ReportError(UsageError):
+    """A report or query cannot be made as asked (bad --by, date, format or SQL)."""
+
+
 class LockedError(PipelineError):
     """Another live run holds the lock on this output folder (exit 4)."""
+
+
+class StopError(PipelineError):
+    """The run cannot go on; what it wrote so far is kept (exit 3)."""
+
+
+class SinkError(StopError):
+    """Results could not be written to OUT (disk full, quota, I/O error, read-only):
+    the run stops sending (exit 3); what was journaled stays."""
+
+
+class InvalidRow(PipelineError):
+    """The row cannot be a valid request; the message says which field and why.
+
+    It never ends a run: it becomes that row's ``invalid_input`` outcome."""
+
+
+class ImageError(InvalidRow):
+    """An image reference that cannot be sent; the message names it and why."""
 
 
 class Kind(enum.Enum):
@@ -95,7 +202,8 @@ def classify_status(status: int, error_type: str | None) -> Kind:
 
 
 class ApiError(RequestError):
-    """The server answered with a non-2xx status and (usually) the seeds' error body."""
+    """The server answered with a non-2xx status and (usually) an error body
+    ``{"error": {"code", "message", "type", "param"}}``."""
 
     def __init__(
         self,

@@ -174,8 +174,8 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     """Count what ``pipeline run`` with these options would send, and price it.
 
     ``pricing_file`` replaces the price table (else ``opts.pricing``, else the shipped
-    one). Raises UsageError for bad options or unreadable inputs and PricingError for
-    a bad price table, like ``run`` does before sending anything.
+    one). Raises UsageError for bad options or unreadable inputs, and PricingError (a
+    UsageError too) for a bad price table, like ``run`` does before sending anything.
     """
     validate(opts)
     files = expand_sources(list(opts.sources), out=opts.out)

@@ -13,6 +13,8 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import UsageError
+
 if TYPE_CHECKING:  # annotations only: this module adds nothing to estimate's imports
     from pipeline.estimate import Estimate
 
@@ -24,7 +26,7 @@ def format_estimate(est: Estimate, fmt: str = "table") -> str:
     if fmt == "json":
         return json.dumps(_as_json(est), indent=2, ensure_ascii=False)
     if fmt != "table":
-        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(ESTIMATE_FORMATS)}")
+        raise UsageError(f"unknown format {fmt!r}; use one of {', '.join(ESTIMATE_FORMATS)}")
     return _as_table(est)
 
 

@@ -25,11 +25,12 @@ import httpx
 from pipeline import __version__
 from pipeline.config import RunOptions, parse_shard, validate
 from pipeline.engine import Engine, JobContext, engine_for
+from pipeline.errors import Exit
 from pipeline.lock import OutLock
 from pipeline.manifest import mark_dead_runs, new_run_id, run_alive, write_manifest
 from pipeline.progress import Progress, Tally
 from pipeline.redact import plain_http_warnings
-from pipeline.runner import EXIT_FAILED, EXIT_OK, RunResult
+from pipeline.runner import RunResult
 from pipeline.sink import SinkError, sink_error
 
 
@@ -156,7 +157,7 @@ def _finish_manifest(out: Path, manifest: dict[str, Any], result: RunResult) -> 
     (exit 3 unless something worse happened); the next run marks it ``killed``."""
     t = result.tally
     code = result.exit_code
-    status = "finished" if code in (EXIT_OK, EXIT_FAILED) else "stopped"
+    status = "finished" if code in (Exit.OK, Exit.FAILED) else "stopped"
     if result.internal is not None and result.signal is None:
         status = "failed"
     manifest.update(

@@ -58,6 +58,3 @@ class Endpoints:
         if url in self._failures:
             self._failures[url] = 0
             self._bench_until[url] = 0.0
-
-    def healthy(self, url: str) -> bool:
-        return self._bench_until.get(url, 0.0) <= self._clock()

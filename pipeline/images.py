@@ -1,7 +1,7 @@
 """Turn a row's image references into what the API takes: URLs, or base64 data URLs.
 
 The gateways accept jpeg, png and webp up to 10 MB each and at most 10 images per
-request (shared/seeds). Checking that here means a bad image costs an
+request. Checking that here means a bad image costs an
 ``invalid_input`` row instead of a 413 from the server, after the money for the
 other rows was already committed to the run.
 """
@@ -12,12 +12,10 @@ import base64
 import stat
 from pathlib import Path
 
+from pipeline.errors import ImageError as ImageError
+
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_IMAGES_PER_ROW = 10
-
-
-class ImageError(ValueError):
-    """An image reference that cannot be sent; the message names it and why."""
 
 
 def sniff_image_type(head: bytes) -> str | None:

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+from pipeline.errors import PricingError as PricingError
+
 SHIPPED_PRICES = Path(__file__).with_name("prices.csv")
 
 REQUIRED_COLUMNS = ("model", "input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
@@ -60,10 +62,6 @@ SNAPSHOT_SUFFIX = r"-\d{4}-\d{2}-\d{2}$"
 _SNAPSHOT_RE = re.compile(SNAPSHOT_SUFFIX)
 
 
-class PricingError(ValueError):
-    """The price table cannot be used; the message names the file and line."""
-
-
 @dataclass(frozen=True, slots=True)
 class Rates:
     """USD per million tokens for uncached input, cached input and output."""
@@ -73,7 +71,9 @@ class Rates:
     output_per_mtok: float
 
     def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> float:
-        """USD for one request: DESIGN.md's formula, written once."""
+        """USD for one request, written once: uncached prompt tokens at the input
+        rate, cached prompt tokens at the cached rate, completion tokens (reasoning
+        included) at the output rate, all per million tokens."""
         return (
             (prompt_tokens - cached_tokens) * self.input_per_mtok
             + cached_tokens * self.cached_input_per_mtok
@@ -181,28 +181,6 @@ def find_price(
         if usable:
             return max(usable, key=lambda p: (p.provider is not None, p.valid_from or date.min))
     return None
-
-
-def row_cost(
-    prices: PriceTable,
-    model: str | None,
-    provider: str | None,
-    prompt_tokens: int | None,
-    cached_tokens: int | None,
-    completion_tokens: int | None,
-    when: date | datetime | None,
-    *,
-    response_model: str | None = None,
-) -> float | None:
-    """USD for one result row, or None when it used tokens and has no price.
-
-    Missing token counts (an error row with no usage block) count as 0.
-    """
-    prompt, cached, completion = prompt_tokens or 0, cached_tokens or 0, completion_tokens or 0
-    if prompt == 0 and completion == 0:
-        return 0.0
-    price = find_price(prices, model, provider, when, response_model=response_model)
-    return None if price is None else price.cost(prompt, cached, completion)
 
 
 def _utc_day(when: date | datetime | None) -> date:

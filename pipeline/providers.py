@@ -1,6 +1,6 @@
 """Built-in gateway profiles: where each gateway lives, which variable holds its key.
 
-Base URLs and models come from the gateways' own docs (shared/seeds). EvoLink
+Base URLs and models are the ones each gateway publishes for itself. EvoLink
 documents a primary for text (``direct.evolink.ai``) and a fallback
 (``api.evolink.ai``); StarMagic documents one base URL. A user file (TOML, one
 table per provider) can add or override profiles.
@@ -9,7 +9,7 @@ table per provider) can add or override profiles.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UsageError
@@ -23,7 +23,6 @@ class Provider:
     models: tuple[str, ...] = ()
     default_model: str | None = None
     notes: str = ""
-    extra_headers: dict[str, str] = field(default_factory=dict)
 
 
 BUILTIN: dict[str, Provider] = {

@@ -1,6 +1,6 @@
 """Turn an input row into a request body, or into the reason it cannot be one.
 
-Three row forms are accepted (DESIGN.md, "Input rows"): the flat form of ModelStream's
+Three row forms are accepted: the flat form of ModelStream's
 form schema (``prompt``, ``system_prompt``, ``image_urls``, ``image_detail``), full
 OpenAI ``messages``, and OpenAI Batch-API lines (``custom_id`` + ``body``). Every
 request field is checked here, before anything is sent, so a bad row costs nothing
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.images import MAX_IMAGES_PER_ROW, ImageError, resolve_image
+from pipeline.errors import ImageError, InvalidRow
+from pipeline.images import MAX_IMAGES_PER_ROW, resolve_image
 from pipeline.source import SourceRow
 
 # Fields passed to the API as given (after validation).
@@ -46,10 +47,6 @@ PASSTHROUGH_FIELDS = (
 FLAT_FIELDS = ("prompt", "system_prompt", "image_urls", "image_detail")
 BATCH_FIELDS = ("custom_id", "method", "url", "body")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-
-
-class InvalidRow(ValueError):
-    """The row cannot be a valid request; the message says which field and why."""
 
 
 # Completion tokens assumed for a request before any answer of the run has been seen,
@@ -155,7 +152,7 @@ def _response_format(value: Any) -> None:
         raise InvalidRow("json_schema format needs a 'json_schema' object")
 
 
-# Ranges from the gateways' docs (shared/seeds).
+# The ranges the gateways accept for each request field.
 VALIDATORS: dict[str, Callable[[Any], None]] = {
     "model": _of_type(str, "a string"),
     "temperature": _number(0, 2),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -59,11 +58,6 @@ class IdIndex:
         self._size = 0
         if ids is not None:
             self._build(ids)
-
-    @classmethod
-    def of(cls, ids: Iterable[str]) -> IdIndex:
-        """An index of plain Python strings (tests, small sets)."""
-        return cls(pa.array(list(ids), pa.string()))
 
     def _build(self, ids: pa.Array | pa.ChunkedArray) -> None:
         ids = ids.drop_null()

@@ -30,7 +30,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pipeline.budget import Budget, BudgetExceeded, Reservation
 from pipeline.client import ChatClient, Reply
 from pipeline.dedupe import Dedupe
-from pipeline.errors import ApiError, Kind, RequestError, fatal_advice
+from pipeline.errors import (
+    ApiError,
+    Exit,
+    Kind,
+    RequestError,
+    fatal_advice,
+    signal_exit,
+    worst_exit,
+)
 from pipeline.jsoncheck import check_answer, wants_json
 from pipeline.limiter import RateLimiter
 from pipeline.outcome import (
@@ -51,9 +59,6 @@ from pipeline.selection import RowSelector
 from pipeline.sink import ResultSink, SinkError, write_part
 from pipeline.source import SourceRow
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3, 4
-EXIT_INTERNAL = 5  # an unexpected error outside any row (a bug): never reported as 1
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 GRACE_SECONDS = 30.0  # after a first signal, how long in-flight requests may take
 
 
@@ -87,17 +92,16 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """One code for the run; when several apply: signal, internal, fatal, failed."""
+        """One code for the run: every code that applies, the worst of them winning."""
         if self.signal is not None:
-            return EXIT_SIGNAL.get(signal.Signals(self.signal), 128 + self.signal)
-        if self.internal is not None:
-            return EXIT_INTERNAL
-        if self.fatal is not None:
-            return EXIT_FATAL
+            return signal_exit(self.signal)
         t = self.tally
-        if t.status["error"] or t.status["invalid_input"]:
-            return EXIT_FAILED
-        return EXIT_OK
+        applies = (
+            Exit.INTERNAL if self.internal is not None else Exit.OK,
+            Exit.FATAL if self.fatal is not None else Exit.OK,
+            Exit.FAILED if t.status["error"] or t.status["invalid_input"] else Exit.OK,
+        )
+        return worst_exit(applies)
 
     @property
     def wall_seconds(self) -> float:

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
+from pipeline.errors import SinkError as SinkError
 from pipeline.lock import open_nofollow
 from pipeline.manifest import fsync_dir
 from pipeline.schema import results_table
@@ -48,11 +48,6 @@ SYNC_SECONDS = 0.05
 
 # Errors that mean "OUT has no room" rather than "something else is wrong with it".
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-class SinkError(PipelineError):
-    """Results could not be written to OUT (disk full, quota, I/O error, read-only):
-    the run stops sending (exit 3); what was journaled stays."""
 
 
 def sink_error(exc: OSError) -> SinkError:
@@ -204,7 +199,6 @@ class ResultSink:
         self.sync_rows = sync_rows
         self.sync_seconds = sync_seconds
         self._clock = clock
-        self.rows_written = 0
         self.broken: SinkError | None = None  # set once OUT could not be written
         self.unsaved = 0  # results received but lost to a broken OUT (sent again on re-run)
         self._after_break = 0  # results held only in memory since the break
@@ -273,7 +267,6 @@ class ResultSink:
         """Journal one result (buffered until ``flush``). Raises SinkError once, when
         OUT fails; after that, results are kept in memory for ``close``."""
         self._buffer.append(row)
-        self.rows_written += 1
         if self.broken is not None:
             self._after_break += 1
             return

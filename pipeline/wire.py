@@ -1,10 +1,10 @@
 """The wire format: turn gateway answers (JSON bodies, SSE streams, error bodies) into values.
 
-Shapes follow the gateways' own docs (shared/seeds): the usage block with
+Shapes are the ones OpenAI-compatible gateways send: the usage block with
 ``prompt_tokens_details`` / ``completion_tokens_details``, the ``input_tokens`` /
 ``output_tokens`` compatibility fields, ``reasoning_content``, ``tool_calls``, and
 the error body ``{"error": {"code", "message", "type", "param", "fallback_suggestion"}}``.
-Nothing here does I/O, so every shape is testable from the seeds' example bodies.
+Nothing here does I/O, so every shape is testable from example bodies alone.
 """
 
 from __future__ import annotations
@@ -178,7 +178,8 @@ def _finite(value: str | None) -> float | None:
 
 
 def error_from_body(status: int, data: Any, headers: Mapping[str, str]) -> ApiError:
-    """Build the ApiError for an error answer, from the seeds' body when there is one."""
+    """Build the ApiError for an error answer, from its body when it is the gateways'
+    ``{"error": {"code", "message", "type", "param"}}``."""
     err = data.get("error") if isinstance(data, Mapping) else None
     if not isinstance(err, Mapping):
         err = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.pricing import load_prices, row_cost
+from pipeline.pricing import find_price, load_prices
 from pipeline.sim import Simulator
 from tests.conftest import prompts, run_with_sim, write_jsonl
 
@@ -15,11 +15,9 @@ def billed_usd(sim: Simulator) -> float:
     for b in sim.ledger:
         u = b.usage
         cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens")
-        cost = row_cost(
-            prices, b.model, "sim", u["prompt_tokens"], cached, u["completion_tokens"], None
-        )
-        assert cost is not None
-        total += cost
+        price = find_price(prices, b.model, "sim", None)
+        assert price is not None
+        total += price.cost(u["prompt_tokens"], cached or 0, u["completion_tokens"])
     return total
 
 

@@ -184,3 +184,99 @@ def test_unreachable_ray_address_exits_2_before_anything_is_written(
     assert code == 2 and stdout == ""
     assert "cannot connect" in err
     assert not (out / "runs").exists(), "no manifest for a run that never started"
+
+
+# Every command: a bug in the code it calls is an internal error (exit 5) with a
+# pointer to report it, never "bad usage" (exit 2), whatever the exception's class.
+BUG_CASES = [
+    ("pipeline.execute.execute", ["run", "{rows}", "--out", "{out}", "-q"]),
+    ("pipeline.estimate.estimate", ["estimate", "{rows}"]),
+    ("pipeline.query.report_and_notes", ["report", "{out}"]),
+    ("pipeline.query.sql", ["sql", "{out}", "SELECT 1"]),
+    ("pipeline.query.export.export", ["export", "{out}"]),
+    ("pipeline.manifest.list_runs", ["runs", "{out}"]),
+    ("pipeline.providers.load_providers", ["providers"]),
+    ("pipeline.sim.server.run_server", ["sim", "--port", "1"]),
+]
+
+
+@pytest.mark.parametrize(("target", "argv"), BUG_CASES, ids=[a[0] for _, a in BUG_CASES])
+@pytest.mark.parametrize(
+    "exc", [ValueError("bug"), KeyError("bug")], ids=["ValueError", "KeyError"]
+)
+def test_a_bug_in_any_command_exits_5_not_2(
+    tmp_path: Path,
+    rows: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    target: str,
+    argv: list[str],
+    exc: Exception,
+) -> None:
+    import importlib
+
+    module, _, name = target.rpartition(".")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(importlib.import_module(module), name, broken)
+    filled = [a.format(rows=rows, out=tmp_path / "out") for a in argv]
+    code, _, err = invoke(*filled)
+    assert code == 5, err
+    assert "internal error (a bug)" in err and "bug" in err and "report it" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["report", "{out}", "--by", "model", "--by", "model"], 2, "twice"),
+        (["report", "{out}", "--pricing", "{missing}"], 2, "price table"),
+        (["sql", "{out}", "SELEC nonsense"], 2, "query failed"),
+        (["estimate", "{rows}", "--pricing", "{missing}"], 2, "price table"),
+    ],
+)
+def test_usage_errors_where_they_are_raised_exit_2(
+    tmp_path: Path, rows: Path, argv: list[str], code: int, message: str
+) -> None:
+    out = tmp_path / "out"
+    assert invoke("run", str(rows), "--out", str(out), "-q")[0] == 0
+    filled = [a.format(rows=rows, out=out, missing=tmp_path / "no.csv") for a in argv]
+    got, _, err = invoke(*filled)
+    assert got == code, err
+    assert message in err and "internal error" not in err
+
+
+def test_run_help_lists_every_exit_code_from_the_enum() -> None:
+    from pipeline.errors import Exit
+
+    code, out, _ = invoke("run", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    for exit_code in Exit:
+        assert str(exit_code.value) in text
+        if exit_code < Exit.SIGINT:
+            assert f"{exit_code.value} {exit_code.meaning}" in text
+
+
+def test_exit_precedence_is_one_rule() -> None:
+    from pipeline.errors import Exit, signal_exit, worst_exit
+
+    assert worst_exit([]) is Exit.OK
+    assert worst_exit([Exit.FAILED, Exit.FATAL]) is Exit.FATAL
+    assert worst_exit([Exit.FATAL, Exit.INTERNAL, Exit.FAILED]) is Exit.INTERNAL
+    assert worst_exit([Exit.INTERNAL, Exit.SIGTERM]) is Exit.SIGTERM
+    assert worst_exit([Exit.SIGINT, Exit.LOCKED]) is Exit.LOCKED
+    assert worst_exit([Exit.LOCKED, Exit.USAGE]) is Exit.USAGE
+    assert signal_exit(2) is Exit.SIGINT and signal_exit(15) is Exit.SIGTERM
+    assert signal_exit(1) == 129
+
+
+def test_sim_on_a_port_in_use_is_bad_usage_not_a_bug() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = invoke("sim", "--port", str(port))
+    assert code == 2 and f"127.0.0.1:{port}" in err and "internal error" not in err

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import gc
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from pipeline.client import ChatClient, normalize_base_url
-from pipeline.errors import ApiError, ConfigurationError, Kind, TransportError, fatal_advice
+from pipeline.errors import (
+    ApiError,
+    ConfigurationError,
+    Kind,
+    TransportError,
+    UsageError,
+    fatal_advice,
+)
 from pipeline.redact import Redactor, plain_http_warnings
 
 pytestmark = pytest.mark.anyio
@@ -178,9 +186,17 @@ async def test_an_unexpected_exception_from_the_transport_becomes_a_request_erro
     ["http://u:p4ss@gw.test/v1", "http://p4ss@gw.test", "http://gw.test/v1?key=p4ss"],
 )
 def test_a_base_url_with_credentials_is_refused_without_echoing_them(url: str) -> None:
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(UsageError) as caught:
         normalize_base_url(url)
     assert "p4ss" not in str(caught.value)
+
+
+def test_a_base_url_that_is_not_http_is_bad_usage_not_a_bug(tmp_path: Path) -> None:
+    from tests.conftest import invoke, write_jsonl
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "x"}])
+    code, _, err = invoke("run", str(rows), "--base-url", "ftp://gw.test", "--out", str(tmp_path))
+    assert code == 2 and "http(s)://" in err and "internal error" not in err
 
 
 def test_plain_http_warnings_name_only_non_loopback_hosts() -> None:

@@ -244,9 +244,10 @@ def test_resume_index_keeps_distinct_ids_that_share_a_hash() -> None:
 
 def test_resume_index_of_nothing_and_of_one() -> None:
     assert not load_outcomes(Path("/nonexistent")).done("a", False)
-    one = IdIndex.of(["only"])
+    one = IdIndex(pa.array(["only"], pa.string()))
     assert "only" in one and "onl" not in one and "" not in one and len(one) == 1
-    assert len(IdIndex.of([])) == 0 and "x" not in IdIndex.of([])
+    empty = IdIndex(pa.array([], pa.string()))
+    assert len(empty) == 0 and "x" not in empty and "x" not in IdIndex()
 
 
 def test_kill_9_during_compaction_loses_at_most_what_was_in_flight(

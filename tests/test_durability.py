@@ -31,11 +31,10 @@ from typing import IO, Any
 import pytest
 
 import pipeline.sink as sink_module
-from pipeline.errors import LockedError, UsageError
+from pipeline.errors import Exit, LockedError, UsageError
 from pipeline.lock import OutLock
 from pipeline.manifest import run_alive, write_manifest
 from pipeline.progress import Progress
-from pipeline.runner import EXIT_INTERNAL
 from pipeline.sim import SimConfig, Simulator
 from pipeline.sink import ResultSink, write_part
 from tests.conftest import FakeClock, invoke, prompts, read_results, run_with_sim, write_jsonl
@@ -227,7 +226,7 @@ def test_an_internal_error_in_the_writer_is_exit_5_with_a_failed_manifest(
     sim = Simulator(SimConfig(latency_ms=20), clock=clock, sleep=clock.sleep)
     first = run_with_sim([src], out, sim=sim, clock=clock, concurrency=8)
 
-    assert first.result.exit_code == EXIT_INTERNAL
+    assert first.result.exit_code == Exit.INTERNAL
     assert first.result.internal == "RuntimeError: boom in the writer"
     (manifest,) = _manifests(out)
     assert manifest["status"] == "failed" and manifest["exit_code"] == 5

@@ -25,6 +25,7 @@ from tiktoken_ext import openai_public  # type: ignore[import-untyped]
 
 from pipeline.config import RunOptions, load_job_file
 from pipeline.dedupe import DEDUPE_WINDOW, Dedupe
+from pipeline.errors import UsageError
 from pipeline.estimate import DEFAULT_OUTPUT_CAP, Estimate, estimate
 from pipeline.estimate_format import format_estimate
 from pipeline.image_tokens import image_part_tokens, image_size, image_tokens
@@ -500,7 +501,7 @@ def test_json_format_round_trips_and_bad_format_is_refused(tmp_path: Path) -> No
     assert data["encoding"] == "o200k_base"
     assert data["total"]["prompt_tokens"] == result.prompt_tokens
     assert data["rows"]["to_send"] == 1
-    with pytest.raises(ValueError, match="unknown format"):
+    with pytest.raises(UsageError, match="unknown format"):
         format_estimate(Estimate(files=[], out="o", provider="p", price_table="t"), "xml")
 
 

@@ -13,7 +13,6 @@ from pipeline.pricing import (
     PricingError,
     find_price,
     load_prices,
-    row_cost,
     strip_snapshot,
 )
 
@@ -87,31 +86,37 @@ def test_shipped_table_has_the_list_prices() -> None:
 # --------------------------------------------------------------------- the formula
 
 
-def test_row_cost_bills_cached_tokens_at_the_cached_rate(tmp_path: Path) -> None:
+def cost_of(
+    prices: PriceTable, model: str, provider: str | None, prompt: int, cached: int, out: int
+) -> float | None:
+    price = find_price(prices, model, provider, DAY)
+    return None if price is None else price.cost(prompt, cached, out)
+
+
+def test_cost_bills_cached_tokens_at_the_cached_rate(tmp_path: Path) -> None:
     prices = table(tmp_path, "m,,2.00,0.50,8.00,,,,,,")
-    cost = row_cost(prices, "m", None, 10_000, 4_000, 1_000, DAY)
+    cost = cost_of(prices, "m", None, 10_000, 4_000, 1_000)
     assert cost == pytest.approx((6_000 * 2.0 + 4_000 * 0.5 + 1_000 * 8.0) / 1e6, abs=1e-12)
 
 
 def test_long_context_tier_bills_the_whole_request_at_long_rates() -> None:
     prices = load_prices()
-    at_threshold = row_cost(prices, "gpt-5.5", "openai", 272_000, 2_000, 1_000, DAY)
-    above = row_cost(prices, "gpt-5.5", "openai", 272_001, 2_000, 1_000, DAY)
+    at_threshold = cost_of(prices, "gpt-5.5", "openai", 272_000, 2_000, 1_000)
+    above = cost_of(prices, "gpt-5.5", "openai", 272_001, 2_000, 1_000)
     assert at_threshold == pytest.approx((270_000 * 5 + 2_000 * 0.5 + 1_000 * 30) / 1e6)
     assert above == pytest.approx((270_001 * 10 + 2_000 * 1.0 + 1_000 * 45) / 1e6)
 
 
-def test_unpriced_model_is_none_but_a_row_without_tokens_costs_nothing() -> None:
-    prices = load_prices()
-    assert row_cost(prices, "no-such-model", None, 10, 0, 5, DAY) is None
-    assert row_cost(prices, "no-such-model", None, None, None, None, DAY) == 0.0
-    assert row_cost(prices, "no-such-model", None, 0, 0, 0, DAY) == 0.0
+def test_unpriced_model_has_no_price() -> None:
+    # (A row without tokens costs nothing even unpriced: the costs view's rule,
+    # checked in tests/test_report.py.)
+    assert cost_of(load_prices(), "no-such-model", None, 10, 0, 5) is None
 
 
 def test_reasoning_tokens_are_billed_inside_completion_tokens() -> None:
     # There is no reasoning argument: completion_tokens already contains them.
     prices = load_prices()
-    assert row_cost(prices, "gpt-5.1", None, 0, 0, 1_000_000, DAY) == pytest.approx(10.0)
+    assert cost_of(prices, "gpt-5.1", None, 0, 0, 1_000_000) == pytest.approx(10.0)
 
 
 # ------------------------------------------------------------------ which price row
@@ -169,8 +174,8 @@ def test_snapshot_dates_fall_back_to_the_base_model(tmp_path: Path) -> None:
 
 def test_shipped_gpt55_snapshot_is_priced_as_gpt55() -> None:
     prices = load_prices()
-    plain = row_cost(prices, "gpt-5.5", None, 1000, 0, 100, DAY)
-    dated = row_cost(prices, "gpt-5.5-2026-04-23", None, 1000, 0, 100, DAY)
+    plain = cost_of(prices, "gpt-5.5", None, 1000, 0, 100)
+    dated = cost_of(prices, "gpt-5.5-2026-04-23", None, 1000, 0, 100)
     assert plain == dated == pytest.approx((1000 * 5 + 100 * 30) / 1e6)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.pricing import PricingError, load_prices, row_cost
+from pipeline.pricing import PriceTable, PricingError, find_price, load_prices
 from pipeline.query import ReportError, open_views, sql
 from pipeline.query.report import report
 from pipeline.schema import results_table
@@ -125,8 +125,32 @@ def test_cost_per_model_matches_an_independent_computation(tmp_path: Path, price
         assert got[model]["unpriced"] is False
 
 
-def test_sql_costs_agree_with_python_row_cost(tmp_path: Path, prices: Path) -> None:
-    """The costs view and pricing.row_cost implement one rule; check them on mixed rows."""
+def recomputed_cost(table: PriceTable, r: dict[str, Any]) -> float | None:
+    """The costs view's rule, recomputed here on its own: no tokens cost nothing (even
+    unpriced); otherwise the matching price row's tier (long rates above the threshold,
+    for the whole request), uncached prompt, cached prompt and completion tokens each at
+    their rate per million; None when no price row matches."""
+    prompt, cached = r["prompt_tokens"] or 0, r["cached_tokens"] or 0
+    completion = r["completion_tokens"] or 0
+    if prompt == 0 and completion == 0:
+        return 0.0
+    price = find_price(
+        table, r["model"], r["provider"], r["finished_at"], response_model=r["response_model"]
+    )
+    if price is None:
+        return None
+    rates = price.rates
+    if price.long_rates is not None and prompt > (price.long_context_threshold or 0):
+        rates = price.long_rates
+    return (
+        (prompt - cached) * rates.input_per_mtok
+        + cached * rates.cached_input_per_mtok
+        + completion * rates.output_per_mtok
+    ) / 1e6
+
+
+def test_sql_costs_agree_with_a_python_recomputation(tmp_path: Path, prices: Path) -> None:
+    """The costs view and an independent recomputation agree on mixed rows."""
     rng = random.Random(11)
     rows = []
     for _ in range(300):
@@ -152,22 +176,13 @@ def test_sql_costs_agree_with_python_row_cost(tmp_path: Path, prices: Path) -> N
     }
     assert len(got) == len(rows)
     for r in rows:
-        # An ok answer without both token counts has no known cost (row_cost prices
-        # token counts; it cannot know the answer was billed).
+        # An ok answer without both token counts has no known cost (the recomputation
+        # prices token counts; it cannot know the answer was billed).
         if r["prompt_tokens"] is None or r["completion_tokens"] is None:
             assert got[r["id"]][0] is None and got[r["id"]][2] is True, r
             continue
         assert got[r["id"]][2] is False, r
-        want = row_cost(
-            table,
-            r["model"],
-            r["provider"],
-            r["prompt_tokens"],
-            r["cached_tokens"],
-            r["completion_tokens"],
-            r["finished_at"],
-            response_model=r["response_model"],
-        )
+        want = recomputed_cost(table, r)
         cost, unpriced, _ = got[r["id"]]
         assert unpriced is (want is None), r
         if want is None:

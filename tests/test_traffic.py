@@ -94,7 +94,8 @@ def test_primary_is_tried_again_after_it_recovers() -> None:
     clock.now += 5.1
     assert endpoints.pick() == "http://a/v1"
     endpoints.succeeded("http://a/v1")
-    assert endpoints.healthy("http://a/v1")
+    endpoints.failed("http://a/v1")
+    assert endpoints.pick() == "http://a/v1", "a success forgets earlier failures"
 
 
 def test_everything_benched_still_picks_the_soonest_back() -> None:

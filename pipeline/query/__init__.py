@@ -24,11 +24,12 @@ by the commands that read results.
 
 from __future__ import annotations
 
+from pipeline.errors import ReportError
 from pipeline.query.adhoc import sql
 from pipeline.query.formats import FORMATS
 from pipeline.query.html import write_html_report
 from pipeline.query.report import report_and_notes
-from pipeline.query.views import ReportError, duckdb_file_list, open_views, sql_ident
+from pipeline.query.views import duckdb_file_list, open_views, sql_ident
 
 __all__ = [
     "FORMATS",

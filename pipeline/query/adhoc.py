@@ -14,6 +14,7 @@ from typing import Any
 
 import duckdb
 
+from pipeline.errors import ReportError
 from pipeline.query.formats import (
     FORMATS,
     check_format,
@@ -23,7 +24,7 @@ from pipeline.query.formats import (
     to_csv,
     to_json,
 )
-from pipeline.query.views import ReportError, open_views, run_query
+from pipeline.query.views import open_views, run_query
 
 
 def sql(out_dir: str | Path, query: str, fmt: str, pricing_file: str | Path | None = None) -> str:

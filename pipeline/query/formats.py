@@ -20,7 +20,7 @@ from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any
 
-from pipeline.query.views import ReportError
+from pipeline.errors import ReportError
 
 FORMATS = ("table", "csv", "json", "markdown")
 

@@ -56,7 +56,7 @@ def write_html_report(
 ) -> None:
     """Write the HTML cost report for the results in ``out_dir`` to ``path``.
 
-    Raises PricingError (a ValueError) when the price table is bad, as ``report`` does.
+    Raises PricingError (a UsageError) when the price table is bad, as ``report`` does.
     """
     data = _load(Path(out_dir), pricing_file)
     target = Path(path)

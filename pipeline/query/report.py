@@ -21,6 +21,7 @@ from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ReportError
 from pipeline.query.formats import (
     FORMATS,
     check_format,
@@ -30,7 +31,7 @@ from pipeline.query.formats import (
     to_csv,
     to_json,
 )
-from pipeline.query.views import ReportError, fetch_dicts, open_views, sql_ident
+from pipeline.query.views import fetch_dicts, open_views, sql_ident
 
 # One row of the report: the same aggregates for each group and for the total line.
 AGGREGATES = """

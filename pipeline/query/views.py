@@ -34,13 +34,9 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from pipeline.errors import ReportError as ReportError
 from pipeline.pricing import SNAPSHOT_SUFFIX, PriceTable, load_prices
 from pipeline.schema import RESULT_SCHEMA
-
-
-class ReportError(ValueError):
-    """A report or query cannot be made as asked (bad --by, date, format or SQL)."""
-
 
 PRICING_SCHEMA = pa.schema(
     [
@@ -181,7 +177,7 @@ def open_views(
 
     The caller closes it. Nothing is written to OUT: the views read the part files.
 
-    Raises PricingError (a ValueError) when the price table is bad.
+    Raises PricingError (a UsageError) when the price table is bad.
     """
     prices = load_prices(pricing_file)
     con = duckdb.connect()
