@@ -52,11 +52,6 @@ class InvalidRow(ValueError):
     """The row cannot be a valid request; the message says which field and why."""
 
 
-# Completion tokens assumed for a request before any answer of the run has been seen,
-# when its row sets no max_tokens: what --max-cost holds and what --tpm charges.
-DEFAULT_COMPLETION_GUESS = 512
-
-
 @dataclass(slots=True)
 class Job:
     """One row ready to send."""
