@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pipeline.pricing import Price, PriceTable, find_price
-from pipeline.request import DEFAULT_COMPLETION_GUESS, Job
+from pipeline.request import Job
 from pipeline.wire import Usage
 
+DEFAULT_COMPLETION_GUESS = 512  # tokens held per request before any answer is seen
 MARGIN = 1.25  # over the largest completion seen, for requests with no max_tokens
 
 

@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 from pipeline.errors import ImageError as ImageError
+from pipeline.source import open_regular
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_IMAGES_PER_ROW = 10
@@ -66,7 +67,7 @@ def resolve_image(ref: str, base_dir: Path, image_root: Path | None = None) -> s
     if info.st_size > MAX_IMAGE_BYTES:
         raise ImageError(f"image {ref}: {info.st_size / 1048576:.1f} MB, over the 10 MB limit")
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:  # checked again on the open file: no FIFO swap
             data = fh.read(MAX_IMAGE_BYTES + 1)  # the file may have grown since the stat
     except OSError as exc:
         raise ImageError(f"image {ref}: cannot be read ({exc.strerror})") from None

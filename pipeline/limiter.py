@@ -11,7 +11,7 @@ the whole run must slow down (USERS.md #3). The limiter therefore keeps
   through, creep back up);
 - a tokens/min bucket charged before the call with the prompt estimate plus the
   completion: the row's ``max_tokens`` when it sets one (what OpenAI counts), else
-  the running mean of this run's completions (a default guess before the first
+  the running mean of this run's completions (a whole bucket before the first
   answer); it is corrected with the reported usage after the call. Charging the prompt alone
   let the first full bucket go out at about twice the token rate: a burst of 429s
   at the start of every run;
@@ -94,9 +94,11 @@ def parse_reset(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     parts = _DURATION.findall(value)
     if not parts:
         return None
@@ -109,7 +111,7 @@ def _header_int(headers: Mapping[str, str], name: str) -> int | None:
         return None
     try:
         number = int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # text, or inf / 1e400 from a hostile server
         return None
     return number if number >= 0 else None  # some deployments send -1 for "no limit"
 
@@ -221,18 +223,23 @@ class RateLimiter:
         """The requests/min now in force (None: no rate limit, only the in-flight cap)."""
         return self._requests.rate * 60.0 if self._requests else None
 
-    def expected_tokens(self, prompt_tokens: int, ceiling: int | None, first_guess: int) -> int:
+    def expected_tokens(self, prompt_tokens: int, ceiling: int | None) -> int:
         """What admission charges the tokens/min bucket for one request: its prompt
         plus its completion ceiling when the row sets one (servers such as OpenAI's
         count ``max_tokens`` against the limit when the request arrives), else the
-        completion expected: the running mean of this run's answers, ``first_guess``
-        before the first. The release corrects it with the reported usage."""
-        if self._tokens is None:
+        running mean of this run's completions. Before the first answer nothing is
+        known: a whole bucket is charged, so the first requests go one bucket apart
+        until an answer says what completions cost (a guess could be 10x short).
+        The release corrects the charge with the reported usage."""
+        tokens = self._tokens
+        if tokens is None:
             return prompt_tokens  # no --tpm: the charge is never spent
         if ceiling is not None:
             return prompt_tokens + ceiling
         mean = self._completion_mean
-        return prompt_tokens + (first_guess if mean is None else math.ceil(mean))
+        if mean is None:
+            return prompt_tokens + math.ceil(tokens.capacity)
+        return prompt_tokens + math.ceil(mean)
 
     async def acquire(self, estimated_tokens: int = 0) -> Permit:
         async with self._gate:

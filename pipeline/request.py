@@ -49,11 +49,6 @@ BATCH_FIELDS = ("custom_id", "method", "url", "body")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
-# Completion tokens assumed for a request before any answer of the run has been seen,
-# when its row sets no max_tokens: what --max-cost holds and what --tpm charges.
-DEFAULT_COMPLETION_GUESS = 512
-
-
 @dataclass(slots=True)
 class Job:
     """One row ready to send."""

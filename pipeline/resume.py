@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.errors import UsageError
+
 _HASH_CHUNK = 65_536  # ids turned into Python strings at a time, to be hashed
 
 
@@ -188,6 +190,24 @@ def result_parts(out: Path) -> list[Path]:
     return sorted(p for p in results.rglob("*.parquet") if not p.name.startswith("."))
 
 
+def _outcome_columns(part: Path) -> tuple[pa.Table, list[str]]:
+    """The ``id``, ``status`` (and ``superseded``) columns of one part. A part that is
+    not readable stops the run before anything is sent (exit 2): skipping it could
+    send again, and bill again, every row it holds."""
+    try:
+        with pq.ParquetFile(part) as file:
+            names = file.schema_arrow.names  # parts older than ``superseded`` lack it
+            if "id" not in names or "status" not in names:
+                raise ValueError("it has no id and status columns")
+            wanted = [c for c in ("id", "status", "superseded") if c in names]
+            return file.read(columns=wanted), names
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise UsageError(
+            f"{part}: not a readable results part ({exc}); move it out of the results "
+            "folder (its rows would be sent again), then re-run"
+        ) from None
+
+
 def load_outcomes(out: Path) -> Outcomes:
     """Read the ``id`` and ``status`` of every result under ``out`` into two indexes.
 
@@ -198,11 +218,7 @@ def load_outcomes(out: Path) -> Outcomes:
     ok_chunks: list[pa.Array] = []
     error_chunks: list[pa.Array] = []
     for part in result_parts(out):
-        # Parts written before the ``superseded`` column existed have none.
-        file = pq.ParquetFile(part)
-        names = file.schema_arrow.names
-        table = file.read(columns=[c for c in ("id", "status", "superseded") if c in names])
-        file.close()
+        table, names = _outcome_columns(part)
         ids = table.column("id").cast(pa.large_string())
         is_ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
         is_outcome = pc.invert(is_ok)

@@ -53,8 +53,9 @@ from pipeline.outcome import (
     utcnow,
 )
 from pipeline.progress import Progress, Tally
-from pipeline.request import DEFAULT_COMPLETION_GUESS, Job, Rejected
+from pipeline.request import Job, Rejected
 from pipeline.retry import first_wait, gives_up_at_once, retrying
+from pipeline.schema import storable
 from pipeline.selection import RowSelector
 from pipeline.sink import ResultSink, SinkError, write_part
 from pipeline.source import SourceRow
@@ -446,9 +447,7 @@ class Runner:
         if self.stopping:
             raise _Stopped
         permit = await self.limiter.acquire(
-            self.limiter.expected_tokens(
-                job.est_prompt_tokens, job.completion_ceiling, DEFAULT_COMPLETION_GUESS
-            )
+            self.limiter.expected_tokens(job.est_prompt_tokens, job.completion_ceiling)
         )
         if self.stopping:
             self.limiter.release(permit, answered=False)
@@ -633,6 +632,7 @@ class Runner:
         write_part(rows, part)
 
     def _write(self, row: dict[str, Any]) -> None:
+        row = storable(row)
         try:
             self.sink.write(row)
         except SinkError as error:

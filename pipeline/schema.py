@@ -62,6 +62,44 @@ RESULT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
 _RESULT_COLUMN_SET = frozenset(RESULT_COLUMNS)
 
 
+_INT64 = 2**63  # Parquet's int64: a count outside it cannot be stored
+
+
+def _storable_text(text: str) -> str:
+    """``text`` as valid Unicode: surrogate halves a server sent as JSON escapes are
+    paired where they pair and replaced (U+FFFD) where they do not."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return _storable_text(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if -_INT64 <= value < _INT64 else None
+    if isinstance(value, dict):
+        return {_storable_text(str(k)): _storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    return value
+
+
+def storable(row: dict[str, Any]) -> dict[str, Any]:
+    """A result row that the journal and Parquet can hold, whatever the server sent.
+
+    Text from a server can carry lone surrogates (``"\\ud800"`` is valid JSON, not
+    valid UTF-8) and numbers past int64; either would fail the write of the whole
+    batch, not just this row. Both are fixed here, at the one door every row passes
+    on its way to disk: text is repaired, an impossible count becomes NULL.
+    """
+    return {key: _storable(value) for key, value in row.items()}
+
+
 def carried_name(column: str) -> str:
     """The results column name for an input column carried through untouched."""
     return f"input_{column}" if column in _RESULT_COLUMN_SET else column

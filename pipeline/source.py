@@ -16,6 +16,7 @@ device would never end.
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import json
@@ -200,6 +201,24 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
+def is_results_folder(folder: Path) -> bool:
+    """A folder this tool wrote as some run's ``--out`` (``results/`` and ``runs/``
+    side by side): its manifests and parts are never inputs, whichever OUT this run
+    writes to."""
+    return (folder / "results").is_dir() and (folder / "runs").is_dir()
+
+
+def _in_results_folder(path: Path, base: Path) -> bool:
+    """``path`` (found by a glob under ``base``) sits inside some run's OUT below
+    ``base``, as a folder walk from ``base`` would prune it."""
+    for parent in path.parents:
+        if parent == base or not parent.is_relative_to(base):
+            return False
+        if is_results_folder(parent):
+            return True
+    return False
+
+
 def _walk(folder: Path, out: Path | None, notes: SkipNotes) -> list[Path]:
     """Input files under ``folder``, pruning hidden folders and ``out`` on the way down
     (a results folder can hold thousands of parts that are not inputs)."""
@@ -210,6 +229,9 @@ def _walk(folder: Path, out: Path | None, notes: SkipNotes) -> list[Path]:
         kept = []
         for d in dirs:
             if is_hidden((*rel, d)) or (out is not None and (here / d).resolve() == out):
+                continue
+            if is_results_folder(here / d):
+                notes.add("the results folder of a run (--out)", str(here / d))
                 continue
             kept.append(d)
         dirs[:] = kept
@@ -264,6 +286,9 @@ def expand_sources(
                     continue
                 if stat.S_ISDIR(mode) or _under(match, out_dir):
                     continue
+                if _in_results_folder(match, base):
+                    notes.add("inside the results folder of a run (--out)", str(match))
+                    continue
                 parts = match.relative_to(base).parts if match.is_relative_to(base) else ()
                 reason = skip_reason(parts, match.name, mode)
                 if reason is None:
@@ -315,11 +340,33 @@ def check_readable(path: Path) -> None:
         raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
+def open_regular(path: Path) -> IO[bytes]:
+    """Open ``path`` for reading only if it is a regular file, checked on the open file.
+
+    A check by name before the open leaves a window: a file swapped for a named pipe
+    after the folder was listed would block the open (and the run) for good. Opening
+    without blocking and asking the open descriptor closes it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        kind = file_kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise OSError(errno.EINVAL, f"{kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_bytes(path: Path) -> IO[bytes]:
     """A local input as bytes; gzip is undone on the fly (``.gz`` names)."""
+    raw = open_regular(path)
     if path.name.lower().endswith(".gz"):
-        return cast(IO[bytes], gzip.open(path, "rb"))
-    return open(path, "rb")
+        unzipped = gzip.GzipFile(fileobj=raw, mode="rb")
+        unzipped.myfileobj = cast(Any, raw)  # closed with it, as when gzip opens the file
+        return cast(IO[bytes], unzipped)
+    return raw
 
 
 class LineTooLong:

@@ -37,13 +37,18 @@ class Usage:
     audio_tokens: int | None = None
 
 
+_MAX_TOKENS = 2**62  # a count past this is no count a server could have billed
+
+
 def _int(value: Any) -> int | None:
+    """A token count as the server sent it, or None (unknown, flagged) when it is not
+    a count: negative, fractional, absurdly large, or not a number at all."""
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int):
+    if isinstance(value, float) and value.is_integer() and abs(value) < _MAX_TOKENS:
+        value = int(value)
+    if isinstance(value, int) and 0 <= value < _MAX_TOKENS:
         return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
     return None
 
 
