@@ -15,20 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from pipeline.errors import BudgetExceeded as BudgetExceeded
 from pipeline.pricing import Price, PriceTable, find_price
 from pipeline.request import Job
 from pipeline.wire import Usage
 
 DEFAULT_COMPLETION_GUESS = 512  # tokens held per request before any answer is seen
 MARGIN = 1.25  # over the largest completion seen, for requests with no max_tokens
-
-
-class BudgetExceeded(Exception):
-    """The next request would not fit under the cap."""
-
-    def __init__(self, message: str, amount: float = 0.0) -> None:
-        super().__init__(message)
-        self.amount = amount  # USD the request would have held
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ Exception tree::
     │                             (bad --by, date, format or SQL)
     ├── LockedError               another run holds the --out lock: exit 4, nothing sent
     ├── StopError                 the run had to stop; what it wrote is kept: exit 3
+    │   ├── BudgetExceeded        the next request would pass --max-cost
     │   └── SinkError             OUT cannot be written (disk full, quota, I/O error)
     ├── InvalidRow                one input row cannot be a request: that row's outcome
     │   └── ImageError            an image reference that cannot be sent
@@ -126,6 +127,15 @@ class LockedError(PipelineError):
 
 class StopError(PipelineError):
     """The run cannot go on; what it wrote so far is kept (exit 3)."""
+
+
+class BudgetExceeded(StopError):
+    """The next request would not fit under ``--max-cost``: the run stops before spend
+    passes the cap (exit 3)."""
+
+    def __init__(self, message: str, amount: float = 0.0) -> None:
+        super().__init__(message)
+        self.amount = amount  # USD the request would have held
 
 
 class SinkError(StopError):

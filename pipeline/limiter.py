@@ -1,7 +1,8 @@
 """One limiter shared by every task: in-flight cap, requests/min, tokens/min, and back-off.
 
 Why one object: when 429s pile up, the *gateway* is full, not one row unlucky, so
-the whole run must slow down (USERS.md #3). The limiter therefore keeps
+the whole run must slow down; retrying each row on its own burns every attempt on
+429s while the others keep the gateway full. The limiter therefore keeps
 
 - a cap on requests in flight, lowered when 429s pile up (multiplicative decrease)
   and raised again one step per clean round (additive increase);
