@@ -68,7 +68,8 @@ class RowSelector:
         self.outcomes = outcomes
         self.counts = SelectionCounts()
         self._in_shard = shard_filter(selection.shard)
-        self._claims = IdClaims()  # explicit ids met in this run, for collisions
+        self._claims = IdClaims()  # ids rows named themselves, met in this run
+        self._made_up = IdClaims()  # ids this tool gave rows that named none
 
     def batches(
         self, rows: Iterable[list[SourceRow]], stopping: Callable[[], bool] = lambda: False
@@ -104,16 +105,27 @@ class RowSelector:
         if row_id is not None:
             if not self._shard_has(row_id):
                 return None
-            first = self._claims.claim(row_id, str(row.file), row.line)
+            first = self._made_up.first(row_id) or self._claims.claim(
+                row_id, str(row.file), row.line
+            )
             if first is not None:
                 collision = id_collision(row, row_id, first)
                 return collision if self._pending(collision.id) else None
             if not self._pending(row_id):
                 return None
+            return build_job(row, self.selection.request)
         item = build_job(row, self.selection.request)
-        if row_id is None and not (self._shard_has(item.id) and self._pending(item.id)):
+        if not self._shard_has(item.id):
             return None
-        return item
+        # A made-up id (a request's hash, a bad line's place) may repeat itself (the
+        # same request twice is answered once) but never stand for a row that named
+        # the same id itself: that would merge two rows into one answer.
+        first = self._claims.first(item.id)
+        if first is not None:
+            collision = id_collision(row, item.id, first)
+            return collision if self._pending(collision.id) else None
+        self._made_up.claim(item.id, str(row.file), row.line)
+        return item if self._pending(item.id) else None
 
     def _shard_has(self, row_id: str) -> bool:
         if self._in_shard is None or self._in_shard(row_id):
@@ -175,20 +187,33 @@ class IdClaims:
     def nbytes(self) -> int:
         return self._hashes.itemsize * len(self._hashes) * 2
 
+    def _slot(self, wanted: int) -> int:
+        """The slot holding ``wanted``, or the empty slot where it would go."""
+        hashes, mask = self._hashes, self._mask
+        slot = wanted & mask
+        stored = hashes[slot]
+        while stored and stored != wanted:
+            slot = (slot + 1) & mask
+            stored = hashes[slot]
+        return slot
+
+    def _place(self, slot: int) -> str:
+        place = self._places[slot]
+        return f"{self._files[place >> self._LINE_BITS]}:{place & self._MAX_LINE}"
+
+    def first(self, row_id: str) -> str | None:
+        """Where ``row_id`` was first met (``file:line``), or None; records nothing."""
+        slot = self._slot(hash(row_id) or 1)
+        return self._place(slot) if self._hashes[slot] else None
+
     def claim(self, row_id: str, file: str, line: int) -> str | None:
         """Record ``row_id`` as met at ``file:line``; if it was met before, return
         that first place (``file:line``) instead and record nothing."""
         wanted = hash(row_id) or 1
+        slot = self._slot(wanted)
         hashes, mask = self._hashes, self._mask
-        slot = wanted & mask
-        stored = hashes[slot]
-        while stored:
-            if stored == wanted:
-                place = self._places[slot]
-                first = self._files[place >> self._LINE_BITS]
-                return f"{first}:{place & ((1 << self._LINE_BITS) - 1)}"
-            slot = (slot + 1) & mask
-            stored = hashes[slot]
+        if hashes[slot]:
+            return self._place(slot)
         if file != self._last_file:
             number = self._file_numbers.get(file)
             if number is None:

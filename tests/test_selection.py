@@ -138,3 +138,30 @@ def _results(out: Path) -> list[dict[str, Any]]:
     from tests.conftest import read_results
 
     return read_results(out)
+
+
+def test_an_id_a_row_names_itself_never_merges_with_an_id_made_up_for_another(
+    tmp_path: Path,
+) -> None:
+    from pipeline.request import Rejected
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "no id"}])
+    opts = RunOptions(sources=[str(src)])
+    made_up = next(iter(RowSelector(opts.row_selection("m"), _nothing_done()).batches(
+        read_rows([src])
+    )))[0].id  # fmt: skip
+    both_orders = [
+        [{"prompt": "no id"}, {"id": made_up, "prompt": "names it itself"}],
+        [{"id": made_up, "prompt": "names it itself"}, {"prompt": "no id"}],
+    ]
+    for number, rows in enumerate(both_orders):
+        path = write_jsonl(tmp_path / f"b{number}.jsonl", rows)  # type: ignore[arg-type]
+        selector = RowSelector(opts.row_selection("m"), _nothing_done())
+        taken = [t for batch in selector.batches(read_rows([path])) for t in batch]
+        assert len(taken) == 2 and isinstance(taken[1], Rejected), rows
+        assert "already used by" in taken[1].message
+        assert taken[0].id == made_up != taken[1].id
+    repeats = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "no id"}, {"prompt": "no id"}])
+    selector = RowSelector(opts.row_selection("m"), _nothing_done())
+    taken = [t for batch in selector.batches(read_rows([repeats])) for t in batch]
+    assert [t.id for t in taken] == [made_up, made_up], "the same request twice: deduped"
