@@ -16,10 +16,10 @@ import fcntl
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pipeline.lock import open_nofollow
 
@@ -42,16 +42,17 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(out: Path, run_id: str, data: dict[str, Any]) -> Path:
-    """Write (or rewrite) the manifest atomically and durably: temp file, fsync,
-    rename, fsync of the folder. A power cut leaves the old or the new one, whole."""
-    runs = out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    path = runs / f"{run_id}.json"
-    tmp = runs / f".{run_id}.json.tmp"
+def replace_durably(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` whole or not at all, and so that it survives a power cut: a
+    temporary name beside it (never a symlink followed), fsync, rename over ``path``,
+    fsync of the folder. On failure the temporary file is removed and the error raised."""
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open_nofollow(tmp, "w") as fh:
-            fh.write(json.dumps(data, indent=2, default=str) + "\n")
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -59,7 +60,17 @@ def write_manifest(out: Path, run_id: str, data: dict[str, Any]) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(runs)
+    fsync_dir(path.parent)
+
+
+def write_manifest(out: Path, run_id: str, data: dict[str, Any]) -> Path:
+    """Write (or rewrite) the manifest atomically and durably: temp file, fsync,
+    rename, fsync of the folder. A power cut leaves the old or the new one, whole."""
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    path = runs / f"{run_id}.json"
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    replace_durably(path, lambda fh: fh.write(text.encode("utf-8")))
     return path
 
 

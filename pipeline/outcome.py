@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.errors import RequestError
 from pipeline.request import Job, Rejected
-from pipeline.wire import Answer
+from pipeline.wire import Answer, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,19 @@ def _base(ctx: RunContext, job: Job | Rejected, status: str) -> dict[str, Any]:
     }
 
 
+def _usage_columns(usage: Usage) -> dict[str, int | None]:
+    """The token columns, exactly as the server reported them."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "image_tokens": usage.image_tokens,
+        "audio_tokens": usage.audio_tokens,
+    }
+
+
 def label_of(parsed: Any) -> str | None:
     if isinstance(parsed, dict) and isinstance(parsed.get("label"), str):
         return str(parsed["label"])
@@ -68,7 +81,6 @@ def ok_row(
     parsed: Any = None,
 ) -> dict[str, Any]:
     """An answered row. ``parsed`` is the checked JSON answer when JSON was asked for."""
-    usage = answer.usage
     row = _base(ctx, job, "ok")
     row.update(
         base_url=base_url,
@@ -81,13 +93,7 @@ def ok_row(
         tool_calls=json_text(answer.tool_calls),
         parsed=json_text(parsed),
         label=label_of(parsed),
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
-        cached_tokens=usage.cached_tokens,
-        reasoning_tokens=usage.reasoning_tokens,
-        image_tokens=usage.image_tokens,
-        audio_tokens=usage.audio_tokens,
+        **_usage_columns(answer.usage),
         attempts=attempts,
         http_status=http_status,
         latency_ms=latency_ms,
@@ -128,20 +134,13 @@ def internal_row(
     """
     row = _base(ctx, job, "error")
     if answer is not None:
-        usage = answer.usage
         row.update(
             response_model=answer.response_model,
             response_id=answer.response_id,
             finish_reason=answer.finish_reason,
             content=answer.content,
             reasoning_content=answer.reasoning_content,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens,
-            cached_tokens=usage.cached_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            image_tokens=usage.image_tokens,
-            audio_tokens=usage.audio_tokens,
+            **_usage_columns(answer.usage),
         )
     row.update(
         model=job.model,

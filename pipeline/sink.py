@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import SinkError as SinkError
 from pipeline.lock import open_nofollow
-from pipeline.manifest import fsync_dir
+from pipeline.manifest import fsync_dir, replace_durably
 from pipeline.schema import results_table
 
 # Group commit of the journal: fsync once this many results wait, or once the oldest
@@ -96,22 +96,8 @@ def write_part(rows: list[dict[str, Any]], path: Path) -> None:
     if not path.parent.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
         fsync_dir(path.parent.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
     table = results_table(rows)
-    try:
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+    replace_durably(path, lambda fh: pq.write_table(table, fh, compression="zstd"))
 
 
 @contextmanager
