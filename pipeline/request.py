@@ -318,16 +318,30 @@ def explicit_id(row: SourceRow, id_column: str) -> str | None:
         return None
 
 
+def rejected(
+    row: SourceRow,
+    reason: object,
+    *,
+    row_id: str | None = None,
+    metadata: Any = None,
+    carried: dict[str, Any] | None = None,
+) -> Rejected:
+    """The ``invalid_input`` outcome of ``row``: named by its own id when it has a
+    usable one, else by its place (``<file name>:<line>``), the message naming both."""
+    return Rejected(
+        id=row_id or f"{row.file.name}:{row.line}",
+        message=f"{row.where}: {reason}",
+        source_file=str(row.file),
+        source_line=row.line,
+        metadata=metadata,
+        carried=carried or {},
+    )
+
+
 def build_job(row: SourceRow, opts: RequestOptions) -> Job | Rejected:
     """Turn one source row into a Job, or a Rejected row that names the file and line."""
-    where_file = str(row.file)
     if row.data is None:
-        return Rejected(
-            id=f"{row.file.name}:{row.line}",
-            message=f"{row.where}: {row.error}",
-            source_file=where_file,
-            source_line=row.line,
-        )
+        return rejected(row, row.error)
     data = row.data
     is_batch = isinstance(data.get("body"), Mapping) and "custom_id" in data
     id_key = "custom_id" if is_batch else opts.id_column
@@ -340,25 +354,11 @@ def build_job(row: SourceRow, opts: RequestOptions) -> Job | Rejected:
     try:
         row_id = _row_id(data.get(id_key))
     except InvalidRow as exc:
-        return Rejected(
-            f"{row.file.name}:{row.line}",
-            f"{row.where}: {exc}",
-            where_file,
-            row.line,
-            metadata=metadata,
-            carried=carried,
-        )
+        return rejected(row, exc, metadata=metadata, carried=carried)
     try:
         body = _body(data, is_batch, opts, row.file.parent)
     except InvalidRow as exc:
-        return Rejected(
-            id=row_id or f"{row.file.name}:{row.line}",
-            message=f"{row.where}: {exc}",
-            source_file=where_file,
-            source_line=row.line,
-            metadata=metadata,
-            carried=carried,
-        )
+        return rejected(row, exc, row_id=row_id, metadata=metadata, carried=carried)
     try:
         digest = request_hash(body)
     except (UnicodeEncodeError, ValueError, TypeError, RecursionError) as exc:
@@ -369,19 +369,12 @@ def build_job(row: SourceRow, opts: RequestOptions) -> Job | Rejected:
             if isinstance(exc, UnicodeEncodeError)
             else f"request cannot be encoded as JSON ({type(exc).__name__})"
         )
-        return Rejected(
-            id=row_id or f"{row.file.name}:{row.line}",
-            message=f"{row.where}: {reason}",
-            source_file=where_file,
-            source_line=row.line,
-            metadata=metadata,
-            carried=carried,
-        )
+        return rejected(row, reason, row_id=row_id, metadata=metadata, carried=carried)
     return Job(
         id=row_id if row_id is not None else f"h-{digest[:16]}",
         body=body,
         request_hash=digest,
-        source_file=where_file,
+        source_file=str(row.file),
         source_line=row.line,
         metadata=metadata,
         carried=carried,

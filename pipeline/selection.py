@@ -20,7 +20,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from pipeline.request import Job, Rejected, RequestOptions, build_job, explicit_id
+from pipeline.request import Job, Rejected, RequestOptions, build_job, explicit_id, rejected
 from pipeline.resume import Outcomes
 from pipeline.source import SourceRow
 
@@ -248,16 +248,11 @@ def id_collision(row: SourceRow, row_id: str, first: str) -> Rejected:
     outcome, and an export never hands it the first row's answer."""
     metadata = row.data.get("metadata") if row.data is not None else None
     shown = row_id if len(row_id) <= 80 else row_id[:77] + "..."  # an id can be huge
-    return Rejected(
-        id=f"{row.file.name}:{row.line}",
-        message=(
-            f"{row.where}: id {shown!r} is already used by {first} "
-            '(ids are compared as text: 7 and "7" are the same id)'
-        ),
-        source_file=str(row.file),
-        source_line=row.line,
-        metadata=metadata,
+    reason = (
+        f"id {shown!r} is already used by {first} "
+        '(ids are compared as text: 7 and "7" are the same id)'
     )
+    return rejected(row, reason, metadata=metadata)
 
 
 def name_row(row: SourceRow, opts: RequestOptions, claims: IdClaims) -> Job | Rejected:
