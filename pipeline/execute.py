@@ -29,7 +29,7 @@ from pipeline.errors import Exit
 from pipeline.lock import OutLock
 from pipeline.manifest import mark_dead_runs, new_run_id, run_alive, write_manifest
 from pipeline.progress import Progress, Tally
-from pipeline.redact import plain_http_warnings
+from pipeline.redact import Redactor, plain_http_warnings
 from pipeline.runner import RunResult
 from pipeline.sink import SinkError, sink_error
 
@@ -145,9 +145,7 @@ def _record_crash(
         (leaf for leaf in leaves if not isinstance(leaf, KeyboardInterrupt | SinkError)), exc
     )
 
-    def redact(text: str) -> str:
-        return text.replace(api_key, "[redacted]") if api_key else text
-
+    redact = Redactor(api_key).text  # the client's own rule, for text that left it
     result.internal = redact(f"{type(bug).__name__}: {bug}")[:2000]
     manifest["traceback"] = redact("".join(traceback.format_exception(bug)))[-20_000:]
 
