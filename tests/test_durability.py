@@ -212,12 +212,12 @@ def test_an_internal_error_in_the_writer_is_exit_5_with_a_failed_manifest(
     n = 500
     src = write_jsonl(tmp_path / "rows.jsonl", prompts(n))  # type: ignore[arg-type]
     out = tmp_path / "out"
-    ticks = [0]
     original = Progress.tick
 
     def tick(self: Progress) -> None:
-        ticks[0] += 1
-        if ticks[0] == 20:
+        # Once some rows are written, whatever the writer's grouping (it drains all
+        # answers that are ready at once, so a count of ticks varies with the load).
+        if 40 <= self.tally.finished < n:
             raise RuntimeError("boom in the writer")
         original(self)
 
