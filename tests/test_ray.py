@@ -11,6 +11,7 @@ Ray is an optional extra; CI installs it (``pip install -e '.[dev,ray]'``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import threading
@@ -134,11 +135,18 @@ def test_killing_a_worker_mid_run_loses_only_its_in_flight_requests(
     thread = threading.Thread(target=run)
     thread.start()
     wait_for(lambda: server.billed() >= rows // 3, 60, "a third billed")
-    pids = {
-        int(text)
-        for lock in (out / "journal").glob("*.lock")
-        if (text := lock.read_text().strip()).isdigit()
-    }
+    pids: set[int] = set()
+
+    def a_worker_holds_a_journal() -> bool:
+        # A lock file exists a moment before its pid is written, and a worker between
+        # two splits holds none: look until one is seen.
+        for lock in (out / "journal").glob("*.lock"):
+            with contextlib.suppress(OSError):
+                if (text := lock.read_text().strip()).isdigit():
+                    pids.add(int(text))
+        return bool(pids - {os.getpid()})
+
+    wait_for(a_worker_holds_a_journal, 30, "a worker's journal lock")
     victim = sorted(pids - {os.getpid()})[0]
     os.kill(victim, signal.SIGKILL)
     thread.join(180)
