@@ -159,6 +159,9 @@ NOT_FOR_ESTIMATE = {
     "quiet": "progress output of a run",
     "log_format": "progress output of a run",
     "sim_settings": "the simulator's behaviour while answering",
+    "mode": "the same rows and requests, sent one by one or as a provider batch",
+    "wait": "whether a batch run waits for its batches",
+    "finish_sync": "how rows a batch left unanswered are sent",
 }
 
 
@@ -196,6 +199,25 @@ def _row_options(command: F) -> F:
 )
 @click.option("--max-cost", type=float, metavar="USD", help="Stop before spend passes this.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), help="[default: local]")
+@click.option(
+    "--mode",
+    type=click.Choice(["sync", "batch"]),
+    help="sync: one request per row; batch: the provider's Batch API (half price, answers "
+    "within 24 h; a later run collects them) [default: sync].",
+)
+@click.option(
+    "--wait/--no-wait",
+    default=None,
+    help="--mode batch: wait for the batches and collect them (default), or exit 0 at once "
+    "leaving them open (for cron).",
+)
+@click.option(
+    "--finish-sync",
+    is_flag=True,
+    default=None,
+    help="Rows a batch left unanswered (expired, cancelled, refused for capacity) are sent "
+    "synchronously in this run instead of in a new batch.",
+)
 @click.option("--ray-address", metavar="ADDR", help="Ray cluster [default: start a local one].")
 @click.option("--ray-workers", type=int, help="Ray worker actors [default: one per CPU].")
 @click.option("--json-retries", type=int, help="Re-asks for a bad JSON answer [default: 2].")

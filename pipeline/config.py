@@ -59,6 +59,9 @@ class RunOptions:
     retry_failed: bool = False
     dedupe: bool = True  # identical requests in one run are sent once
     engine: str = "local"
+    mode: str = "sync"  # "sync" (one request per row) or "batch" (the provider's Batch API)
+    wait: bool = True  # batch mode: wait for the batches and collect them in this run
+    finish_sync: bool = False  # send rows that came back from a batch unanswered synchronously
     ray_address: str | None = None  # None: start a local Ray instance
     ray_workers: int | None = None  # Ray worker actors; None: one per CPU of the cluster
     split_rows: int | None = None  # rows per Ray split; None: about 4 splits per worker
@@ -211,6 +214,16 @@ def validate(opts: RunOptions) -> None:
         raise UsageError("--max-attempts must be at least 1")
     if opts.engine not in ("local", "ray"):
         raise UsageError(f"--engine {opts.engine}: expected local or ray")
+    if opts.mode not in ("sync", "batch"):
+        raise UsageError(f"--mode {opts.mode}: expected sync or batch")
+    if opts.mode == "batch":
+        if opts.engine != "local":
+            raise UsageError("--mode batch hands the rows to the provider: drop --engine ray")
+        if opts.max_cost is not None:
+            raise UsageError(
+                "--max-cost is not enforced for --mode batch yet (a batch is billed as a whole "
+                "once submitted): drop it, or use --mode sync"
+            )
     if opts.engine == "ray":
         if opts.shard is not None:
             raise UsageError("--shard is for schedulers other than Ray: drop it or --engine ray")

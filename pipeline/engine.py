@@ -5,9 +5,11 @@ the OUT lock, the manifest, the final summary) and hands the job to an engine:
 
 - ``local`` (``pipeline.local.LocalEngine``): every row, or one ``--shard`` of them,
   in this process;
-- ``ray`` (``pipeline.cluster.engine.RayEngine``): splits of the inputs on a Ray cluster.
+- ``ray`` (``pipeline.cluster.engine.RayEngine``): splits of the inputs on a Ray cluster;
+- ``batch`` (``pipeline.batch.engine.BatchEngine``, ``--mode batch``): the pending rows
+  as request files submitted to the provider's Batch API, collected by a later run.
 
-A new way to run a job (a provider's Batch API, say) is one more class with these
+A new way to run a job is one more class with these
 four steps, registered in ``ENGINES``; ``execute`` does not change. Every engine
 writes the same result rows into OUT, so resume, reports and export never need to
 know which one ran.
@@ -70,16 +72,20 @@ EngineFactory = Callable[..., Engine]
 ENGINES = {
     "local": "pipeline.local:LocalEngine",
     "ray": "pipeline.cluster.engine:RayEngine",
+    "batch": "pipeline.batch.engine:BatchEngine",
 }
 
 
 def engine_for(opts: RunOptions, **hooks: Any) -> Engine:
-    """The engine ``--engine`` names. ``hooks`` (a transport, a fake clock and sleep)
-    are for tests and benchmarks; an engine that cannot use one refuses it."""
+    """The engine ``--engine`` names, or the batch engine for ``--mode batch`` (the
+    rows go to the provider's Batch API, from this process). ``hooks`` (a transport,
+    a fake clock and sleep) are for tests and benchmarks; an engine that cannot use
+    one refuses it."""
+    name = "batch" if opts.mode == "batch" else opts.engine
     try:
-        target = ENGINES[opts.engine]
+        target = ENGINES[name]
     except KeyError:
-        raise UsageError(f"--engine {opts.engine}: expected one of {', '.join(ENGINES)}") from None
-    module, _, name = target.partition(":")
-    factory: EngineFactory = getattr(importlib.import_module(module), name)
+        raise UsageError(f"--engine {opts.engine}: expected one of local, ray") from None
+    module, _, attr = target.partition(":")
+    factory: EngineFactory = getattr(importlib.import_module(module), attr)
     return factory(**hooks)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Container, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -51,11 +51,18 @@ from pipeline.source import (
 
 
 def sim_transport_for(opts: RunOptions) -> httpx.AsyncBaseTransport:
-    """The in-process simulator, with the knobs of the job's [sim] table / --sim."""
+    """The in-process simulator, with the knobs of the job's [sim] table / --sim.
+    Its Files/Batches state lives in ``OUT/batches/sim-server`` unless [sim] names a
+    ``state_dir``: it lives as long as one run, and the next run collects its batches."""
     from pipeline.sim import SimConfig, Simulator, sim_transport
 
+    knobs = dict(opts.sim)
+    if "state_dir" in SimConfig.__dataclass_fields__ and (
+        opts.mode == "batch" or (Path(opts.out) / "batches").is_dir()
+    ):
+        knobs.setdefault("state_dir", str(Path(opts.out) / "batches" / "sim-server"))
     try:
-        config = SimConfig(**opts.sim)
+        config = SimConfig(**knobs)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"simulator settings: {exc}") from None
     return sim_transport(Simulator(config))
@@ -96,11 +103,13 @@ def build_runner(
     clock: Callable[[], float] | None = None,
     budget_topup: Callable[[Budget, float], Awaitable[bool | None]] | None = None,
     handle_signals: bool = True,
+    held: Container[str] = frozenset(),
 ) -> Runner:
     """A runner with its collaborators built from ``opts``; ``parts`` > 1 gives this
     process its 1/``parts`` share of ``--rpm``, ``--tpm``, ``--concurrency`` and
     ``--max-cost``, which describe the whole job (N shards at the full ``--rpm`` would
-    reach the gateway N times too fast)."""
+    reach the gateway N times too fast). ``held``: ids inside open provider batches,
+    never sent meanwhile."""
     stop = StopSignal()
     limiter = RateLimiter(
         opts.concurrency,
@@ -127,7 +136,7 @@ def build_runner(
     collaborators = RunParts(
         client=client,
         limiter=limiter,
-        selector=RowSelector(opts.row_selection(), outcomes),
+        selector=RowSelector(opts.row_selection(), outcomes, held),
         # Ray workers write under names of their own, with the job's run_id in the rows.
         sink=ResultSink(opts.out, sink_name or run_id, part_rows=opts.part_rows),
         stop=stop,
@@ -176,6 +185,7 @@ class LocalEngine:
         self._clock = clock
         self._files: list[Path] = []
         self._runner: Runner | None = None
+        self._batches: dict[str, Any] | None = None  # what collecting OUT's batches did
 
     def inputs(self, opts: RunOptions) -> tuple[RunOptions, list[str]]:
         self._files = expand_sources(
@@ -197,6 +207,9 @@ class LocalEngine:
         transport = self._transport
         if transport is None and job.provider_name == "sim":
             transport = sim_transport_for(opts)
+        from pipeline.batch.collect import collect_first  # rows of OUT's open batches: held
+
+        held, self._batches = collect_first(job, transport)
         client = make_client(opts, job.base_urls, job.api_key, transport=transport)
         self._runner = build_runner(
             opts,
@@ -209,13 +222,14 @@ class LocalEngine:
             parts=parse_shard(opts.shard)[1] if opts.shard is not None else 1,
             sleep=self._sleep,
             clock=self._clock,
+            held=held,
         )
 
     def run(self) -> tuple[RunResult, dict[str, Any] | None]:
         assert self._runner is not None, "prepare() first"
         result = anyio.run(self._runner.run)
         result.unsaved = self._runner.sink.unsaved
-        return result, None
+        return result, None if self._batches is None else {"batches": self._batches}
 
     def so_far(self) -> RunResult | None:
         if self._runner is None:

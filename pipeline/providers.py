@@ -23,6 +23,9 @@ class Provider:
     models: tuple[str, ...] = ()
     default_model: str | None = None
     notes: str = ""
+    # Whether the gateway serves OpenAI's Files and Batches APIs (``--mode batch``):
+    # True / False as documented, None when unknown (a bare --base-url: the user vouches).
+    batch_api: bool | None = None
 
 
 BUILTIN: dict[str, Provider] = {
@@ -35,6 +38,7 @@ BUILTIN: dict[str, Provider] = {
             ("sim-1", "gpt-5.5", "gpt-5.1", "gpt-5.1-thinking"),
             "sim-1",
             "built-in simulator, in process: no key, no network",
+            batch_api=True,
         ),
         Provider(
             "starmagic",
@@ -43,6 +47,7 @@ BUILTIN: dict[str, Provider] = {
             ("gpt-5.5", "gpt-5.1", "gpt-5.1-chat", "gpt-5.1-thinking"),
             "gpt-5.5",
             "gpt-5.1-thinking returns reasoning_content",
+            batch_api=False,
         ),
         Provider(
             "evolink",
@@ -51,6 +56,7 @@ BUILTIN: dict[str, Provider] = {
             ("gpt-5.5",),
             "gpt-5.5",
             "direct.evolink.ai for text, api.evolink.ai as fallback; 402 = balance",
+            batch_api=False,
         ),
         Provider(
             "modelstream",
@@ -59,6 +65,7 @@ BUILTIN: dict[str, Provider] = {
             ("gpt-5.5",),
             "gpt-5.5",
             "reasoning_effort up to xhigh, verbosity, image_detail, up to 10 images",
+            batch_api=False,
         ),
         Provider(
             "openai",
@@ -66,6 +73,7 @@ BUILTIN: dict[str, Provider] = {
             "OPENAI_API_KEY",
             ("gpt-5.5", "gpt-5.1", "gpt-5", "gpt-5-mini", "gpt-5-nano", "gpt-4.1", "gpt-4o"),
             None,
+            batch_api=True,
         ),
     )
 }
@@ -91,6 +99,7 @@ def load_providers(extra_file: Path | None = None) -> dict[str, Provider]:
             tuple(table.get("models", ())),
             table.get("default_model"),
             table.get("notes", ""),
+            batch_api=table.get("batch_api") if isinstance(table.get("batch_api"), bool) else None,
         )
     return providers
 

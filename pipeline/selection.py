@@ -1,7 +1,9 @@
 """Which rows a job takes, and under which id: one rule for run, estimate and export.
 
 A row goes when it is in this ``--shard``, not done in OUT (``ok``, or an error
-without ``--retry-failed``), and within ``--limit``; a row that cannot be a request,
+without ``--retry-failed``), not held by an open provider batch (submitted with
+``--mode batch`` and not yet collected: sending it again would pay twice), and within
+``--limit``; a row that cannot be a request,
 or that repeats an explicit id met earlier in the run, goes as an ``invalid_input``
 outcome instead of a request. ``run`` sends what this selects, ``estimate`` prices
 it, and ``export`` names every input row the same way, so the three agree because
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 
 from pipeline.request import Job, Rejected, RequestOptions, build_job, explicit_id, rejected
@@ -56,6 +58,7 @@ class SelectionCounts:
     read: int = 0  # input rows read
     not_in_shard: int = 0  # in another --shard
     done: int = 0  # already done in OUT (skipped)
+    held: int = 0  # inside a provider batch still open (skipped: it is answered there)
     taken: int = 0  # to send, or to record as invalid_input
     limited: bool = False  # stopped at --limit
 
@@ -63,9 +66,15 @@ class SelectionCounts:
 class RowSelector:
     """Applies a ``RowSelection`` to a stream of input rows, for one run."""
 
-    def __init__(self, selection: RowSelection, outcomes: Outcomes) -> None:
+    def __init__(
+        self,
+        selection: RowSelection,
+        outcomes: Outcomes,
+        held: Container[str] = frozenset(),
+    ) -> None:
         self.selection = selection
         self.outcomes = outcomes
+        self.held = held  # ids inside open provider batches: never sent again meanwhile
         self.counts = SelectionCounts()
         self._in_shard = shard_filter(selection.shard)
         self._claims = IdClaims()  # ids rows named themselves, met in this run
@@ -136,6 +145,9 @@ class RowSelector:
     def _pending(self, row_id: str) -> bool:
         if self.outcomes.done(row_id, self.selection.retry_failed):
             self.counts.done += 1
+            return False
+        if row_id in self.held:
+            self.counts.held += 1
             return False
         return True
 

@@ -1,0 +1,395 @@
+"""The batch engine (``--mode batch``): a job's pending rows through a provider's Batch API.
+
+A run, in order:
+
+1. collect (``collect.py``): settle what a dead run left in the ledger, then write
+   the rows of every batch of this OUT that has ended;
+2. select the pending rows exactly as a synchronous run would (``RowSelector`` with
+   the OUT's results and the ids held by batches still open); invalid rows become
+   ``invalid_input`` results;
+3. submit: request files by model within the limits (``chunks.py``), each journaled,
+   uploaded and created under the ledger's write-ahead rule (``ledger.py``), with
+   ``metadata`` naming this OUT (``pipeline_out``), the run and the chunk;
+4. with ``--wait``, poll until every batch of this OUT has ended and collect it; with
+   ``--no-wait``, leave them open (the next run, whatever its mode, collects);
+5. with ``--finish-sync``, send the rows still pending synchronously (the local
+   engine's runner), instead of submitting them in a batch.
+
+``PIPELINE_TEST_KILL_AFTER`` (test-only, documented here and nowhere else): when it
+names a step (``upload``, ``create``, ``collecting``), the process kills itself with
+SIGKILL right after that step's provider call returns, before it writes anything,
+so tests can prove a kill -9 at that instant loses and repeats nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from pipeline.batch.api import BatchApi, BatchFatal
+from pipeline.batch.chunks import ChunkLimits, ChunkWriter, ClosedChunk
+from pipeline.batch.collect import Collector, RowWriter, held_ids, make_api
+from pipeline.batch.ledger import Ledger
+from pipeline.config import RunOptions
+from pipeline.engine import JobContext
+from pipeline.errors import Kind, RequestError, UsageError
+from pipeline.outcome import RunContext, invalid_row
+from pipeline.progress import Progress, Tally
+from pipeline.request import Job, Rejected
+from pipeline.resume import load_outcomes
+from pipeline.runner import RunResult
+from pipeline.selection import RowSelector
+from pipeline.sink import recover_journals
+from pipeline.source import check_readable, expand_sources, read_rows, warn_on_stderr
+
+# Polling an open batch: every 5 s at first (a small or simulated batch ends in
+# seconds), doubling to once a minute (a real one takes minutes to hours; polling
+# faster would spend requests and rate limit without collecting any sooner).
+POLL_FIRST = 5.0
+POLL_MAX = 60.0
+KILL_HOOK = "PIPELINE_TEST_KILL_AFTER"
+
+
+def _test_kill(step: str) -> None:
+    """The test-only crash hook (see the module doc)."""
+    if os.environ.get(KILL_HOOK) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_batch_provider(opts: RunOptions) -> None:
+    """``--mode batch`` needs a server with a Batch API: a profile that says it has
+    none is a usage error naming the reason (exit 2, nothing sent)."""
+    provider = opts.resolved_provider()
+    if provider.batch_api is False and not opts.base_url:
+        raise UsageError(
+            f"--mode batch: provider '{provider.name}' documents no Batch API "
+            "(OpenAI's /v1/files and /v1/batches); use --mode sync, or a provider that has "
+            "one (e.g. openai)"
+        )
+
+
+def batch_transport(
+    opts: RunOptions, provider_name: str, given: httpx.AsyncBaseTransport | None
+) -> httpx.AsyncBaseTransport | None:
+    """The transport for the Files/Batches calls: the test's, the in-process simulator
+    for provider ``sim``, else httpx's own."""
+    if given is not None or provider_name != "sim":
+        return given
+    from pipeline.local import sim_transport_for
+
+    return sim_transport_for(opts)
+
+
+class BatchEngine:
+    """``--mode batch``: submit the pending rows as provider batches, collect them."""
+
+    def __init__(
+        self,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        clock: Callable[[], float] | None = None,
+        limits: ChunkLimits | None = None,
+    ) -> None:
+        self._transport = transport
+        self._sleep = sleep
+        self._clock = clock
+        self._limits = limits or ChunkLimits()
+        self._files: list[Path] = []
+        self._job: JobContext | None = None
+        self._result: RunResult | None = None
+        self._writer: RowWriter | None = None
+        self._about: dict[str, Any] = {"mode": "batch"}
+
+    # -- the engine seam --------------------------------------------------------------
+
+    def inputs(self, opts: RunOptions) -> tuple[RunOptions, list[str]]:
+        check_batch_provider(opts)
+        self._files = expand_sources(
+            list(opts.sources), out=opts.out, say=warn_on_stderr(opts.log_format)
+        )
+        for path in self._files:
+            check_readable(path)
+        return opts, [str(f) for f in self._files]
+
+    def connect(self, opts: RunOptions) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def prepare(self, job: JobContext) -> None:
+        recovered = recover_journals(Path(job.opts.out))
+        if recovered:
+            job.progress.message(f"recovered {recovered} results journaled by an interrupted run")
+        self._job = job
+        self._transport = batch_transport(job.opts, job.provider_name, self._transport)
+        self._result = RunResult(job.run_id, Path(job.opts.out), Tally(), time.monotonic())
+
+    def run(self) -> tuple[RunResult, dict[str, Any] | None]:
+        assert self._job is not None and self._result is not None, "prepare() first"
+        try:
+            anyio.run(self._run)
+        except KeyboardInterrupt:
+            self._say_how_to_collect()
+            raise
+        finally:
+            self._close()
+        self._result.finished = time.monotonic()
+        return self._result, self._about
+
+    def so_far(self) -> RunResult | None:
+        self._close()
+        return self._result
+
+    # -- the run ----------------------------------------------------------------------
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+
+    def _say_how_to_collect(self) -> None:
+        assert self._job is not None
+        out = self._job.opts.out
+        self._job.progress.message(
+            "interrupted: the submitted batches keep running at the provider; run the same "
+            f"command again to collect them (`pipeline batches {out}` lists them)",
+            "warning",
+        )
+
+    async def _run(self) -> None:
+        job, result = self._job, self._result
+        assert job is not None and result is not None
+        opts = job.opts
+        out = Path(opts.out)
+        ledger = Ledger(out)
+        writer = self._writer = RowWriter(out, f"{job.run_id}-batch", result.tally, opts.part_rows)
+        ctx = RunContext(run_id=job.run_id, provider=job.provider_name)
+        api = make_api(job, self._transport, self._sleep)
+        collector = Collector(ledger, api, ctx, writer, job.progress)
+        try:
+            if ledger.exists:
+                await collector.reconcile()
+                await collector.collect()
+            writer.close()
+            if not opts.finish_sync or opts.wait:
+                await self._submit(ledger, api, collector, ctx)
+                writer.close()
+            still = [c for c in collector.open_chunks() if c.batch_id is not None]
+            if opts.wait and still:
+                await self._wait(collector)
+                writer.close()
+            if opts.finish_sync:
+                await self._finish_sync(ledger)
+        except BatchFatal as exc:
+            result.fatal = str(exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await api.aclose()
+        self._about.update(collector.report.about())
+        self._about["base_url"] = api.base
+        waiting = collector.open_chunks()
+        if waiting:
+            rows = sum(c.rows for c in waiting)
+            self._about.update(batches_open=len(waiting), rows_waiting=rows)
+            job.progress.message(
+                f"{rows:,} rows wait in {len(waiting):,} batches; run again to collect "
+                f"(`pipeline batches {out}` lists them)",
+                "notice",
+            )
+
+    async def _submit(
+        self, ledger: Ledger, api: BatchApi, collector: Collector, ctx: RunContext
+    ) -> None:
+        """Select the pending rows, write them as request files, submit each file."""
+        job, result = self._job, self._result
+        assert job is not None and result is not None and self._writer is not None
+        opts = job.opts
+        outcomes = load_outcomes(Path(opts.out))
+        selector = RowSelector(opts.row_selection(), outcomes, held_ids(ledger))
+        ready: list[ClosedChunk] = []
+        ledger.ensure()
+        token = collector.token
+        chunks = ChunkWriter(ledger.chunks_dir, job.run_id, ready.append, self._limits)
+        taken: set[str] = set()  # custom_ids are unique within a file: one per id
+        submitted = {"batches": 0, "rows": 0}
+        try:
+            rows = read_rows(self._files, max_line_bytes=opts.max_line_bytes)
+            for batch in selector.batches(rows):
+                for item in batch:
+                    if isinstance(item, Rejected):
+                        self._writer.write(invalid_row(ctx, item))
+                    elif item.id not in taken:
+                        taken.add(item.id)
+                        self._add(chunks, item, ctx)
+                while ready and result.fatal is None:
+                    await self._submit_one(ledger, api, ready.pop(0), token, submitted)
+                if result.fatal is not None:
+                    break
+            if result.fatal is None:
+                chunks.close()
+            while ready and result.fatal is None:
+                await self._submit_one(ledger, api, ready.pop(0), token, submitted)
+        finally:
+            chunks.discard()
+            for left in ready:  # whole on disk, never entered in the ledger: not submitted
+                ledger.remove_files(left.chunk)
+        result.tally.skipped = selector.counts.done
+        self._about.update(
+            submitted_batches=submitted["batches"],
+            submitted_rows=submitted["rows"],
+            held_rows=selector.counts.held,
+        )
+        if selector.counts.held:
+            job.progress.message(
+                f"{selector.counts.held:,} rows are inside open batches already: not sent again"
+            )
+
+    def _add(self, chunks: ChunkWriter, item: Job, ctx: RunContext) -> None:
+        assert self._writer is not None
+        if chunks.fits(item):
+            chunks.add(item)
+            return
+        too_big = Rejected(
+            id=item.id,
+            message=f"{item.source_file}:{item.source_line}: the request is larger than a "
+            f"batch input file may be ({self._limits.max_bytes:,} bytes); send it with "
+            "--mode sync",
+            source_file=item.source_file,
+            source_line=item.source_line,
+            metadata=item.metadata,
+            carried=item.carried,
+            request_hash=item.request_hash,
+        )
+        self._writer.write(invalid_row(ctx, too_big))
+
+    async def _submit_one(
+        self,
+        ledger: Ledger,
+        api: BatchApi,
+        chunk: ClosedChunk,
+        token: str,
+        submitted: dict[str, int],
+    ) -> None:
+        """One request file: journaled, uploaded, created: each step written down first."""
+        job, result = self._job, self._result
+        assert job is not None and result is not None
+        name = chunk.chunk
+        ledger.append(
+            "chunk", name, run=job.run_id, model=chunk.model, rows=chunk.rows, bytes=chunk.bytes
+        )
+        try:
+            ledger.append("upload", name)
+            file_id = await api.upload(ledger.request_file(name))
+            _test_kill("upload")
+            ledger.append("uploaded", name, file_id=file_id)
+        except RequestError as exc:
+            ledger.append("abandoned", name, reason=f"upload failed: {exc}"[:500])
+            ledger.remove_files(name)
+            result.fatal = f"uploading a batch file failed: {exc}"
+            return
+        metadata = {"pipeline_out": token, "pipeline_run": job.run_id, "pipeline_chunk": name}
+        written = time.time()
+        ledger.append("create", name, file_id=file_id)
+
+        async def find() -> Any:
+            async for batch in api.batches():
+                meta = batch.get("metadata")
+                if not isinstance(meta, dict):
+                    meta = {}
+                if meta.get("pipeline_out") == token and meta.get("pipeline_chunk") == name:
+                    return batch
+                created = batch.get("created_at")
+                if isinstance(created, int | float) and created < written - 3600:
+                    return None
+            return None
+
+        try:
+            batch = await api.create_batch(file_id, metadata, find)
+        except BatchFatal:
+            raise
+        except RequestError as exc:
+            if exc.kind is Kind.PERMANENT:
+                ledger.append("abandoned", name, reason=f"create refused: {exc}"[:500])
+                ledger.remove_files(name)
+            # Otherwise it may exist all the same: left "creating", the next run looks
+            # for it by its metadata before submitting anything.
+            result.fatal = f"creating a batch failed: {exc}"
+            return
+        _test_kill("create")
+        created = batch.get("created_at")
+        ledger.append(
+            "created",
+            name,
+            batch_id=batch["id"],
+            status=str(batch.get("status") or "")[:40],
+            created_at=created if isinstance(created, int | float) else None,
+        )
+        submitted["batches"] += 1
+        submitted["rows"] += chunk.rows
+        job.progress.message(f"submitted batch {batch['id']}: {chunk.rows:,} rows of {chunk.model}")
+
+    async def _wait(self, collector: Collector) -> None:
+        """Poll every open batch of this OUT, with backoff, until all have ended."""
+        job = self._job
+        assert job is not None
+        sleep = self._sleep or anyio.sleep
+        delay = POLL_FIRST
+        while True:
+            still = [c for c in collector.open_chunks() if c.batch_id is not None]
+            if not still:
+                return
+            await sleep(delay)
+            delay = min(POLL_MAX, delay * 2)
+            left = await collector.collect()
+            total = sum(_count(c.counts, "total") or c.rows for c in left)
+            done = sum(_count(c.counts, "completed") + _count(c.counts, "failed") for c in left)
+            if left:
+                job.progress.message(
+                    f"waiting for {len(left):,} batches: {done:,}/{total:,} lines done "
+                    f"({collector.report.rows:,} rows collected so far)"
+                )
+
+    async def _finish_sync(self, ledger: Ledger) -> None:
+        """The rows still pending, sent synchronously by the local engine's runner."""
+        from pipeline.local import build_runner, file_source, make_client
+
+        job, result = self._job, self._result
+        assert job is not None and result is not None and result.fatal is None
+        opts = job.opts
+        client = make_client(opts, job.base_urls, job.api_key, transport=self._transport)
+        runner = build_runner(
+            opts,
+            run_id=job.run_id,
+            provider_name=job.provider_name,
+            client=client,
+            outcomes=load_outcomes(Path(opts.out)),
+            source=file_source(self._files, opts.max_line_bytes),
+            progress=Progress(Tally(), quiet=True),
+            sleep=self._sleep,
+            clock=self._clock,
+            held=held_ids(ledger),
+        )
+        sync = await runner.run()
+        t, s = result.tally, sync.tally
+        t.status.update(s.status)
+        for name in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+            setattr(t, name, getattr(t, name) + getattr(s, name))
+        t.rate_limited += s.rate_limited
+        t.retries += s.retries
+        result.fatal = result.fatal or sync.fatal
+        result.signal = result.signal or sync.signal
+        result.pending += sync.pending
+        self._about["finished_sync"] = s.finished
+
+
+def _count(counts: dict[str, Any], key: str) -> int:
+    value = counts.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

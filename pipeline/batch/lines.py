@@ -1,0 +1,139 @@
+"""Output and error file lines into result rows, with the synchronous run's parser.
+
+A line's answer body is a normal non-streamed ``chat.completion``, so it goes
+through ``wire.parse_completion`` and ``outcome.ok_row`` exactly as a synchronous
+answer does: the same columns, the same token accounting (the server's numbers,
+NULL when absent), plus ``service_tier = 'batch'`` and ``batch_id``. Everything in a
+line is untrusted: a line that is not an object, names no row of this chunk, or
+repeats one, is skipped and counted, never fatal.
+
+What a line means:
+
+- ``response.status_code`` 2xx with a body: the row's answer (``ok``; a body that is
+  no completion, or breaks the asked-for JSON, is an ``error`` row that keeps its
+  tokens, as a billed synchronous answer would be);
+- a 4xx the synchronous run would not retry (400, 404, 413, 422): the row ends as
+  ``error`` with the server's type and message;
+- 429, 5xx, 401/402/403, and ``error`` objects (``batch_expired``,
+  ``batch_cancelled``, ...): the row was not answered and goes back to pending, the
+  reason counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pipeline.errors import ApiError, Kind, RequestError
+from pipeline.jsoncheck import check_answer, wants_json
+from pipeline.outcome import RunContext, error_row, invalid_json_row, json_text, label_of, ok_row
+from pipeline.redact import Redactor
+from pipeline.request import Job
+from pipeline.wire import parse_completion, parse_error
+
+MAX_LINE_BYTES = 64 * 2**20  # one output line: an answer, with room for a long one
+
+
+@dataclass(frozen=True, slots=True)
+class LineOutcome:
+    """What one line says about one row: a result row, or why it is pending again."""
+
+    custom_id: str
+    row: dict[str, Any] | None = None  # the result row, when the line ends the row
+    pending: str | None = None  # the reason the row goes back to pending
+
+
+def custom_id_of(raw: bytes) -> tuple[str | None, Any]:
+    """The line's ``custom_id`` and its parsed object (None, None when unreadable)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    custom_id = data.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return None, None
+    return custom_id, data
+
+
+def read_line(
+    data: Mapping[str, Any],
+    job: Job,
+    ctx: RunContext,
+    *,
+    batch_id: str,
+    base_url: str,
+    started_at: datetime,
+    redactor: Redactor,
+) -> LineOutcome:
+    """The outcome of one parsed line for ``job`` (its ``custom_id`` already matched)."""
+    cid = job.id
+    response = data.get("response")
+    if not isinstance(response, Mapping):
+        error = data.get("error")
+        code = error.get("code") if isinstance(error, Mapping) else None
+        reason = code if isinstance(code, str) and code else "no response"
+        return LineOutcome(cid, pending=redactor.text(reason)[:100])
+    status = response.get("status_code")
+    if isinstance(status, bool) or not isinstance(status, int):
+        status = 0
+    body = response.get("body")
+    raw = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    if 200 <= status < 300:
+        try:
+            answer = parse_completion(raw)
+        except RequestError as exc:
+            return LineOutcome(cid, row=_error(ctx, job, exc, batch_id, base_url, started_at))
+        for name in ("content", "reasoning_content", "response_id", "response_model"):
+            value = getattr(answer, name)
+            if isinstance(value, str):
+                setattr(answer, name, redactor.text(value))
+        row = ok_row(
+            ctx,
+            job,
+            answer,
+            base_url=base_url,
+            http_status=status,
+            attempts=1,
+            latency_ms=0.0,
+            started_at=started_at,
+        )
+        row.update(latency_ms=None, service_tier="batch", batch_id=batch_id)
+        fmt = job.body.get("response_format")
+        if wants_json(fmt):
+            try:
+                parsed, problem = check_answer(fmt, answer.content)
+            except Exception as exc:  # noqa: BLE001 - the answer is paid for: keep it
+                problem, parsed = f"the answer could not be checked: {exc}", None
+            if problem is None:
+                row.update(parsed=json_text(parsed), label=label_of(parsed))
+            else:
+                row = invalid_json_row(row, problem, final=True)
+        return LineOutcome(cid, row=row)
+    error = parse_error(status or 500, raw if body is not None else b"", {})
+    error.message = redactor.text(error.message)
+    if error.kind is Kind.PERMANENT:
+        return LineOutcome(cid, row=_error(ctx, job, error, batch_id, base_url, started_at))
+    return LineOutcome(cid, pending=f"HTTP {error.http_status} {redactor.text(error.error_type)}")
+
+
+def _error(
+    ctx: RunContext,
+    job: Job,
+    error: RequestError,
+    batch_id: str,
+    base_url: str,
+    started_at: datetime,
+) -> dict[str, Any]:
+    error.base_url = base_url
+    row = error_row(ctx, job, error, attempts=1, started_at=started_at)
+    row.update(service_tier="batch", batch_id=batch_id)
+    return row
+
+
+def is_permanent(error: ApiError) -> bool:
+    return error.kind is Kind.PERMANENT

@@ -1,0 +1,284 @@
+"""The Batch-API engine (``--mode batch``) against a fake Files/Batches API.
+
+The fake (``FakeBatches``) is an ``httpx.MockTransport`` handler with OpenAI's shapes:
+uploads, batches that end when told (completed, expired lines, cancelled, failed),
+output and error files, the batch list with metadata, and a ledger of every line it
+billed, so a test can prove each row was billed once.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.batch.chunks import ChunkLimits, ChunkWriter, ClosedChunk, request_line
+from pipeline.batch.ledger import Ledger
+from pipeline.config import RunOptions
+from pipeline.errors import UsageError
+from pipeline.execute import execute
+from pipeline.request import Job
+
+BASE = "http://batches.test/v1"
+
+
+class FakeBatches:
+    """OpenAI's Files and Batches APIs in memory, for one test."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.billed: dict[str, int] = {}  # custom_id -> times billed
+        self.expire: set[str] = set()  # custom_ids whose lines expire
+        self.finish = True  # batches end at the next retrieve
+        self.creates = 0
+        self.calls: list[str] = []
+        self._n = 0
+
+    def _id(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}-{self._n:05d}"
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.calls.append(f"{request.method} {path}")
+        if request.method == "POST" and path == "/v1/files":
+            return self._upload(request)
+        if request.method == "GET" and path.startswith("/v1/files/") and path.endswith("/content"):
+            file_id = path.split("/")[3]
+            return httpx.Response(200, content=self.files[file_id])
+        if request.method == "POST" and path == "/v1/batches":
+            return self._create(json.loads(request.content))
+        if request.method == "GET" and path == "/v1/batches":
+            data = sorted(self.batches.values(), key=lambda b: b["id"], reverse=True)
+            return httpx.Response(
+                200, json={"object": "list", "data": data, "has_more": False, "last_id": None}
+            )
+        if request.method == "GET" and path.startswith("/v1/batches/"):
+            batch = self.batches.get(path.split("/")[3])
+            if batch is None:
+                return httpx.Response(404, json={"error": {"message": "no such batch"}})
+            if self.finish and batch["status"] not in ("completed", "expired", "cancelled"):
+                self._run(batch, "completed")
+            return httpx.Response(200, json=batch)
+        if request.method == "POST" and path.endswith("/cancel"):
+            batch = self.batches[path.split("/")[3]]
+            self._run(batch, "cancelled", answer_share=0.0)
+            return httpx.Response(200, json=batch)
+        return httpx.Response(404, json={"error": {"message": f"no route {path}"}})
+
+    def _upload(self, request: httpx.Request) -> httpx.Response:
+        head = f"content-type: {request.headers['content-type']}\r\n\r\n".encode()
+        message = email.parser.BytesParser().parsebytes(head + request.content)
+        content = b""
+        for part in message.get_payload():  # type: ignore[union-attr]
+            if part.get_param("name", header="content-disposition") == "file":
+                content = part.get_payload(decode=True)
+        file_id = self._id("file")
+        self.files[file_id] = content
+        return httpx.Response(200, json={"id": file_id, "object": "file", "purpose": "batch"})
+
+    def _create(self, body: dict[str, Any]) -> httpx.Response:
+        self.creates += 1
+        batch_id = self._id("batch")
+        lines = self.files[body["input_file_id"]].decode().splitlines()
+        self.batches[batch_id] = {
+            "id": batch_id,
+            "object": "batch",
+            "status": "validating",
+            "input_file_id": body["input_file_id"],
+            "metadata": body["metadata"],
+            "created_at": int(time.time()),
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "output_file_id": None,
+            "error_file_id": None,
+            "errors": None,
+        }
+        return httpx.Response(200, json=self.batches[batch_id])
+
+    def _run(self, batch: dict[str, Any], status: str, answer_share: float = 1.0) -> None:
+        """End the batch: answer its lines (those in ``expire`` expire)."""
+        out, err = [], []
+        for raw in self.files[batch["input_file_id"]].decode().splitlines():
+            line = json.loads(raw)
+            cid = line["custom_id"]
+            if cid in self.expire or answer_share == 0.0:
+                code = "batch_cancelled" if status == "cancelled" else "batch_expired"
+                err.append({"id": "r", "custom_id": cid, "response": None, "error": {"code": code}})
+                continue
+            if line["body"].get("user") == "reject":
+                body = {"error": {"message": "temperature too high", "type": "invalid_request"}}
+                response = {"status_code": 400, "body": body}
+                err.append({"custom_id": cid, "response": response, "error": None})
+                continue
+            self.billed[cid] = self.billed.get(cid, 0) + 1
+            answer = {
+                "id": f"chatcmpl-{cid}",
+                "object": "chat.completion",
+                "model": line["body"]["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": f"answer {cid}"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+                "service_tier": "default",
+            }
+            out.append(
+                {"custom_id": cid, "response": {"status_code": 200, "body": answer}, "error": None}
+            )
+        if err and status == "completed":
+            status = "expired"
+        for kind, lines in (("output_file_id", out), ("error_file_id", err)):
+            if lines:
+                file_id = self._id("file")
+                self.files[file_id] = "".join(json.dumps(x) + "\n" for x in lines).encode()
+                batch[kind] = file_id
+        batch["status"] = status
+        batch["request_counts"] = {
+            "total": len(out) + len(err),
+            "completed": len(out),
+            "failed": len(err),
+        }
+
+
+def write_rows(path: Path, n: int, **extra: Any) -> Path:
+    with open(path, "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"id": f"r{i}", "prompt": f"question {i}", **extra}) + "\n")
+    return path
+
+
+def options(tmp_path: Path, source: Path, **kw: Any) -> RunOptions:
+    values: dict[str, Any] = {
+        "sources": [str(source)],
+        "out": tmp_path / "out",
+        "base_url": [BASE],
+        "model": "gpt-5.5",
+        "mode": "batch",
+        "quiet": True,
+    }
+    values.update(kw)
+    return RunOptions(**values)
+
+
+def results(out: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for part in sorted((out / "results").rglob("*.parquet")):
+        rows.extend(pq.read_table(part).to_pylist())
+    return rows
+
+
+async def no_sleep(_: float) -> None:
+    return None
+
+
+def test_no_wait_submits_then_next_run_collects_every_row_once(tmp_path: Path) -> None:
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", 120)
+    first = execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    assert first.exit_code == 0
+    assert fake.creates == 1 and not results(tmp_path / "out")
+    ledger = Ledger(tmp_path / "out")
+    (chunk,) = ledger.chunks().values()
+    assert chunk.state == "open" and chunk.rows == 120
+    request = json.loads(ledger.request_file(chunk.chunk).read_text().splitlines()[0])
+    assert request["url"] == "/v1/chat/completions" and "stream" not in request["body"]
+    batch = next(iter(fake.batches.values()))
+    assert batch["metadata"]["pipeline_out"] == ledger.token()
+    assert batch["metadata"]["pipeline_chunk"] == chunk.chunk
+
+    # A synchronous run meanwhile sends none of the held rows.
+    sync = execute(options(tmp_path, source, mode="sync"), transport=fake.transport())
+    assert sync.exit_code == 0 and sync.tally.finished == 0
+    assert not any(c.startswith("POST /v1/chat") for c in fake.calls)
+
+    fake.finish = True
+    second = execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    assert second.exit_code == 0
+    rows = results(tmp_path / "out")
+    assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(120))
+    assert {r["status"] for r in rows} == {"ok"}
+    assert {r["service_tier"] for r in rows} == {"batch"}
+    assert {r["batch_id"] for r in rows} == {batch["id"]}
+    assert sum(r["prompt_tokens"] for r in rows) == 10 * 120
+    assert fake.billed == {f"r{i}": 1 for i in range(120)}
+    assert fake.creates == 1  # nothing submitted again
+    assert not list(ledger.chunks_dir.iterdir())  # collected: request files gone
+
+
+def test_expired_lines_are_submitted_again_exactly(tmp_path: Path) -> None:
+    fake = FakeBatches()
+    source = write_rows(tmp_path / "rows.jsonl", 50)
+    fake.expire = {f"r{i}" for i in range(0, 50, 10)}
+    first = execute(options(tmp_path, source), transport=fake.transport(), sleep=no_sleep)
+    assert first.exit_code == 0
+    assert len(results(tmp_path / "out")) == 45
+    fake.expire = set()
+    execute(options(tmp_path, source), transport=fake.transport(), sleep=no_sleep)
+    second_batch = sorted(fake.batches)[-1]
+    input_file = fake.files[fake.batches[second_batch]["input_file_id"]].decode()
+    again = {json.loads(line)["custom_id"] for line in input_file.splitlines()}
+    assert again == {f"r{i}" for i in range(0, 50, 10)}
+    assert sorted(r["id"] for r in results(tmp_path / "out")) == sorted(f"r{i}" for i in range(50))
+    assert set(fake.billed.values()) == {1}
+
+
+def test_a_4xx_line_ends_its_row_as_error(tmp_path: Path) -> None:
+    fake = FakeBatches()
+    source = tmp_path / "rows.jsonl"
+    source.write_text(
+        json.dumps({"id": "a", "prompt": "x"})
+        + "\n"
+        + json.dumps({"id": "b", "prompt": "y", "user": "reject"})
+        + "\n"
+        + "not json\n"
+    )
+    result = execute(options(tmp_path, source), transport=fake.transport(), sleep=no_sleep)
+    rows = {r["id"]: r for r in results(tmp_path / "out")}
+    assert rows["a"]["status"] == "ok"
+    assert rows["b"]["status"] == "error" and rows["b"]["http_status"] == 400
+    assert rows["b"]["batch_id"] is not None
+    invalid = [r for r in rows.values() if r["error_type"] == "invalid_input"]
+    assert len(invalid) == 1
+    assert result.exit_code == 1
+
+
+def test_batch_mode_against_a_gateway_without_batch_api_is_a_usage_error(tmp_path: Path) -> None:
+    source = write_rows(tmp_path / "rows.jsonl", 1)
+    opts = options(tmp_path, source, base_url=[], provider="starmagic")
+    with pytest.raises(UsageError, match="no Batch API"):
+        execute(opts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_chunks_split_by_model_and_limits(tmp_path: Path) -> None:
+    closed: list[ClosedChunk] = []
+    writer = ChunkWriter(tmp_path, "run", closed.append, ChunkLimits(max_lines=3, max_bytes=400))
+
+    def job(i: int, model: str) -> Job:
+        return Job(f"id{i}", {"model": model, "messages": []}, "h", "f", i)
+
+    for i in range(7):
+        writer.add(job(i, "a"))
+    writer.add(job(99, "b"))
+    writer.close()
+    by_model = [(c.model, c.rows) for c in closed]
+    assert sorted(by_model) == [("a", 1), ("a", 3), ("a", 3), ("b", 1)]
+    for c in closed:
+        data = (tmp_path / f"{c.chunk}.jsonl").read_bytes()
+        assert len(data) <= 400 and len(data.splitlines()) <= 3
+        assert {json.loads(x)["body"]["model"] for x in data.splitlines()} == {c.model}
+    assert len(request_line(job(1, "a"))) < 400
