@@ -44,6 +44,7 @@ from pipeline.batch.ledger import (
     WRITTEN,
     Chunk,
     Ledger,
+    crash_point,
 )
 from pipeline.batch.lines import MAX_LINE_BYTES, custom_id_of, read_line
 from pipeline.engine import JobContext
@@ -348,6 +349,7 @@ class Collector:
             failed = _batch_error(batch)
             pending[failed or MISSING] += missing
         self.writer.commit()  # every row durable before the chunk is closed
+        crash_point("collected-rows")
         result = {"status": batch.get("status"), "rows": rows, "pending": dict(pending)}
         self.ledger.append(
             "collected",

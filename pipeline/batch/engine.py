@@ -15,17 +15,12 @@ A run, in order:
 5. with ``--finish-sync``, send the rows still pending synchronously (the local
    engine's runner), instead of submitting them in a batch.
 
-``PIPELINE_TEST_KILL_AFTER`` (test-only, documented here and nowhere else): when it
-names a step (``upload``, ``create``, ``collecting``), the process kills itself with
-SIGKILL right after that step's provider call returns, before it writes anything,
-so tests can prove a kill -9 at that instant loses and repeats nothing.
+Tests kill a run at the worst instants with ``ledger.crash_point`` (test-only).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
@@ -38,7 +33,7 @@ import httpx
 from pipeline.batch.api import BatchApi, BatchFatal
 from pipeline.batch.chunks import ChunkLimits, ChunkWriter, ClosedChunk
 from pipeline.batch.collect import Collector, RowWriter, held_ids, make_api
-from pipeline.batch.ledger import Ledger
+from pipeline.batch.ledger import Ledger, crash_point
 from pipeline.config import RunOptions
 from pipeline.engine import JobContext
 from pipeline.errors import Kind, RequestError, UsageError
@@ -56,13 +51,6 @@ from pipeline.source import check_readable, expand_sources, read_rows, warn_on_s
 # faster would spend requests and rate limit without collecting any sooner).
 POLL_FIRST = 5.0
 POLL_MAX = 60.0
-KILL_HOOK = "PIPELINE_TEST_KILL_AFTER"
-
-
-def _test_kill(step: str) -> None:
-    """The test-only crash hook (see the module doc)."""
-    if os.environ.get(KILL_HOOK) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_batch_provider(opts: RunOptions) -> None:
@@ -288,7 +276,7 @@ class BatchEngine:
         try:
             ledger.append("upload", name)
             file_id = await api.upload(ledger.request_file(name))
-            _test_kill("upload")
+            crash_point("upload")
             ledger.append("uploaded", name, file_id=file_id)
         except RequestError as exc:
             ledger.append("abandoned", name, reason=f"upload failed: {exc}"[:500])
@@ -323,7 +311,7 @@ class BatchEngine:
             # for it by its metadata before submitting anything.
             result.fatal = f"creating a batch failed: {exc}"
             return
-        _test_kill("create")
+        crash_point("create")
         created = batch.get("created_at")
         ledger.append(
             "created",

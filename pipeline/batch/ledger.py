@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,6 +63,17 @@ _STATE_OF_EVENT = {
     "abandoned": ABANDONED,
 }
 MAX_LEDGER_LINE = 1 << 20  # a longer line is not one we wrote
+CRASH_HOOK = "PIPELINE_TEST_KILL_AFTER"
+
+
+def crash_point(step: str) -> None:
+    """Test-only: when ``PIPELINE_TEST_KILL_AFTER`` names ``step``, the process kills
+    itself with SIGKILL here. Steps: ``upload`` and ``create`` (right after the
+    provider's answer, before it is journaled) and ``collected-rows`` (a batch's rows
+    journaled, the batch not yet marked collected). Tests prove with it that a kill -9
+    at those instants submits nothing twice and loses or repeats no row."""
+    if os.environ.get(CRASH_HOOK) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
