@@ -510,6 +510,50 @@ def _tally(counts: dict[str, Any], key: str) -> str:
 
 
 @cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--cancel", is_flag=True, help="Cancel the open batches (what finished is kept).")
+@click.option("--provider", help="Override the provider of the last batch run.")
+@click.option("--base-url", multiple=True, help="Override the base URL of the last batch run.")
+@click.option("--api-key-env", metavar="VAR", help="Override the key variable.")
+@click.option("--providers-file", type=click.Path(path_type=Path), help="Extra gateways (TOML).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@exits
+def batches(
+    out: Path,
+    cancel: bool,
+    provider: str | None,
+    base_url: tuple[str, ...],
+    api_key_env: str | None,
+    providers_file: Path | None,
+    fmt: str,
+) -> None:
+    """Provider batches of OUT (--mode batch): open and past, with status, counts and age.
+
+    The provider, base URL and key variable are those of the last batch run in OUT
+    (the key itself from the environment). A cancelled batch is collected by the next
+    run: the rows it answered are kept, the rest go back to pending.
+
+    \b
+    Example:
+      pipeline batches out/nightly
+      pipeline batches out/nightly --cancel
+    """
+    from pipeline.batch.listing import batch_options, list_batches
+
+    opts = batch_options(
+        out,
+        provider=provider,
+        base_url=list(base_url),
+        api_key_env=api_key_env,
+        providers_file=providers_file,
+    )
+    text, notes = list_batches(opts, cancel=cancel, fmt=fmt)
+    click.echo(text)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+
+
+@cli.command()
 @click.option("--providers-file", type=click.Path(path_type=Path), help="Extra gateways (TOML).")
 @exits
 def providers(providers_file: Path | None) -> None:

@@ -8,6 +8,7 @@ billed, so a test can prove each row was billed once.
 
 from __future__ import annotations
 
+import collections
 import email.parser
 import json
 import time
@@ -38,6 +39,7 @@ class FakeBatches:
         self.expire: set[str] = set()  # custom_ids whose lines expire
         self.finish = True  # batches end at the next retrieve
         self.creates = 0
+        self.sync_prompts: list[str] = []  # prompts answered by /v1/chat/completions
         self.calls: list[str] = []
         self._n = 0
 
@@ -72,8 +74,12 @@ class FakeBatches:
             return httpx.Response(200, json=batch)
         if request.method == "POST" and path.endswith("/cancel"):
             batch = self.batches[path.split("/")[3]]
-            self._run(batch, "cancelled", answer_share=0.0)
+            self._run(batch, "cancelled", answer_share=0.5)
             return httpx.Response(200, json=batch)
+        if request.method == "POST" and path == "/v1/chat/completions":
+            body = json.loads(request.content)
+            self.sync_prompts.append(body["messages"][-1]["content"])
+            return httpx.Response(200, json=self._answer("sync", body["model"]))
         return httpx.Response(404, json={"error": {"message": f"no route {path}"}})
 
     def _upload(self, request: httpx.Request) -> httpx.Response:
@@ -105,13 +111,31 @@ class FakeBatches:
         }
         return httpx.Response(200, json=self.batches[batch_id])
 
+    @staticmethod
+    def _answer(cid: str, model: str) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{cid}",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": f"answer {cid}"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+            "service_tier": "default",
+        }
+
     def _run(self, batch: dict[str, Any], status: str, answer_share: float = 1.0) -> None:
         """End the batch: answer its lines (those in ``expire`` expire)."""
         out, err = [], []
-        for raw in self.files[batch["input_file_id"]].decode().splitlines():
+        raws = self.files[batch["input_file_id"]].decode().splitlines()
+        for n, raw in enumerate(raws):
             line = json.loads(raw)
             cid = line["custom_id"]
-            if cid in self.expire or answer_share == 0.0:
+            if cid in self.expire or n >= answer_share * len(raws):
                 code = "batch_cancelled" if status == "cancelled" else "batch_expired"
                 err.append({"id": "r", "custom_id": cid, "response": None, "error": {"code": code}})
                 continue
@@ -121,20 +145,7 @@ class FakeBatches:
                 err.append({"custom_id": cid, "response": response, "error": None})
                 continue
             self.billed[cid] = self.billed.get(cid, 0) + 1
-            answer = {
-                "id": f"chatcmpl-{cid}",
-                "object": "chat.completion",
-                "model": line["body"]["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": f"answer {cid}"},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
-                "service_tier": "default",
-            }
+            answer = self._answer(cid, line["body"]["model"])
             out.append(
                 {"custom_id": cid, "response": {"status_code": 200, "body": answer}, "error": None}
             )
@@ -282,3 +293,60 @@ def test_chunks_split_by_model_and_limits(tmp_path: Path) -> None:
         assert len(data) <= 400 and len(data.splitlines()) <= 3
         assert {json.loads(x)["body"]["model"] for x in data.splitlines()} == {c.model}
     assert len(request_line(job(1, "a"))) < 400
+
+
+def test_batches_lists_and_cancels_then_the_next_run_collects_what_finished(
+    tmp_path: Path,
+) -> None:
+    from pipeline.batch.listing import batch_options, list_batches
+
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", 40)
+    execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    out = tmp_path / "out"
+    opts = batch_options(out)
+    assert opts.base_url == [BASE] and opts.mode == "batch"  # from the last batch run
+    text, _ = list_batches(opts, transport=fake.transport(), now=time.time() + 3700)
+    (batch_id,) = fake.batches
+    assert batch_id in text and "validating" in text and "1h" in text
+    assert "1 open batches holding 40 rows" in text
+
+    text, notes = list_batches(opts, cancel=True, transport=fake.transport())
+    assert fake.batches[batch_id]["status"] == "cancelled"
+    assert notes == [f"cancelling {batch_id}"]
+
+    # The next run collects the 20 answered lines; 20 go back to pending and, with
+    # --finish-sync, are sent synchronously in the same run instead of a new batch.
+    result = execute(
+        options(tmp_path, source, finish_sync=True, wait=False), transport=fake.transport()
+    )
+    rows = results(out)
+    by_tier = {r["id"]: r["service_tier"] for r in rows if r["status"] == "ok"}
+    assert len(by_tier) == 40
+    assert sum(1 for t in by_tier.values() if t == "batch") == 20
+    assert len(fake.sync_prompts) == 20 and fake.creates == 1
+    assert result.exit_code == 0
+    manifest = json.loads((out / "runs" / f"{result.run_id}.json").read_text())
+    assert manifest["engine"]["back_to_pending"] == {"batch_cancelled": 20}
+    text, _ = list_batches(batch_options(out), transport=fake.transport())
+    assert "collected (cancelled)" in text and "0 open batches" in text
+
+
+def test_sync_run_collects_first_and_skips_held_rows(tmp_path: Path) -> None:
+    fake = FakeBatches()
+    fake.finish = False
+    first = write_rows(tmp_path / "rows.jsonl", 30)
+    execute(options(tmp_path, first, wait=False), transport=fake.transport())
+    # Same rows plus ten new ones, synchronously, while the batch is open.
+    more = write_rows(tmp_path / "more.jsonl", 40)
+    sync = execute(options(tmp_path, more, mode="sync"), transport=fake.transport())
+    assert sync.exit_code == 0 and sync.tally.status["ok"] == 10
+    assert sorted(fake.sync_prompts) == sorted(f"question {i}" for i in range(30, 40))
+    fake.finish = True
+    again = execute(options(tmp_path, more, mode="sync"), transport=fake.transport())
+    assert again.tally.status["ok"] == 0  # nothing left to send: the batch was collected
+    ok = collections.Counter(r["id"] for r in results(tmp_path / "out") if r["status"] == "ok")
+    assert ok == {f"r{i}": 1 for i in range(40)}
+    manifest = json.loads((tmp_path / "out" / "runs" / f"{again.run_id}.json").read_text())
+    assert manifest["engine"]["batches"]["rows_collected"] == 30

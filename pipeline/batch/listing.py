@@ -1,0 +1,180 @@
+"""``pipeline batches OUT``: the batches of one OUT, open and past, and ``--cancel``.
+
+The list comes from the OUT's ledger; each open batch's status and request counts are
+fetched from the provider (the last status the ledger saw is shown when it cannot be
+reached). Where to ask is taken from the last ``--mode batch`` run recorded in
+``OUT/runs/`` (its provider, base URL and key variable; the key itself from the
+environment), and ``--provider`` / ``--base-url`` / ``--api-key-env`` override it.
+
+Nothing here writes to OUT: a cancelled batch is collected by the next run, which
+writes the rows it did answer and sends the rest back to pending.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from pipeline.batch.api import BatchApi, BatchFatal
+from pipeline.batch.ledger import COLLECTED, CREATING, OPEN, Chunk, Ledger
+from pipeline.config import RunOptions
+from pipeline.errors import RequestError
+from pipeline.manifest import list_runs
+
+FIELDS = ("provider", "base_url", "api_key_env", "providers_file", "sim", "timeout")
+
+
+def batch_options(
+    out: Path,
+    *,
+    provider: str | None = None,
+    base_url: list[str] | None = None,
+    api_key_env: str | None = None,
+    providers_file: Path | None = None,
+) -> RunOptions:
+    """Where to reach the provider: the last batch run's settings, then the overrides."""
+    values: dict[str, Any] = {}
+    for run in reversed(list_runs(out)):
+        options = run.get("options") if isinstance(run, dict) else None
+        if isinstance(options, dict) and options.get("mode") == "batch":
+            values = {k: options[k] for k in FIELDS if options.get(k) is not None}
+            break
+    if isinstance(values.get("providers_file"), str):
+        values["providers_file"] = Path(values["providers_file"])
+    if isinstance(values.get("sim"), dict) and values["sim"].get("api_key") == "***":
+        values["sim"] = {k: v for k, v in values["sim"].items() if k != "api_key"}
+    given = {
+        "provider": provider,
+        "base_url": base_url or None,
+        "api_key_env": api_key_env,
+        "providers_file": providers_file,
+    }
+    values.update({k: v for k, v in given.items() if v is not None})
+    if given["base_url"] and provider is None and "provider" in values:
+        del values["provider"]  # a base URL given now names the server itself
+    known = {f.name for f in dataclasses.fields(RunOptions)}
+    values = {k: v for k, v in values.items() if k in known}
+    return RunOptions(out=out, mode="batch", **values)
+
+
+@dataclass
+class Listed:
+    chunk: Chunk
+    live: dict[str, Any] | None = None  # the provider's batch object, when fetched
+
+
+async def _fetch(
+    ledger: Ledger, api: BatchApi | None, cancel: bool
+) -> tuple[list[Listed], list[str]]:
+    listed = [Listed(c) for c in ledger.chunks().values()]
+    notes: list[str] = []
+    if api is None:
+        return listed, notes
+    try:
+        for item in listed:
+            chunk = item.chunk
+            if chunk.state not in (OPEN, "collecting") or chunk.batch_id is None:
+                continue
+            try:
+                item.live = await api.retrieve(chunk.batch_id)
+                ended = item.live.get("status") in ("completed", "expired", "cancelled", "failed")
+                if cancel and not ended:
+                    item.live = await api.cancel(chunk.batch_id)
+                    notes.append(f"cancelling {chunk.batch_id}")
+            except BatchFatal:
+                raise
+            except RequestError as exc:
+                notes.append(f"{chunk.batch_id}: cannot reach the provider ({exc})")
+    finally:
+        await api.aclose()
+    return listed, notes
+
+
+def list_batches(
+    opts: RunOptions,
+    *,
+    cancel: bool = False,
+    transport: httpx.AsyncBaseTransport | None = None,
+    fmt: str = "table",
+    now: float | None = None,
+) -> tuple[str, list[str]]:
+    """The listing (text or JSON) and notes for stderr; cancels open batches if asked."""
+    ledger = Ledger(Path(opts.out))
+    if not ledger.exists:
+        return f"no batches recorded in {opts.out}", []
+    chunks = ledger.chunks()
+    api = None
+    if any(c.state in (OPEN, "collecting") for c in chunks.values()):
+        provider = opts.resolved_provider()
+        base_urls = opts.base_urls(provider)
+        key = opts.api_key(provider)
+        if transport is None and provider.name == "sim":
+            from pipeline.local import sim_transport_for
+
+            transport = sim_transport_for(opts)
+        api = BatchApi(base_urls[0], key, transport=transport, timeout=min(opts.timeout, 60.0))
+    listed, notes = anyio.run(_fetch, ledger, api, cancel)
+    rows = [_row(item, now or time.time()) for item in listed]
+    if fmt == "json":
+        return json.dumps(rows, indent=2), notes
+    return _table(rows), notes
+
+
+def _row(item: Listed, now: float) -> dict[str, Any]:
+    chunk, live = item.chunk, item.live or {}
+    counts = live.get("request_counts") if isinstance(live.get("request_counts"), dict) else None
+    counts = counts or chunk.counts
+    status = live.get("status") if isinstance(live.get("status"), str) else chunk.status
+    if chunk.state == CREATING:
+        status = "unconfirmed (the next run looks for it)"
+    elif chunk.state == COLLECTED:
+        status = f"collected ({chunk.status})"
+    elif chunk.closed:
+        status = chunk.state
+    started = chunk.created_at or chunk.written_at
+    return {
+        "batch_id": chunk.batch_id,
+        "chunk": chunk.chunk,
+        "model": chunk.model,
+        "rows": chunk.rows,
+        "status": status,
+        "completed": counts.get("completed") if counts else None,
+        "failed": counts.get("failed") if counts else None,
+        "age_seconds": round(now - started) if started else None,
+        "open": not chunk.closed,
+        "result": chunk.result or None,
+    }
+
+
+def _age(seconds: Any) -> str:
+    if not isinstance(seconds, int):
+        return "?"
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'batch_id':<32} {'model':<16} {'rows':>7} {'done':>7} {'failed':>7} {'age':>7}  status"
+    ]
+    for r in rows:
+        done = "-" if r["completed"] is None else f"{r['completed']:,}"
+        failed = "-" if r["failed"] is None else f"{r['failed']:,}"
+        lines.append(
+            f"{str(r['batch_id'] or '-')[:32]:<32} {str(r['model'])[:16]:<16} {r['rows']:>7,} "
+            f"{done:>7} {failed:>7} {_age(r['age_seconds']):>7}  {r['status']}"
+        )
+    open_rows = sum(r["rows"] for r in rows if r["open"])
+    open_batches = sum(1 for r in rows if r["open"])
+    lines.append(f"{open_batches} open batches holding {open_rows:,} rows; {len(rows)} in all")
+    return "\n".join(lines)
