@@ -33,7 +33,7 @@ import httpx
 from pipeline.batch.api import BatchApi, BatchFatal
 from pipeline.batch.chunks import ChunkLimits, ChunkWriter, ClosedChunk
 from pipeline.batch.collect import Collector, RowWriter, held_ids, make_api
-from pipeline.batch.ledger import Ledger, crash_point
+from pipeline.batch.ledger import COLLECTING, CREATING, OPEN, Ledger, crash_point
 from pipeline.config import RunOptions
 from pipeline.engine import JobContext
 from pipeline.errors import Kind, RequestError, UsageError
@@ -183,7 +183,7 @@ class BatchEngine:
                 await api.aclose()
         self._about.update(collector.report.about())
         self._about["base_url"] = api.base
-        waiting = collector.open_chunks()
+        waiting = [c for c in collector.open_chunks() if c.state in (OPEN, COLLECTING, CREATING)]
         if waiting:
             rows = sum(c.rows for c in waiting)
             self._about.update(batches_open=len(waiting), rows_waiting=rows)
@@ -278,9 +278,11 @@ class BatchEngine:
             file_id = await api.upload(ledger.request_file(name))
             crash_point("upload")
             ledger.append("uploaded", name, file_id=file_id)
-        except RequestError as exc:
+        except (RequestError, BatchFatal) as exc:
             ledger.append("abandoned", name, reason=f"upload failed: {exc}"[:500])
             ledger.remove_files(name)
+            if isinstance(exc, BatchFatal):
+                raise
             result.fatal = f"uploading a batch file failed: {exc}"
             return
         metadata = {"pipeline_out": token, "pipeline_run": job.run_id, "pipeline_chunk": name}

@@ -1,0 +1,176 @@
+"""Hostile bytes in the Batch-API path: output lines, the ledger, a server that echoes
+the key or refuses it."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.batch.ledger import Ledger
+from pipeline.batch.lines import custom_id_of, read_line
+from pipeline.errors import Exit
+from pipeline.execute import execute
+from pipeline.outcome import RunContext
+from pipeline.redact import Redactor
+from pipeline.request import Job
+from tests.test_batch import FakeBatches, options, results, write_rows
+
+JOB = Job("r1", {"model": "m"}, "h", "f.jsonl", 1)
+CTX = RunContext("run", "prov")
+WHEN = datetime(2026, 1, 1, tzinfo=UTC)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=20,
+)
+
+
+def lines() -> st.SearchStrategy[dict[str, Any]]:
+    """Output/error lines: the real shapes with any value anywhere."""
+    body = st.fixed_dictionaries(
+        {},
+        optional={
+            "choices": json_values | st.just([{"message": {"content": "x"}}]),
+            "usage": json_values | st.just({"prompt_tokens": 3, "completion_tokens": 2**70}),
+            "error": json_values,
+        },
+    )
+    response = st.fixed_dictionaries(
+        {}, optional={"status_code": json_values | st.integers(0, 999), "body": body | json_values}
+    )
+    return st.fixed_dictionaries(
+        {"custom_id": st.just("r1")},
+        optional={"response": response | json_values, "error": json_values},
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines())
+def test_any_line_is_a_row_or_pending_never_a_crash(line: dict[str, Any]) -> None:
+    outcome = read_line(
+        line,
+        JOB,
+        CTX,
+        batch_id="b1",
+        base_url="http://x/v1",
+        started_at=WHEN,
+        redactor=Redactor("sk-secret"),
+    )
+    assert (outcome.row is None) != (outcome.pending is None)
+    if outcome.row is not None:
+        assert outcome.row["status"] in ("ok", "error")
+        assert outcome.row["service_tier"] == "batch" and outcome.row["batch_id"] == "b1"
+    else:
+        assert outcome.pending and len(outcome.pending) <= 100
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_custom_id_of_any_bytes(raw: bytes) -> None:
+    custom_id, data = custom_id_of(raw)
+    assert (custom_id is None) == (data is None)
+    assert custom_id is None or isinstance(custom_id, str)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=80), max_size=10))
+def test_a_damaged_ledger_is_read_not_fatal(tmp_path_factory: Any, garbage: list[bytes]) -> None:
+    ledger = Ledger(tmp_path_factory.mktemp("out"))
+    ledger.append("chunk", "c1", rows=3, model="m")
+    with open(ledger.path, "ab") as fh:
+        fh.write(b"\n".join(garbage))
+    chunks = ledger.chunks()
+    assert chunks["c1"].rows == 3
+
+
+def test_a_line_with_4xx_is_an_error_row_with_the_servers_message() -> None:
+    line = {
+        "custom_id": "r1",
+        "response": {
+            "status_code": 400,
+            "body": {"error": {"message": "bad sk-secret", "type": "invalid_request_error"}},
+        },
+    }
+    outcome = read_line(
+        line,
+        JOB,
+        CTX,
+        batch_id="b",
+        base_url="u",
+        started_at=WHEN,
+        redactor=Redactor("sk-secret"),
+    )
+    assert outcome.row is not None and outcome.row["error_type"] == "invalid_request_error"
+    assert "sk-secret" not in outcome.row["error_message"]
+    expired = {"custom_id": "r1", "response": None, "error": {"code": "batch_expired"}}
+    assert read_line(
+        expired, JOB, CTX, batch_id="b", base_url="u", started_at=WHEN, redactor=Redactor()
+    ).pending == ("batch_expired")
+    throttled = {"custom_id": "r1", "response": {"status_code": 429, "body": {}}}
+    assert read_line(
+        throttled, JOB, CTX, batch_id="b", base_url="u", started_at=WHEN, redactor=Redactor()
+    ).pending == ("HTTP 429 rate_limit_error")
+
+
+class EchoingKey(FakeBatches):
+    """Puts the key it was sent into every answer and every error."""
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        return super().handle(request)
+
+    @staticmethod
+    def _answer(cid: str, model: str) -> dict[str, Any]:
+        answer = FakeBatches._answer(cid, model)
+        answer["choices"][0]["message"]["content"] = "your key is KEY"
+        return answer
+
+    def _run(self, batch: dict[str, Any], status: str, answer_share: float = 1.0) -> None:
+        super()._run(batch, status, answer_share)
+        for kind in ("output_file_id", "error_file_id"):
+            if batch.get(kind):
+                data = self.files[batch[kind]]
+                self.files[batch[kind]] = data.replace(b"KEY", self.key.encode())
+
+
+def test_a_server_echoing_the_key_never_gets_it_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "sk-live-0123456789abcdef"
+    monkeypatch.setenv("BATCH_TEST_KEY", key)
+    fake = EchoingKey()
+    source = write_rows(tmp_path / "rows.jsonl", 5)
+    opts = options(tmp_path, source, api_key_env="BATCH_TEST_KEY")
+    result = execute(opts, transport=fake.transport())
+    assert result.exit_code == 0
+    rows = results(tmp_path / "out")
+    assert len(rows) == 5 and all("[REDACTED]" in r["content"] for r in rows)
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert key.encode() not in data, path
+    for part in (tmp_path / "out" / "results").rglob("*.parquet"):
+        assert key not in json.dumps(pq.read_table(part).to_pylist(), default=str)
+
+
+class Refusing(FakeBatches):
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"error": {"message": "bad key", "type": "invalid_key"}})
+
+
+def test_a_refused_key_stops_the_run_exit_3(tmp_path: Path) -> None:
+    source = write_rows(tmp_path / "rows.jsonl", 5)
+    result = execute(options(tmp_path, source), transport=Refusing().transport())
+    assert result.exit_code == Exit.FATAL
+    assert result.fatal is not None and "401" in result.fatal
+    (chunk,) = Ledger(tmp_path / "out").chunks().values()
+    assert chunk.state == "abandoned"  # never created: its rows are pending again
