@@ -112,7 +112,7 @@ class FakeBatches:
         return httpx.Response(200, json=self.batches[batch_id])
 
     @staticmethod
-    def _answer(cid: str, model: str) -> dict[str, Any]:
+    def _answer(cid: str, model: str, content: str | None = None) -> dict[str, Any]:
         return {
             "id": f"chatcmpl-{cid}",
             "object": "chat.completion",
@@ -120,7 +120,7 @@ class FakeBatches:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": f"answer {cid}"},
+                    "message": {"role": "assistant", "content": content or f"answer {cid}"},
                     "finish_reason": "stop",
                 }
             ],
@@ -145,7 +145,8 @@ class FakeBatches:
                 err.append({"custom_id": cid, "response": response, "error": None})
                 continue
             self.billed[cid] = self.billed.get(cid, 0) + 1
-            answer = self._answer(cid, line["body"]["model"])
+            labeled = '{"label": "positive"}' if "response_format" in line["body"] else None
+            answer = self._answer(cid, line["body"]["model"], labeled)
             out.append(
                 {"custom_id": cid, "response": {"status_code": 200, "body": answer}, "error": None}
             )
@@ -350,3 +351,73 @@ def test_sync_run_collects_first_and_skips_held_rows(tmp_path: Path) -> None:
     assert ok == {f"r{i}": 1 for i in range(40)}
     manifest = json.loads((tmp_path / "out" / "runs" / f"{again.run_id}.json").read_text())
     assert manifest["engine"]["batches"]["rows_collected"] == 30
+
+
+def test_the_nightly_job_submits_in_the_evening_and_finishes_in_the_morning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from pipeline.config import load_job_file
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-nightly")
+    job = Path(__file__).resolve().parent.parent / "jobs" / "nightly_batch_openai.toml"
+    opts = dataclasses.replace(load_job_file(job), out=tmp_path / "out")
+    assert opts.mode == "batch" and opts.wait is False
+    fake = FakeBatches()
+    fake.finish = False
+    evening = execute(opts, transport=fake.transport())
+    assert evening.exit_code == 0 and fake.creates == 1 and not fake.sync_prompts
+    (batch_id,) = fake.batches
+    fake.expire = {"r-never"}  # nothing expires; the batch simply finished overnight
+    fake.finish = True
+    morning = execute(dataclasses.replace(opts, finish_sync=True), transport=fake.transport())
+    assert morning.exit_code == 0
+    rows = results(tmp_path / "out")
+    assert len(rows) == 40 and {r["batch_id"] for r in rows} == {batch_id}
+    assert {r["label"] for r in rows} == {"positive"}  # the labels checked as in a sync run
+    assert not fake.sync_prompts and fake.creates == 1
+
+
+def test_ctrl_c_while_waiting_leaves_the_batches_open_and_says_how_to_collect(
+    tmp_path: Path,
+) -> None:
+    import io
+
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", 10)
+
+    async def interrupted(_: float) -> None:
+        raise KeyboardInterrupt
+
+    stream = io.StringIO()
+    result = execute(
+        options(tmp_path, source), transport=fake.transport(), sleep=interrupted,
+        progress_stream=stream,
+    )  # fmt: skip
+    assert result.exit_code == 130
+    assert "run the same command again to collect" in stream.getvalue()
+    assert fake.batches[next(iter(fake.batches))]["status"] == "validating"  # not cancelled
+    (chunk,) = Ledger(tmp_path / "out").chunks().values()
+    assert chunk.state == "open"
+    fake.finish = True
+    again = execute(options(tmp_path, source), transport=fake.transport(), sleep=no_sleep)
+    assert again.tally.status["ok"] == 10 and fake.creates == 1
+
+
+def test_cli_batch_mode_on_a_seed_gateway_exits_2(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    source = write_rows(tmp_path / "rows.jsonl", 1)
+    for gateway in ("starmagic", "evolink", "modelstream"):
+        result = CliRunner().invoke(
+            cli, ["run", str(source), "--provider", gateway, "--mode", "batch",
+                  "--out", str(tmp_path / "out")],
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert "no Batch API" in result.output and gateway in result.output
+    listing = CliRunner().invoke(cli, ["batches", str(tmp_path / "out")])
+    assert listing.exit_code == 0 and "no batches recorded" in listing.output

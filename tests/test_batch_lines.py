@@ -129,8 +129,8 @@ class EchoingKey(FakeBatches):
         return super().handle(request)
 
     @staticmethod
-    def _answer(cid: str, model: str) -> dict[str, Any]:
-        answer = FakeBatches._answer(cid, model)
+    def _answer(cid: str, model: str, content: str | None = None) -> dict[str, Any]:
+        answer = FakeBatches._answer(cid, model, content)
         answer["choices"][0]["message"]["content"] = "your key is KEY"
         return answer
 
