@@ -421,3 +421,35 @@ def test_cli_batch_mode_on_a_seed_gateway_exits_2(tmp_path: Path) -> None:
         assert "no Batch API" in result.output and gateway in result.output
     listing = CliRunner().invoke(cli, ["batches", str(tmp_path / "out")])
     assert listing.exit_code == 0 and "no batches recorded" in listing.output
+
+
+def test_reconcile_leaves_a_live_shards_chunks_alone(tmp_path: Path) -> None:
+    import fcntl
+
+    import anyio
+
+    from pipeline.batch.api import BatchApi
+    from pipeline.batch.collect import Collector, RowWriter
+    from pipeline.outcome import RunContext
+    from pipeline.progress import Progress, Tally
+
+    out = tmp_path / "out"
+    ledger = Ledger(out)
+    assert ledger.token() == ledger.token()  # made once, kept
+    for run in ("live-run", "dead-run"):
+        ledger.append("chunk", f"{run}-0001", run=run, rows=1, model="m")
+        ledger.append("create", f"{run}-0001", file_id="f")
+    (out / "runs").mkdir()
+    alive = open(out / "runs" / ".live-run.alive", "a+")  # noqa: SIM115 - held below
+    fcntl.flock(alive.fileno(), fcntl.LOCK_EX)
+    try:
+        api = BatchApi(BASE, None, transport=FakeBatches().transport())
+        writer = RowWriter(out, "x", Tally(), 100)
+        collector = Collector(
+            ledger, api, RunContext("r", "p"), writer, Progress(Tally(), quiet=True)
+        )
+        anyio.run(collector.reconcile)
+    finally:
+        alive.close()
+    states = {name: c.state for name, c in ledger.chunks().items()}
+    assert states == {"live-run-0001": "creating", "dead-run-0001": "abandoned"}

@@ -45,6 +45,7 @@ from pipeline.batch.ledger import (
     Chunk,
     Ledger,
     crash_point,
+    run_alive,
 )
 from pipeline.batch.lines import MAX_LINE_BYTES, custom_id_of, read_line
 from pipeline.engine import JobContext
@@ -208,8 +209,18 @@ class Collector:
     # -- 1. reconcile -----------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Settle every chunk left between ``chunk`` and ``created`` by a dead run."""
-        chunks = self.ledger.chunks()
+        """Settle every chunk left between ``chunk`` and ``created`` by a dead run (a
+        live shard's chunks are its own business)."""
+        with self.ledger.locked():
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        out = self.ledger.out
+        chunks = {
+            name: c
+            for name, c in self.ledger.chunks().items()
+            if c.state in (WRITTEN, UPLOADING, UPLOADED, CREATING) and not run_alive(out, c.run)
+        }
         unsure = [c for c in chunks.values() if c.state == CREATING]
         for chunk in chunks.values():
             if chunk.state in (WRITTEN, UPLOADING, UPLOADED):
@@ -259,6 +270,10 @@ class Collector:
 
     async def collect(self) -> list[Chunk]:
         """Collect every open batch that has ended; returns those still open."""
+        with self.ledger.locked():
+            return await self._collect_all()
+
+    async def _collect_all(self) -> list[Chunk]:
         still: list[Chunk] = []
         self.report.still_open = self.report.open_rows = 0
         for chunk in self.ledger.chunks().values():

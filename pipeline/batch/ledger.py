@@ -28,6 +28,7 @@ not a JSON object is skipped: the ledger is a file on disk like any other.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -122,16 +123,33 @@ class Ledger:
 
     def token(self) -> str:
         """A random token made once per OUT and kept in it: the ``pipeline_out`` metadata
-        that tells this OUT's batches from any other's on the same account."""
+        that tells this OUT's batches from any other's on the same account. Made with
+        a hard link (which fails if the name exists), so two shards starting at once
+        agree on one token."""
         path = self.root / "out_token"
-        with contextlib.suppress(OSError):
-            text = path.read_text(encoding="ascii").strip()
-            if text.isalnum() and 16 <= len(text) <= 64:
-                return text
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            return _token_text(path.read_bytes())
         self.ensure()
         text = secrets.token_hex(16)
-        replace_durably(path, lambda fh: fh.write(text.encode("ascii") + b"\n"))
-        return text
+        tmp = self.root / f".out_token.{os.getpid()}"
+        replace_durably(tmp, lambda fh: fh.write(text.encode("ascii") + b"\n"))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(self.root)
+        return _token_text(path.read_bytes())
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One process at a time reconciles or collects this OUT's batches (shards of
+        one job share OUT: two collecting one batch would write its rows twice)."""
+        self.ensure()
+        with open_nofollow(self.root / ".lock") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            yield
 
     def append(self, event: str, chunk: str, **fields: Any) -> None:
         """Journal one step durably (fsync) before anything acts on it."""
@@ -228,6 +246,31 @@ class Ledger:
             self.output_file(chunk, "error"),
         ):
             path.unlink(missing_ok=True)
+
+
+def run_alive(out: Path, run_id: str) -> bool:
+    """Whether the run that wrote a chunk is still running (a shard of the same job):
+    its liveness lock (``OUT/runs/.<run_id>.alive``) is held for the life of the run."""
+    if not run_id or "/" in run_id or run_id.startswith("."):
+        return False
+    try:
+        fd = os.open(out / "runs" / f".{run_id}.alive", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone: the run ended (or never got that far)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _token_text(raw: bytes) -> str:
+    text = raw.decode("ascii").strip()
+    if not (text.isalnum() and 16 <= len(text) <= 64):
+        raise ValueError("not a token")
+    return text
 
 
 def _text(value: Any) -> str:
