@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 import httpx
 
+from pipeline.batch.ledger import safe_id
 from pipeline.client import normalize_base_url
 from pipeline.errors import ApiError, ConfigurationError, Kind, RequestError, StopError
 from pipeline.errors import TransportError as WireError
@@ -99,9 +100,9 @@ class BatchApi:
                 return await self._json("POST", "/files", files=files, data={"purpose": "batch"})
 
         data = await self._retried(once)
-        file_id = data.get("id") if isinstance(data, Mapping) else None
-        if not isinstance(file_id, str) or not file_id:
-            raise WireError("malformed_response", "the file upload answered no file id")
+        file_id = safe_id(data.get("id") if isinstance(data, Mapping) else None)
+        if file_id is None or self.redactor.text(file_id) != file_id:
+            raise WireError("malformed_response", "the file upload answered no usable file id")
         return file_id
 
     async def create_batch(
@@ -118,7 +119,7 @@ class BatchApi:
         failures = 0
         while True:
             try:
-                return _batch(await self._json("POST", "/batches", json=body))
+                return _batch(await self._json("POST", "/batches", json=body), self.redactor)
             except RequestError as exc:
                 if exc.kind is Kind.FATAL:
                     raise _fatal(exc) from None
@@ -130,14 +131,15 @@ class BatchApi:
                 await self._sleep(min(60.0, exc.retry_after or 2.0 ** min(failures, 6)))
             found = await find()
             if found is not None:
-                return _batch(found)
+                return _batch(found, self.redactor)
 
     async def retrieve(self, batch_id: str) -> dict[str, Any]:
-        return _batch(await self._retried(lambda: self._json("GET", f"/batches/{batch_id}")))
+        path = f"/batches/{batch_id}"
+        return _batch(await self._retried(lambda: self._json("GET", path)), self.redactor)
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         path = f"/batches/{batch_id}/cancel"
-        return _batch(await self._retried(lambda: self._json("POST", path)))
+        return _batch(await self._retried(lambda: self._json("POST", path)), self.redactor)
 
     async def batches(self) -> AsyncIterator[dict[str, Any]]:
         """Every batch of the account, newest first, a page at a time."""
@@ -152,10 +154,13 @@ class BatchApi:
             if not isinstance(data, list):
                 raise WireError("malformed_response", "the batch list has no data")
             for item in data:
-                if isinstance(item, Mapping) and isinstance(item.get("id"), str):
-                    yield dict(item)
-            last = page.get("last_id")
-            if not page.get("has_more") or not isinstance(last, str) or last == after:
+                try:
+                    batch = _batch(item, self.redactor)
+                except WireError:
+                    continue  # one odd entry is skipped, not fatal
+                yield batch
+            last = safe_id(page.get("last_id"))
+            if not page.get("has_more") or last is None or last == after:
                 return
             after = last
 
@@ -265,11 +270,34 @@ class BatchApi:
         return written
 
 
-def _batch(data: Any) -> dict[str, Any]:
-    """A batch object, checked just enough to be used: an id that is text."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("id"), str):
+STATUSES = frozenset(
+    {
+        "validating",
+        "in_progress",
+        "finalizing",
+        "completed",
+        "failed",
+        "expired",
+        "cancelling",
+        "cancelled",
+    }
+)
+
+
+def _batch(data: Any, redactor: Redactor | None = None) -> dict[str, Any]:
+    """A batch object, checked before it is used: a plain id that carries no key, a
+    known status (else ``unknown``), file ids that are plain too (else dropped)."""
+    if not isinstance(data, Mapping) or safe_id(data.get("id")) is None:
         raise WireError("malformed_response", "the answer is not a batch object")
-    return dict(data)
+    batch = dict(data)
+    if redactor is not None and redactor.text(batch["id"]) != batch["id"]:
+        raise WireError("malformed_response", "the batch id carries the key")
+    if batch.get("status") not in STATUSES:
+        batch["status"] = "unknown"
+    for key in ("output_file_id", "error_file_id", "input_file_id"):
+        if batch.get(key) is not None and safe_id(batch[key]) is None:
+            batch[key] = None
+    return batch
 
 
 def is_api_error(exc: BaseException, *statuses: int) -> bool:

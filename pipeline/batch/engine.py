@@ -174,7 +174,7 @@ class BatchEngine:
             if opts.wait and still:
                 await self._wait(collector)
                 writer.close()
-            if opts.finish_sync:
+            if opts.finish_sync and result.fatal is None:
                 await self._finish_sync(ledger)
         except BatchFatal as exc:
             result.fatal = str(exc)

@@ -31,6 +31,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import signal
 import time
@@ -193,6 +194,8 @@ class Ledger:
         found: dict[str, Chunk] = {}
         for record in self.records():
             name = record["chunk"]
+            if safe_id(name) is None:
+                continue  # not a name this package writes: never a path to touch
             event = record.get("event")
             chunk = found.get(name)
             if chunk is None:
@@ -206,9 +209,9 @@ class Ledger:
                 chunk.bytes = _count(record.get("bytes"))
                 chunk.written_at = _number(record.get("at"))
             elif event == "uploaded":
-                chunk.file_id = _text(record.get("file_id")) or None
+                chunk.file_id = safe_id(record.get("file_id"))
             elif event == "created":
-                chunk.batch_id = _text(record.get("batch_id")) or None
+                chunk.batch_id = safe_id(record.get("batch_id"))
                 chunk.created_at = _number(record.get("created_at")) or None
                 chunk.status = _text(record.get("status")) or chunk.status
             elif event == "status":
@@ -246,6 +249,17 @@ class Ledger:
             self.output_file(chunk, "error"),
         ):
             path.unlink(missing_ok=True)
+
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}")
+
+
+def safe_id(value: Any) -> str | None:
+    """A provider's file or batch id fit to go into a URL path, a file name and the
+    ledger: short, plain characters, no ``..``; None for anything else."""
+    if isinstance(value, str) and _ID.fullmatch(value) and ".." not in value:
+        return value
+    return None
 
 
 def run_alive(out: Path, run_id: str) -> bool:
