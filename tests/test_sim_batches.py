@@ -722,3 +722,33 @@ def test_pipeline_sim_serves_an_upload_create_complete_download_round_trip(
     assert [b.usage for b in read_ledger(tmp_path)] == [
         o["response"]["body"]["usage"] for o in output
     ]
+
+
+@pytest.mark.anyio
+async def test_the_http_server_refuses_a_body_over_its_cap_without_reading_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pipeline.sim.server as server_module
+    from pipeline.sim import start_server
+
+    monkeypatch.setattr(server_module, "MAX_BODY_BYTES", 1000)
+    sim = Simulator(SimConfig(batch_max_file_bytes=100))
+    runner, url = await start_server(sim, "127.0.0.1", 0)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            huge = await client.post(
+                "/files",
+                content=b"x" * (2 * 1024 * 1024),
+                headers={"content-type": "multipart/form-data; boundary=b"},
+            )
+            assert huge.status_code == 413
+            assert huge.json()["error"]["code"] == "request_too_large"
+            files = {"file": ("in.jsonl", b"y" * 101, "application/jsonl")}
+            over = await client.post("/files", files=files, data={"purpose": "batch"})
+            assert over.status_code == 413 and over.json()["error"]["code"] == "file_too_large"
+            small = {"file": ("in.jsonl", jsonl([line("a")])[:100], "application/jsonl")}
+            fits = await client.post("/files", files=small, data={"purpose": "batch"})
+            assert fits.status_code == 200
+    finally:
+        await runner.cleanup()
+    assert sim.stats["files_uploaded"] == 1

@@ -82,8 +82,12 @@ def check_file(
     max_lines: int | None = None,
     max_bytes: int | None = None,
     models: frozenset[str] = frozenset(),
+    count: bool = True,
 ) -> Checked:
     """Validate a request file the way OpenAI does before running a batch.
+
+    ``count=False`` skips the prompt estimate (and so ``tokens`` and ``bad``): for
+    re-reading a file already validated, whose lines are about to be parsed anyway.
 
     Structural problems fail the whole batch (``errors``); a line that is well formed but
     whose body a chat call would refuse is listed in ``bad`` and gets that refusal in the
@@ -124,10 +128,11 @@ def check_file(
             message = f"The model {model!r} does not exist or you do not have access to it."
             out.errors.append(_error("model_not_found", message, number, "body.model"))
             continue
-        try:
-            out.tokens += parse_body(line.body).prompt_tokens
-        except Reject:
-            out.bad.append(len(out.lines))
+        if count:
+            try:
+                out.tokens += parse_body(line.body).prompt_tokens
+            except Reject:
+                out.bad.append(len(out.lines))
         out.lines.append(line)
     if not out.lines and not out.errors:
         out.errors.append(_error("empty_file", "The input file has no requests."))
@@ -473,7 +478,7 @@ class Batches:
             data = self._files.read(record.input_file_id)
         except Reject:
             data = b""
-        lines = check_file(data).lines
+        lines = check_file(data, count=False).lines
         if len(lines) != record.total:  # the input's bytes are gone: nothing can run
             final.update(status="failed", counts={"total": 0, "completed": 0, "failed": 0})
             message = "The input file could not be read."
@@ -490,15 +495,16 @@ class Batches:
         output: list[bytes] = []
         errors: list[bytes] = []
         billed: list[BilledAnswer] = []
+        tag = uuid.uuid4().hex[:16]  # one random draw per batch, a counter per line
         for index, line in enumerate(lines):
-            entry: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex[:24]}"}
+            entry: dict[str, Any] = {"id": f"batch_req_{tag}{index:08x}"}
             entry["custom_id"] = line.custom_id
             if index in expire or index >= turn:
                 entry["response"] = None
                 entry["error"] = {"code": unrun, "message": unrun_message}
                 errors.append(json.dumps(entry).encode())
                 continue
-            request_id = f"req_{uuid.uuid4().hex}"
+            request_id = f"req_{tag}{index:08x}"
             try:
                 parsed = parse_body(line.body)
             except Reject as refused:
