@@ -323,6 +323,28 @@ async def test_expired_lines_are_drawn_from_seed_and_custom_id(api_for: Any) -> 
 
 
 @pytest.mark.anyio
+async def test_a_resubmitted_expired_line_finishes_even_in_a_later_process(
+    api_for: Any, tmp_path: Path
+) -> None:
+    clock = Clock()
+    config = SimConfig(batch_seconds=10, batch_expire_share=0.3, seed=7, state_dir=str(tmp_path))
+    api = api_for(Simulator(config, clock=clock))
+    batch = await api.submit([line(f"row-{i}") for i in range(40)])
+    clock.now += 10
+    done = await api.get(batch["id"])
+    lost = [e["custom_id"] for e in await api.content(done["error_file_id"])]
+    assert done["status"] == "expired" and lost
+    later = api_for(Simulator(config, clock=clock))  # the next run, a new process
+    again = await later.submit([line(cid) for cid in lost])
+    clock.now += 10
+    finished = await later.get(again["id"])
+    assert finished["status"] == "completed" and finished["error_file_id"] is None
+    assert finished["request_counts"]["completed"] == len(lost)
+    billed = read_ledger(tmp_path)
+    assert sorted(b.custom_id for b in billed) == sorted(f"row-{i}" for i in range(40))
+
+
+@pytest.mark.anyio
 async def test_the_enqueued_token_limit_fails_a_create_that_would_pass_it(api_for: Any) -> None:
     clock = Clock()
     rows = [line(f"row-{i}", "word " * 40) for i in range(5)]

@@ -11,7 +11,8 @@ sees the same batch. With ``S = batch_seconds`` after ``created_at``:
 - ``in_progress`` until 90%, the lines finishing one by one in file order
   (``request_counts`` grows); ``finalizing`` for the last 10%; then ``completed``;
 - lines drawn by ``batch_expire_share`` (from the seed and the custom_id, so the same
-  lines every time) never finish: the batch ends ``expired`` at ``S``;
+  lines every time) never finish: the batch ends ``expired`` at ``S``. A custom_id
+  expires at most once, so a resubmitted row finishes the second time;
 - ``cancel`` makes it ``cancelling``, and ``cancelled`` 10% of ``S`` later; the lines
   finished before the cancel are kept.
 
@@ -311,6 +312,9 @@ class Batches:
         self.config = config
         self.records: dict[str, BatchRecord] = {}
         self.seq = 0
+        # A line expires at most once per custom_id, so a row the pipeline resubmits
+        # after an expiry finishes the second time.
+        self.expired_ids: set[str] = set()
         self._files, self._answer, self._persist = files, answer, persist
 
     # --- the API ---------------------------------------------------------------------------
@@ -374,7 +378,8 @@ class Batches:
             expire=[
                 i
                 for i, line in enumerate(checked.lines)
-                if expires(cfg.seed, line.custom_id, cfg.batch_expire_share)
+                if line.custom_id not in self.expired_ids
+                and expires(cfg.seed, line.custom_id, cfg.batch_expire_share)
             ],
             bad=checked.bad,
         )
@@ -499,6 +504,8 @@ class Batches:
         for index, line in enumerate(lines):
             entry: dict[str, Any] = {"id": f"batch_req_{tag}{index:08x}"}
             entry["custom_id"] = line.custom_id
+            if index in expire and status == "expired":
+                self.expired_ids.add(line.custom_id)
             if index in expire or index >= turn:
                 entry["response"] = None
                 entry["error"] = {"code": unrun, "message": unrun_message}
@@ -535,14 +542,21 @@ class Batches:
 
     # --- the state directory -------------------------------------------------------------------
 
-    def dump(self) -> list[dict[str, Any]]:
-        """The records, for the state file."""
-        return [asdict(r) for r in self.records.values()]
+    def dump(self) -> dict[str, Any]:
+        """The records, the sequence and the ids that expired once, for the state file."""
+        return {
+            "batches": [asdict(r) for r in self.records.values()],
+            "seq": self.seq,
+            "expired_ids": sorted(self.expired_ids),
+        }
 
-    def load(self, rows: Any, seq: Any) -> None:
-        """Records from the state file (ours, but a bad one is a clear ValueError)."""
-        if not isinstance(rows, list) or not isinstance(seq, int):
+    def load(self, saved: dict[str, Any]) -> None:
+        """What ``dump`` gave, from the state file (ours, but a bad one is a clear ValueError)."""
+        rows, seq = saved.get("batches"), saved.get("seq")
+        expired = saved.get("expired_ids", [])
+        if not isinstance(rows, list) or not isinstance(seq, int) or not isinstance(expired, list):
             raise ValueError("simulator state: batches must be a list and seq a number")
+        self.expired_ids = {str(i) for i in expired}
         for row in rows:
             try:
                 record = BatchRecord(**row)

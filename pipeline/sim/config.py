@@ -48,12 +48,13 @@ class SimConfig:
     flex_retry_after: float = 1.0
     # The Files and Batches APIs. A batch takes ``batch_seconds`` from create to its end
     # (validating the first 10%, finalizing the last 10%; 0 = ended at the first
-    # retrieve); ``batch_expire_share`` of its lines (drawn from ``seed`` and the
-    # custom_id) never finish, so it ends ``expired``; a create whose prompt tokens plus
-    # those of the open batches pass ``batch_enqueued_token_limit`` ends ``failed``
-    # (``token_limit_exceeded``). Request files: at most ``batch_max_lines`` lines and
-    # ``batch_max_file_bytes`` bytes (a bigger upload is a 413). ``state_dir`` keeps files,
-    # batches and the batch ledger on disk so a later process sees them; None = in memory.
+    # retrieve). ``batch_expire_share`` of its lines (drawn from ``seed`` and the
+    # custom_id; each custom_id at most once) never finish, so it ends ``expired``. A
+    # create whose prompt tokens plus those of the open batches pass
+    # ``batch_enqueued_token_limit`` ends ``failed`` (``token_limit_exceeded``). Request
+    # files: at most ``batch_max_lines`` lines and ``batch_max_file_bytes`` bytes (a
+    # bigger upload is a 413). ``state_dir`` keeps files, batches and the batch ledger on
+    # disk so a later process sees them; None = in memory.
     batch_seconds: float = 2.0
     batch_expire_share: float = 0.0
     batch_enqueued_token_limit: int | None = None

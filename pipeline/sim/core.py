@@ -108,7 +108,7 @@ class Simulator:
         """Files, batches and the billed batch lines a previous process left in ``state_dir``."""
         saved = state.load()
         self.files.load(saved.get("files"))
-        self.batches.load(saved.get("batches"), saved.get("seq"))
+        self.batches.load(saved)
         ended = {r.id for r in self.batches.records.values() if r.final is not None}
         for billed in state.read_ledger(ended):
             self.ledger.append(billed)
@@ -302,7 +302,7 @@ class Simulator:
             self.stats["batch_lines_billed"] += len(billed)
             self.stats[f"batches_{ended.final['status'] if ended.final else 'open'}"] += 1
         if self._state is not None:
-            self._state.save(self.files.dump(), self.batches.dump(), self.batches.seq)
+            self._state.save(self.files.dump(), self.batches.dump())
 
     def _check_auth(self, headers: Mapping[str, str]) -> None:
         """401 unless the exact Bearer key was sent; the message never echoes what was sent."""

@@ -4,7 +4,8 @@
 ``--mode batch --no-wait`` run must be collectable by the next one, so with
 ``SimConfig.state_dir`` set the Files/Batches state lives on disk:
 
-- ``state.json``: file metadata, batch records and the batch sequence number;
+- ``state.json``: file metadata, batch records, the batch sequence number and the
+  custom_ids that have expired once;
 - ``files/<file id>``: each file's bytes;
 - ``ledger/<batch id>.json``: the lines that batch billed, written once when it ends.
 
@@ -58,6 +59,7 @@ class StateDir:
         path = self.root / "state.json"
         if not path.exists():
             return {"version": STATE_VERSION, "files": [], "batches": [], "seq": 0}
+
         try:
             state = json.loads(path.read_bytes())
         except (OSError, ValueError) as exc:
@@ -66,9 +68,9 @@ class StateDir:
             raise ValueError(f"simulator state: {path} is not a version {STATE_VERSION} state")
         return state
 
-    def save(self, files: list[dict[str, Any]], batches: list[dict[str, Any]], seq: int) -> None:
-        """Replace the state file with this one."""
-        state = {"version": STATE_VERSION, "files": files, "batches": batches, "seq": seq}
+    def save(self, files: list[dict[str, Any]], batches: dict[str, Any]) -> None:
+        """Replace the state file with this one (``batches``: what ``Batches.dump`` gives)."""
+        state = {"version": STATE_VERSION, "files": files, **batches}
         write_atomic(self.root / "state.json", json.dumps(state).encode())
 
     def write_ledger(self, batch_id: str, billed: list[BilledAnswer]) -> None:
