@@ -59,7 +59,10 @@ class Simulator:
     ``stats`` counts ``requests`` (all), ``ok`` (whole 200 answers), ``billed``, each error
     status by number (``"400"``, ``"429"``, ``"503"``...), ``5xx``, ``rate_limited``
     (bucket 429s), ``injected_429``, ``quota``, ``dropped``, ``truncated``, ``stream_cut``,
-    ``streamed`` and ``flex_refused``.
+    ``streamed``, ``flex_refused``, and for the Batch API ``files_uploaded``,
+    ``batches_created``, ``batches_<how it ended>`` and ``batch_lines_billed`` (this
+    process only). ``ledger`` also holds the batch lines billed by earlier processes on
+    the same ``state_dir``; ``files`` and ``batches`` are the Files/Batches state.
     """
 
     def __init__(
