@@ -18,6 +18,10 @@ measured against. Modules, in the order a request meets them:
 - ``faults``: seeded injected failures and latency;
 - ``answers`` and ``schema``: the deterministic content, reasoning, tool calls and usage;
 - ``render``: the answer as a ``chat.completion`` body or SSE chunks;
+- ``files`` and ``batches``: OpenAI's Files and Batch APIs (uploads, request-file
+  validation, the batch lifecycle by the clock, output and error files);
+- ``ledger`` and ``state``: what was billed, and the state directory that keeps files,
+  batches and the batch ledger across processes (``read_ledger`` reads it for tests);
 - ``core``: ``Simulator``, which routes, bills and ties the above together;
 - ``transport`` (in-process httpx) and ``server`` (aiohttp over a socket) carry it.
 
@@ -31,10 +35,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from pipeline.sim.config import SimConfig
-from pipeline.sim.core import BilledAnswer, Simulator
+from pipeline.sim.core import Simulator
+from pipeline.sim.ledger import BilledAnswer
 from pipeline.sim.limits import go_duration
 from pipeline.sim.parse import request_key
 from pipeline.sim.protocol import SimRequest, SimResponse, error_body
+from pipeline.sim.state import read_ledger
 from pipeline.sim.transport import sim_transport
 
 if TYPE_CHECKING:
@@ -59,6 +65,7 @@ __all__ = [
     "build_app",
     "error_body",
     "go_duration",
+    "read_ledger",
     "request_key",
     "run_server",
     "sim_transport",

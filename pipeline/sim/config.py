@@ -8,6 +8,7 @@ halfway through a benchmark.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 RETRY_AFTER_STYLES = ("seconds", "ms", "date", "none")
@@ -45,6 +46,21 @@ class SimConfig:
     tiers: tuple[str, ...] = SERVICE_TIERS
     flex_refusal_rate: float = 0.0
     flex_retry_after: float = 1.0
+    # The Files and Batches APIs. A batch takes ``batch_seconds`` from create to its end
+    # (validating the first 10%, finalizing the last 10%; 0 = ended at the first
+    # retrieve). ``batch_expire_share`` of its lines (drawn from ``seed`` and the
+    # custom_id; each custom_id at most once) never finish, so it ends ``expired``. A
+    # create whose prompt tokens plus those of the open batches pass
+    # ``batch_enqueued_token_limit`` ends ``failed`` (``token_limit_exceeded``). Request
+    # files: at most ``batch_max_lines`` lines and ``batch_max_file_bytes`` bytes (a
+    # bigger upload is a 413). ``state_dir`` keeps files, batches and the batch ledger on
+    # disk so a later process sees them; None = in memory.
+    batch_seconds: float = 2.0
+    batch_expire_share: float = 0.0
+    batch_enqueued_token_limit: int | None = None
+    batch_max_lines: int = 50_000
+    batch_max_file_bytes: int = 200 * 2**20
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         rates = (self.fail_429_rate, self.fail_5xx_rate, self.drop_rate)
@@ -68,3 +84,14 @@ class SimConfig:
             raise ValueError(f"flex_refusal_rate must be within 0..1, got {self.flex_refusal_rate}")
         if self.flex_retry_after < 0:
             raise ValueError("flex_retry_after must not be negative")
+        if self.batch_seconds < 0:
+            raise ValueError("batch_seconds must not be negative")
+        if not 0.0 <= self.batch_expire_share <= 1.0:
+            raise ValueError("batch_expire_share must be within 0..1")
+        limit = self.batch_enqueued_token_limit
+        if limit is not None and limit <= 0:
+            raise ValueError("batch_enqueued_token_limit must be positive")
+        if self.batch_max_lines <= 0 or self.batch_max_file_bytes <= 0:
+            raise ValueError("batch_max_lines and batch_max_file_bytes must be positive")
+        if self.state_dir is not None and not isinstance(self.state_dir, str | os.PathLike):
+            raise ValueError("state_dir must be a path")

@@ -5,6 +5,8 @@ same behaviour is served in-process to httpx and over HTTP by aiohttp. Time come
 injected ``clock``/``sleep``/``wall_clock`` so tests never wait. Every answer it would
 bill goes into ``ledger`` (whether or not the client received it whole), which is how
 tests prove the pipeline never pays twice for one row and stores the usage billed.
+Besides chat completions it serves OpenAI's Files and Batches APIs (``files``,
+``batches``), whose lines are billed into the same ledger with their ``batch_id``.
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ import hmac
 import json
 import math
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
 from pipeline.sim.answers import plan
+from pipeline.sim.batches import Batches, BatchRecord
 from pipeline.sim.config import SimConfig
 from pipeline.sim.faults import DROP, INJECTED_RETRY_AFTER, Faults
+from pipeline.sim.files import PURPOSES, FileStore, parse_multipart
+from pipeline.sim.ledger import BilledAnswer
 from pipeline.sim.limits import RateLimits, retry_after_headers
 from pipeline.sim.parse import Parsed, parse
 from pipeline.sim.protocol import (
@@ -35,31 +40,17 @@ from pipeline.sim.protocol import (
     Reject,
     SimRequest,
     SimResponse,
+    openai_error,
 )
 from pipeline.sim.render import Chunks, completion, stream_chunks
+from pipeline.sim.state import StateDir
 
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODELS_PATHS = frozenset({"/v1/models", "/models"})
 DEFAULT_MODELS = ("gpt-5.5", "gpt-5.1", "gpt-5.1-chat", "gpt-5.1-thinking")
+MULTIPART_SLACK = 64 * 1024  # room for the form around an upload of the largest file
 # The tier an answer reports for the tier requested, as OpenAI does ("auto" runs at default).
 TIER_USED = {"auto": "default", "default": "default", "flex": "flex", "priority": "priority"}
-
-
-@dataclass
-class BilledAnswer:
-    """An answer the server produced and would bill, whether or not the client got it whole."""
-
-    response_id: str
-    model: str
-    usage: dict[str, Any]
-    truncated: bool
-    streamed: bool
-    request_key: str
-    # The tier the answer reported (None when the request named none); "batch" for a line
-    # a batch answered, which also carries its batch and custom ids.
-    service_tier: str | None = None
-    batch_id: str | None = None
-    custom_id: str | None = None
 
 
 class Simulator:
@@ -68,21 +59,29 @@ class Simulator:
     ``stats`` counts ``requests`` (all), ``ok`` (whole 200 answers), ``billed``, each error
     status by number (``"400"``, ``"429"``, ``"503"``...), ``5xx``, ``rate_limited``
     (bucket 429s), ``injected_429``, ``quota``, ``dropped``, ``truncated``, ``stream_cut``,
-    ``streamed`` and ``flex_refused``.
+    ``streamed``, ``flex_refused``, and for the Batch API ``files_uploaded``,
+    ``batches_created``, ``batches_<how it ended>`` and ``batch_lines_billed`` (this
+    process only). ``ledger`` also holds the batch lines billed by earlier processes on
+    the same ``state_dir``; ``files`` and ``batches`` are the Files/Batches state.
     """
 
     def __init__(
         self,
         config: SimConfig | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-        wall_clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = cfg = config or SimConfig()
         self.ledger: list[BilledAnswer] = []
         self.stats: collections.Counter[str] = collections.Counter()
-        self._clock, self._sleep, self._wall = clock, sleep, wall_clock
+        self._clock = clock or time.monotonic
+        self._sleep = sleep
+        self._wall = wall_clock or time.time
+        # Batches progress on epoch seconds (stored, so a later process agrees): the wall
+        # clock, or a test's fake clock when only ``clock`` is given.
+        self._now = wall_clock or clock or time.time
         self._faults = Faults(cfg.seed)
         self._by_id: dict[str, BilledAnswer] = {}
         self._count = 0
@@ -92,7 +91,7 @@ class Simulator:
             cfg.rpm_limit,
             cfg.tpm_limit,
             cfg.burst_seconds,
-            clock(),
+            self._clock(),
             send_headers=cfg.rate_limit_headers,
         )
         self._auth = f"Bearer {cfg.api_key}".encode() if cfg.api_key else None
@@ -102,6 +101,21 @@ class Simulator:
             for m in (cfg.models or DEFAULT_MODELS)
         ]
         self._models_body = json.dumps({"object": "list", "data": listed}).encode()
+        self._state = None if cfg.state_dir is None else StateDir(cfg.state_dir)
+        self.files = FileStore(None if self._state is None else self._state.files)
+        self.batches = Batches(cfg, self.files, self._batch_line, self._persist)
+        if self._state is not None:
+            self._load(self._state)
+
+    def _load(self, state: StateDir) -> None:
+        """Files, batches and the billed batch lines a previous process left in ``state_dir``."""
+        saved = state.load()
+        self.files.load(saved.get("files"))
+        self.batches.load(saved)
+        ended = {r.id for r in self.batches.records.values() if r.final is not None}
+        for billed in state.read_ledger(ended):
+            self.ledger.append(billed)
+            self._by_id[billed.response_id] = billed
 
     def billed_usage(self, response_id: str) -> dict[str, Any] | None:
         """The usage block billed for ``response_id``, or None if it was never billed."""
@@ -113,6 +127,7 @@ class Simulator:
         (``GET /sim/stats``): how many answers were billed, and the most any one request was,
         and how many at each service tier ("none" when the request named no tier)."""
         per_key = collections.Counter(b.request_key for b in self.ledger)
+        per_row = collections.Counter(b.custom_id for b in self.ledger if b.batch_id)
         body = {
             "stats": dict(self.stats),
             "billed": len(self.ledger),
@@ -122,6 +137,10 @@ class Simulator:
             "billed_by_tier": dict(
                 collections.Counter(b.service_tier or "none" for b in self.ledger)
             ),
+            "billed_by_batch": dict(
+                collections.Counter(b.batch_id for b in self.ledger if b.batch_id)
+            ),
+            "most_billed_per_custom_id": max(per_row.values(), default=0),
         }
         return json.dumps(body).encode()
 
@@ -147,6 +166,10 @@ class Simulator:
         if path in MODELS_PATHS and method == "GET":
             self._check_auth(request.headers)
             return SimResponse(200, dict(JSON_HEADERS), self._models_body)
+        api = path.removeprefix("/v1")
+        if api.split("/")[1:2] in (["files"], ["batches"]):
+            self._check_auth(request.headers)
+            return self._files_and_batches(method, api, request)
         if path not in CHAT_PATHS or method != "POST":
             raise Reject(404, f"Unknown route: {method} {request.path}")
         self._check_auth(request.headers)
@@ -190,6 +213,99 @@ class Simulator:
             )
             raise Reject(429, headers=headers, body=FLEX_UNAVAILABLE_BODY)
         return TIER_USED.get(requested, requested)
+
+    def _files_and_batches(self, method: str, path: str, request: SimRequest) -> SimResponse:
+        """OpenAI's Files and Batches routes (``path`` without the ``/v1`` prefix)."""
+        now = self._now()
+        parts = path.split("/")[1:]
+        answer: dict[str, Any] | None = None
+        if parts == ["files"] and method == "POST":
+            answer = self._upload(request, now)
+        elif parts == ["files"] and method == "GET":
+            purpose = urllib.parse.parse_qs(request.query).get("purpose", [None])[-1]
+            answer = {"object": "list", "data": self.files.listing(purpose), "has_more": False}
+        elif len(parts) == 2 and parts[0] == "files" and method == "GET":
+            answer = self.files.get(parts[1]).public()
+        elif len(parts) == 3 and parts[0] == "files" and parts[2] == "content" and method == "GET":
+            content = self.files.read(self.files.get(parts[1]).id)
+            return SimResponse(200, {"content-type": "application/octet-stream"}, content)
+        elif len(parts) == 2 and parts[0] == "files" and method == "DELETE":
+            file_id = self.files.get(parts[1]).id
+            self.files.delete(file_id, in_use=self.batches.reads(file_id))
+            self._persist(None, [])
+            answer = {"id": file_id, "object": "file", "deleted": True}
+        elif parts == ["batches"] and method == "POST":
+            answer = self.batches.create(request.body, now)
+            self.stats["batches_created"] += 1
+        elif parts == ["batches"] and method == "GET":
+            answer = self.batches.listing(request.query, now)
+        elif len(parts) == 2 and parts[0] == "batches" and method == "GET":
+            answer = self.batches.retrieve(parts[1], now)
+        elif parts[0] == "batches" and parts[2:] == ["cancel"] and method == "POST":
+            answer = self.batches.cancel(parts[1], now)
+        if answer is None:
+            raise Reject(404, f"Unknown route: {method} {request.path}")
+        return SimResponse(200, dict(JSON_HEADERS), json.dumps(answer).encode())
+
+    def _upload(self, request: SimRequest, now: float) -> dict[str, Any]:
+        """``POST /v1/files``: a multipart form with ``file`` and ``purpose``; 413 past the cap."""
+        cap = self.config.batch_max_file_bytes
+        if len(request.body) > cap + MULTIPART_SLACK:
+            raise self._too_large(len(request.body))
+        form = parse_multipart(request.headers.get("content-type", ""), request.body)
+        filename, data = form.get("file", (None, b""))
+        if filename is None:
+            raise openai_error(400, "Missing required parameter: 'file'.", param="file")
+        if len(data) > cap:
+            raise self._too_large(len(data))
+        purpose = form.get("purpose", (None, b""))[1].decode("utf-8", "replace").strip()
+        if purpose not in PURPOSES:
+            message = f"Invalid 'purpose': expected one of {', '.join(sorted(PURPOSES))}."
+            raise openai_error(400, message, param="purpose")
+        meta = self.files.put(data, filename, purpose, now)
+        self.stats["files_uploaded"] += 1
+        self._persist(None, [])
+        return meta.public()
+
+    def _too_large(self, size: int) -> Reject:
+        """OpenAI's answer to an upload over the size limit."""
+        cap = self.config.batch_max_file_bytes
+        message = f"File is too large ({size:,} bytes); the limit is {cap:,} bytes."
+        return openai_error(413, message, param="file", code="file_too_large")
+
+    def _batch_line(
+        self, parsed: Parsed, batch_id: str, custom_id: str, at: float
+    ) -> tuple[dict[str, Any], BilledAnswer]:
+        """A batch line's answer, by the same logic as a synchronous call; reported at the
+        default tier as OpenAI's batch output does, billed as "batch" with its ids."""
+        answer = plan(parsed)
+        head = self._head(parsed.model, "default")
+        head["created"] = int(at)
+        bill = BilledAnswer(
+            str(head["id"]),
+            parsed.model,
+            answer.usage,
+            False,
+            False,
+            parsed.key,
+            "batch",
+            batch_id,
+            custom_id,
+        )
+        return completion(head, answer), bill
+
+    def _persist(self, ended: BatchRecord | None, billed: list[BilledAnswer]) -> None:
+        """After a Files/Batches change: bill an ended batch's lines (its ledger file first,
+        then the state that marks it ended) and save the state."""
+        if ended is not None:
+            if self._state is not None:
+                self._state.write_ledger(ended.id, billed)
+            for entry in billed:
+                self._bill(entry)
+            self.stats["batch_lines_billed"] += len(billed)
+            self.stats[f"batches_{ended.final['status'] if ended.final else 'open'}"] += 1
+        if self._state is not None:
+            self._state.save(self.files.dump(), self.batches.dump())
 
     def _check_auth(self, headers: Mapping[str, str]) -> None:
         """401 unless the exact Bearer key was sent; the message never echoes what was sent."""

@@ -70,8 +70,13 @@ def parse(raw: bytes) -> Parsed:
     """Validate a chat body like a real gateway (400/413) and estimate its prompt."""
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise Reject(400, "Request body is not valid JSON") from None
+    return parse_body(body)
+
+
+def parse_body(body: Any) -> Parsed:
+    """Validate an already decoded chat body (a batch line's ``body``) and estimate its prompt."""
     if not isinstance(body, dict):
         raise Reject(400, "Request body must be a JSON object")
     model = body.get("model")

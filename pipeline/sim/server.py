@@ -1,6 +1,8 @@
 """Serve the simulator core over real HTTP with aiohttp (``pipeline sim --port 8080``).
 
-All behaviour lives in ``Simulator``; this module only moves bytes. It exists so
+All behaviour lives in ``Simulator``; this module only moves bytes, and reads at most
+what the largest request (a chat body with images, or a batch file upload) may take: a
+bigger body is answered 413 without being read whole. It exists so
 benchmarks, crash tests and other tools can hit a real socket in another process, and it
 turns the core's two connection-level faults into what a client would really see:
 ``drop`` closes the connection without an answer, a ``cut`` stream closes it mid-body
@@ -17,19 +19,26 @@ import sys
 from aiohttp import web
 
 from pipeline.sim.config import SimConfig
-from pipeline.sim.core import Simulator
-from pipeline.sim.protocol import SimRequest
+from pipeline.sim.core import MULTIPART_SLACK, Simulator
+from pipeline.sim.protocol import JSON_HEADERS, SimRequest, openai_error
 
-MAX_BODY_BYTES = 128 * 1024 * 1024  # room for 10 base64 images of 10 MB each
+# Room for 10 base64 images of 10 MB each; an upload may take up to the largest batch file.
+MAX_BODY_BYTES = 128 * 1024 * 1024
 
 
 def build_app(sim: Simulator) -> web.Application:
     """An aiohttp app that forwards every request, any method and path, to ``sim.handle``."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            message = f"Request body is larger than this server accepts ({limit:,} bytes)."
+            refused = openai_error(413, message, code="request_too_large")
+            return web.Response(status=413, headers=JSON_HEADERS, body=refused.body)
         headers = {k.lower(): v for k, v in request.headers.items()}
-        answer = await sim.handle(SimRequest(request.method, request.path, headers, body))
+        query = request.query_string
+        answer = await sim.handle(SimRequest(request.method, request.path, headers, body, query))
         if answer.drop:
             return _hang_up(request, web.Response(status=500))
         if answer.stream is None:
@@ -43,7 +52,8 @@ def build_app(sim: Simulator) -> web.Application:
         await response.write_eof()
         return response
 
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    limit = max(MAX_BODY_BYTES, sim.config.batch_max_file_bytes + MULTIPART_SLACK)
+    app = web.Application(client_max_size=limit)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

@@ -42,7 +42,10 @@ class _SimTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         body = await request.aread()
         headers = {k.lower(): v for k, v in request.headers.items()}
-        answer = await self._sim.handle(SimRequest(request.method, request.url.path, headers, body))
+        query = request.url.query.decode("ascii", "replace")
+        answer = await self._sim.handle(
+            SimRequest(request.method, request.url.path, headers, body, query)
+        )
         if answer.drop:
             raise httpx.RemoteProtocolError(
                 "Server disconnected without sending a response.", request=request
