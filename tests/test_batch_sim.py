@@ -1,0 +1,144 @@
+"""``--mode batch`` end to end against the built-in simulator's Files and Batches APIs.
+
+``--provider sim`` runs the simulator in process with its state in
+``OUT/batches/sim-server``, so batches outlive the run that submitted them, and the
+simulator's own ledger (``read_ledger``) is the invoice the results must match.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.batch.ledger import Ledger
+from pipeline.config import RunOptions
+from pipeline.execute import execute
+from pipeline.sim import read_ledger
+from tests.realproc import Processes, _env, _repo_root, write_rows
+
+
+def sim_options(out: Path, source: Path, **kw: Any) -> RunOptions:
+    sim = {"batch_seconds": 0, **kw.pop("sim", {})}
+    values: dict[str, Any] = {
+        "sources": [str(source)],
+        "out": out,
+        "provider": "sim",
+        "model": "gpt-5.5",
+        "mode": "batch",
+        "quiet": True,
+        "sim": sim,
+    }
+    values.update(kw)
+    return RunOptions(**values)
+
+
+async def no_sleep(_: float) -> None:
+    return None
+
+
+def rows_of(out: Path) -> list[dict[str, Any]]:
+    parts = sorted(p for p in (out / "results").rglob("*.parquet") if not p.name.startswith("."))
+    return pa.concat_tables([pq.read_table(p) for p in parts]).to_pylist() if parts else []
+
+
+def state_dir(out: Path) -> Path:
+    return out / "batches" / "sim-server"
+
+
+def test_5000_rows_no_wait_then_collected_every_id_ok_once_tokens_as_billed(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    source = write_rows(tmp_path / "rows.jsonl", 5000, "row")
+    first = execute(sim_options(out, source, wait=False))
+    assert first.exit_code == 0
+    assert rows_of(out) == []
+    open_chunks = [c for c in Ledger(out).chunks().values() if not c.closed]
+    assert open_chunks and sum(c.rows for c in open_chunks) == 5000
+
+    second = execute(sim_options(out, source, wait=False))
+    assert second.exit_code == 0
+    rows = rows_of(out)
+    ok = collections.Counter(r["id"] for r in rows if r["status"] == "ok")
+    assert ok == {f"row-{i}": 1 for i in range(5000)}
+    assert {r["service_tier"] for r in rows} == {"batch"}
+    billed = read_ledger(state_dir(out))
+    per_row = collections.Counter(b.custom_id for b in billed)
+    assert per_row == {f"row-{i}": 1 for i in range(5000)}, "a row billed twice or never"
+    assert sum(r["prompt_tokens"] for r in rows) == sum(b.usage["prompt_tokens"] for b in billed)
+    assert sum(r["completion_tokens"] for r in rows) == sum(
+        b.usage["completion_tokens"] for b in billed
+    )
+    assert {r["batch_id"] for r in rows} == {b.batch_id for b in billed}
+    assert not any(not c.closed for c in Ledger(out).chunks().values())
+
+
+def test_expired_lines_go_back_and_the_next_run_submits_exactly_those(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    source = write_rows(tmp_path / "rows.jsonl", 400, "row")
+    first = execute(sim_options(out, source, sim={"batch_expire_share": 0.1}), sleep=no_sleep)
+    assert first.exit_code == 0
+    answered = {r["id"] for r in rows_of(out)}
+    expired = {f"row-{i}" for i in range(400)} - answered
+    assert 10 < len(expired) < 80  # about 10%
+    first_batches = {b.batch_id for b in read_ledger(state_dir(out))}
+
+    second = execute(sim_options(out, source, sim={"batch_expire_share": 0.1}), sleep=no_sleep)
+    assert second.exit_code == 0
+    billed = read_ledger(state_dir(out))
+    again = {b.custom_id for b in billed if b.batch_id not in first_batches}
+    assert again == expired, "the second batch held other rows than the expired ones"
+    ok = collections.Counter(r["id"] for r in rows_of(out) if r["status"] == "ok")
+    assert ok == {f"row-{i}": 1 for i in range(400)}
+    assert max(collections.Counter(b.custom_id for b in billed).values()) == 1
+
+
+def test_kill_right_after_create_submits_nothing_twice_and_bills_each_row_once(
+    procs: Processes, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    source = write_rows(tmp_path / "rows.jsonl", 300, "row")
+    cmd = [sys.executable, "-m", "pipeline", "run", str(source), "--out", str(out), "-q"]
+    cmd += ["--provider", "sim", "--model", "gpt-5.5", "--mode", "batch", "--no-wait"]
+    cmd += ["--sim", "batch_seconds=0"]
+    env = {**_env(), "PIPELINE_TEST_KILL_AFTER": "create"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=_repo_root()
+    )
+    procs._started.append(proc)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    (chunk,) = Ledger(out).chunks().values()
+    assert chunk.state == "creating"
+
+    result = execute(sim_options(out, source), sleep=no_sleep)
+    assert result.exit_code == 0
+    assert result.tally.status["ok"] == 300
+    (chunk,) = Ledger(out).chunks().values()  # no second chunk: nothing submitted again
+    assert chunk.state == "collected"
+    billed = read_ledger(state_dir(out))
+    assert collections.Counter(b.custom_id for b in billed) == {f"row-{i}": 1 for i in range(300)}
+    assert len({b.batch_id for b in billed}) == 1
+
+
+def test_finish_sync_sends_the_expired_rows_synchronously(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    source = write_rows(tmp_path / "rows.jsonl", 200, "row")
+    opts = sim_options(out, source, finish_sync=True, sim={"batch_expire_share": 0.2})
+    result = execute(opts, sleep=no_sleep)
+    assert result.exit_code == 0
+    rows = rows_of(out)
+    ok = collections.Counter(r["id"] for r in rows if r["status"] == "ok")
+    assert ok == {f"row-{i}": 1 for i in range(200)}
+    in_batch = {r["id"] for r in rows if r["service_tier"] == "batch"}
+    assert 10 < len(in_batch) < 190
+    billed = read_ledger(state_dir(out))
+    assert {b.custom_id for b in billed} == in_batch  # the rest were sent one by one
+
