@@ -142,3 +142,17 @@ def test_finish_sync_sends_the_expired_rows_synchronously(tmp_path: Path) -> Non
     billed = read_ledger(state_dir(out))
     assert {b.custom_id for b in billed} == in_batch  # the rest were sent one by one
 
+
+def test_a_batch_failed_for_the_enqueued_token_limit_sends_its_rows_back(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "out"
+    source = write_rows(tmp_path / "rows.jsonl", 50, "row")
+    limited = sim_options(out, source, sim={"batch_enqueued_token_limit": 10})
+    result = execute(limited, sleep=no_sleep)
+    assert result.exit_code == 0 and rows_of(out) == []
+    manifest = json.loads((out / "runs" / f"{result.run_id}.json").read_text())
+    assert manifest["engine"]["back_to_pending"] == {"token_limit_exceeded": 50}
+    assert read_ledger(state_dir(out)) == []  # a failed batch bills nothing
+    again = execute(sim_options(out, source), sleep=no_sleep)  # the limit lifted
+    assert again.tally.status["ok"] == 50
