@@ -126,3 +126,20 @@ def test_kill_while_collecting_writes_no_row_twice(
     ok = collections.Counter(r["id"] for r in results(out) if r["status"] == "ok")
     assert ok == {f"r{i}": 1 for i in range(200)}, "a collected row was written twice or lost"
     assert fake.creates == 1 and set(fake.billed.values()) == {1}
+
+
+def test_kill_right_after_the_upload_abandons_the_chunk_and_submits_its_rows_once(
+    procs: Processes, served: tuple[FakeBatches, str], tmp_path: Path
+) -> None:
+    fake, url = served
+    source = write_rows(tmp_path / "rows.jsonl", 100)
+    out = tmp_path / "out"
+    proc = run_killed(procs, out, source, url, "upload")
+    assert proc.returncode == -signal.SIGKILL
+    assert len(fake.files) == 1 and fake.creates == 0  # uploaded, never created
+
+    result = execute(options(tmp_path, source, base_url=[url]), transport=fake.transport())
+    assert result.exit_code == 0 and result.tally.status["ok"] == 100
+    assert fake.creates == 1 and fake.billed == {f"r{i}": 1 for i in range(100)}
+    states = sorted(c.state for c in Ledger(out).chunks().values())
+    assert states == ["abandoned", "collected"]

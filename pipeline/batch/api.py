@@ -36,7 +36,7 @@ from pipeline.retry import retrying
 from pipeline.wire import parse_error
 
 MAX_JSON_BYTES = 8 * 2**20  # a batch or file object, or a page of them
-DEFAULT_MAX_DOWNLOAD_BYTES = 2 * 2**30  # one output or error file
+DEFAULT_MAX_DOWNLOAD_BYTES = 10 * 2**30  # one output or error file (50,000 long answers)
 LIST_PAGE = 100  # batches per page when looking for this OUT's batches
 MAX_LIST_PAGES = 200  # stop looking after this many (20,000 batches)
 
