@@ -202,3 +202,32 @@ def test_a_ledger_naming_paths_is_not_followed(tmp_path: Path) -> None:
     for chunk in ledger.chunks():
         ledger.remove_files(chunk)
     assert victim.read_text() == "keep me"
+
+
+def test_a_download_past_the_cap_is_refused_and_leaves_no_file(tmp_path: Path) -> None:
+    import anyio
+
+    from pipeline.batch.api import BatchApi
+    from pipeline.errors import TransportError
+
+    def endless(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"x" * 10_000 + b"\n" + b"y" * 10_000)
+
+    async def no_wait(_: float) -> None:
+        return None
+
+    api = BatchApi(
+        "http://h/v1", None, transport=httpx.MockTransport(endless),
+        max_download_bytes=5_000, max_attempts=2, sleep=no_wait,
+    )  # fmt: skip
+    target = tmp_path / "out.jsonl"
+
+    async def go() -> None:
+        try:
+            await api.download("file-1", target)
+        finally:
+            await api.aclose()
+
+    with pytest.raises(TransportError, match="passed 5,000 bytes"):
+        anyio.run(go)
+    assert list(tmp_path.iterdir()) == []
