@@ -453,3 +453,29 @@ def test_reconcile_leaves_a_live_shards_chunks_alone(tmp_path: Path) -> None:
         alive.close()
     states = {name: c.state for name, c in ledger.chunks().items()}
     assert states == {"live-run-0001": "creating", "dead-run-0001": "abandoned"}
+
+
+def test_identical_requests_are_sent_once_and_shared_as_in_a_sync_run(tmp_path: Path) -> None:
+    fake = FakeBatches()
+    source = tmp_path / "rows.jsonl"
+    source.write_text(
+        "".join(json.dumps({"id": f"d{i}", "prompt": "the same"}) + "\n" for i in range(3))
+        + json.dumps({"id": "other", "prompt": "different"})
+        + "\n"
+    )
+    result = execute(options(tmp_path, source), transport=fake.transport(), sleep=no_sleep)
+    assert result.exit_code == 0
+    assert set(fake.billed) == {"d0", "other"}  # one line for the three twins
+    rows = {r["id"]: r for r in results(tmp_path / "out")}
+    assert set(rows) == {"d0", "d1", "d2", "other"}
+    assert {rows["d1"]["shared_from"], rows["d2"]["shared_from"]} == {"d0"}
+    assert rows["d1"]["prompt_tokens"] == 0 and rows["d0"]["prompt_tokens"] == 10
+    assert rows["d2"]["content"] == rows["d0"]["content"]
+    assert rows["d2"]["batch_id"] == rows["d0"]["batch_id"]
+
+    fresh = FakeBatches()
+    execute(
+        options(tmp_path, source, out=tmp_path / "out2", dedupe=False),
+        transport=fresh.transport(), sleep=no_sleep,
+    )  # fmt: skip
+    assert set(fresh.billed) == {"d0", "d1", "d2", "other"}

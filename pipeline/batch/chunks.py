@@ -4,7 +4,9 @@ A request file line is ``{"custom_id", "method": "POST", "url":
 "/v1/chat/completions", "body"}`` with the body a synchronous run would send (it
 never streams). Next to each request file, ``<chunk>.rows.jsonl`` keeps, line for
 line, what a result row needs that the provider never sees (the row's place, its
-metadata, the columns carried through), so collecting needs no input file.
+metadata, the columns carried through), so collecting needs no input file; it also
+lists the rows that share an identical request's answer (dedupe), which are held and
+answered with it.
 
 Files are written under their final name and fsynced (the file and the folder)
 before the chunk is entered in the ledger: a chunk the ledger names is whole on
@@ -51,8 +53,9 @@ def request_line(job: Job) -> bytes:
     return (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def row_line(job: Job) -> bytes:
-    """What a result row needs of ``job`` besides the answer (see the module doc)."""
+def row_line(job: Job, shared_from: str | None = None) -> bytes:
+    """What a result row needs of ``job`` besides the answer (see the module doc).
+    ``shared_from``: the id whose identical request answers this row (dedupe)."""
     about: dict[str, Any] = {
         "id": job.id,
         "model": job.model,
@@ -65,6 +68,8 @@ def row_line(job: Job) -> bytes:
     fmt = job.body.get("response_format")
     if fmt is not None:
         about["response_format"] = fmt
+    if shared_from is not None:
+        about["shared_from"] = shared_from
     return (json.dumps(about, ensure_ascii=False, default=str) + "\n").encode("utf-8")
 
 
@@ -96,6 +101,7 @@ class _Open:
         self.bytes = 0
         self.requests: IO[bytes] = _create(folder / f"{name}.jsonl")
         self.rows: IO[bytes] = _create(folder / f"{name}.rows.jsonl")
+        self.leaders: dict[str, str] = {}  # request hash -> the id sending it
 
     def close(self) -> None:
         for fh in (self.requests, self.rows):
@@ -148,8 +154,20 @@ class ChunkWriter:
             )
         chunk.requests.write(line)
         chunk.rows.write(row_line(job))
+        chunk.leaders.setdefault(job.request_hash, job.id)
         chunk.lines += 1
         chunk.bytes += len(line)
+
+    def follow(self, job: Job) -> bool:
+        """Dedupe, as a synchronous run does it: when the open chunk of the job's model
+        already sends an identical request, record the job as sharing that answer (a
+        copy with ``shared_from`` and zero tokens when collected) and send nothing."""
+        chunk = self._open.get(job.model)
+        leader = chunk.leaders.get(job.request_hash) if chunk is not None else None
+        if chunk is None or leader is None or not job.request_hash:
+            return False
+        chunk.rows.write(row_line(job, shared_from=leader))
+        return True
 
     def _finish(self, chunk: _Open) -> None:
         del self._open[chunk.model]

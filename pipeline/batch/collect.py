@@ -48,6 +48,7 @@ from pipeline.batch.ledger import (
     run_alive,
 )
 from pipeline.batch.lines import MAX_LINE_BYTES, custom_id_of, read_line
+from pipeline.dedupe import Dedupe
 from pipeline.engine import JobContext
 from pipeline.errors import RequestError
 from pipeline.outcome import RunContext
@@ -132,6 +133,12 @@ class RowWriter:
         if self._sink is not None:
             self._sink.close()
             self._sink = None
+
+
+def share(row: dict[str, Any], job: Job) -> dict[str, Any]:
+    """The row of ``job`` that shares ``row``'s answer: the synchronous dedupe's copy
+    (``shared_from``, zero tokens: the answer was billed once, to ``row``)."""
+    return Dedupe._copy(row, job)
 
 
 def written_for(out: Path, batch_id: str) -> set[str]:
@@ -329,7 +336,14 @@ class Collector:
         if not again:
             self.ledger.append("collecting", chunk.chunk, batch_id=batch_id)
         done = written_for(self.ledger.out, batch_id) if again else set()
-        jobs = {about["id"]: about for about in chunk_rows(self.ledger, chunk.chunk)}
+        jobs: dict[str, dict[str, Any]] = {}
+        followers: dict[str, list[dict[str, Any]]] = {}  # id -> rows sharing its answer
+        for entry in chunk_rows(self.ledger, chunk.chunk):
+            leader = entry.get("shared_from")
+            if isinstance(leader, str):
+                followers.setdefault(leader, []).append(entry)
+            else:
+                jobs[entry["id"]] = entry
         started = _when(batch.get("created_at")) or _when(chunk.written_at) or datetime.now(UTC)
         answered: set[str] = set()
         pending: Counter[str] = Counter()
@@ -342,8 +356,6 @@ class Collector:
                     self.report.skipped_lines += 1
                     continue
                 answered.add(custom_id)  # type: ignore[arg-type]
-                if custom_id in done:
-                    continue
                 job: Job = job_from_row_line(about)
                 outcome = read_line(
                     data,
@@ -354,12 +366,22 @@ class Collector:
                     started_at=started,
                     redactor=self.api.redactor,
                 )
+                shared = followers.pop(custom_id, [])  # type: ignore[arg-type]
                 if outcome.row is not None:
-                    self.writer.write(outcome.row)
-                    rows += 1
+                    if custom_id not in done:  # a collection cut short wrote it already
+                        self.writer.write(outcome.row)
+                        rows += 1
+                    if outcome.row["status"] == "ok":
+                        for twin in shared:
+                            if twin["id"] not in done:
+                                self.writer.write(share(outcome.row, job_from_row_line(twin)))
+                                rows += 1
+                        shared = []
                 elif outcome.pending is not None:
                     pending[outcome.pending] += 1
-        missing = len(jobs) - len(answered)
+                if shared:  # a twin that got no answer: each row goes again on its own
+                    pending["its identical request got no answer"] += len(shared)
+        missing = len(jobs) - len(answered) + sum(len(f) for f in followers.values())
         if missing:
             failed = _batch_error(batch)
             pending[failed or MISSING] += missing

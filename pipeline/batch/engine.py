@@ -216,7 +216,8 @@ class BatchEngine:
                         self._writer.write(invalid_row(ctx, item))
                     elif item.id not in taken:
                         taken.add(item.id)
-                        self._add(chunks, item, ctx)
+                        if not (opts.dedupe and chunks.follow(item)):
+                            self._add(chunks, item, ctx)
                 while ready and result.fatal is None:
                     await self._submit_one(ledger, api, ready.pop(0), token, submitted)
                 if result.fatal is not None:
