@@ -156,3 +156,32 @@ def test_a_batch_failed_for_the_enqueued_token_limit_sends_its_rows_back(tmp_pat
     assert read_ledger(state_dir(out)) == []  # a failed batch bills nothing
     again = execute(sim_options(out, source), sleep=no_sleep)  # the limit lifted
     assert again.tally.status["ok"] == 50
+
+
+def test_sigterm_while_waiting_exits_143_and_leaves_the_batch_to_collect(
+    procs: Processes, tmp_path: Path
+) -> None:
+    import json
+    import time
+
+    out = tmp_path / "out"
+    source = write_rows(tmp_path / "rows.jsonl", 50, "row")
+    cmd = [sys.executable, "-m", "pipeline", "run", str(source), "--out", str(out)]
+    cmd += ["--provider", "sim", "--model", "gpt-5.5", "--mode", "batch", "--wait"]
+    cmd += ["--sim", "batch_seconds=3600"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=_repo_root()
+    )
+    procs._started.append(proc)
+    deadline = time.monotonic() + 60
+    while not any(c.state == "open" for c in Ledger(out).chunks().values()):
+        assert proc.poll() is None and time.monotonic() < deadline, "no batch was created"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert b"run the same command again to collect" in err
+    (manifest,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert manifest["status"] == "stopped" and manifest["engine"]["batches_open"] == 1
+    (chunk,) = Ledger(out).chunks().values()
+    assert chunk.state == "open"  # still running at the provider, collected by the next run

@@ -21,6 +21,7 @@ Tests kill a run at the worst instants with ``ledger.crash_point`` (test-only).
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 
 from pipeline.batch.api import BatchApi, BatchFatal
@@ -97,6 +99,7 @@ class BatchEngine:
         self._result: RunResult | None = None
         self._writer: RowWriter | None = None
         self._about: dict[str, Any] = {"mode": "batch"}
+        self._work_scope: anyio.CancelScope | None = None
 
     # -- the engine seam --------------------------------------------------------------
 
@@ -124,9 +127,13 @@ class BatchEngine:
         assert self._job is not None and self._result is not None, "prepare() first"
         try:
             anyio.run(self._run)
-        except KeyboardInterrupt:
-            self._say_how_to_collect()
-            raise
+        except BaseException as exc:
+            if not _interrupted(exc):
+                raise
+            # A Ctrl-C the signal watcher did not get to: the same ending as one it did.
+            if self._result.signal is None:
+                self._result.signal = int(signal.SIGINT)
+                self._say_how_to_collect()
         finally:
             self._close()
         self._result.finished = time.monotonic()
@@ -153,6 +160,27 @@ class BatchEngine:
         )
 
     async def _run(self) -> None:
+        """The run, with SIGINT/SIGTERM stopping it at the next step (exit 130/143):
+        what was submitted keeps running at the provider, what was collected is kept."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_signals, tg.cancel_scope)
+            with anyio.CancelScope() as self._work_scope:
+                await self._work()
+            tg.cancel_scope.cancel()
+
+    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
+        assert self._result is not None
+        try:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    self._result.signal = int(signum)
+                    if self._work_scope is not None:
+                        self._work_scope.cancel()
+                    return
+        except (ValueError, NotImplementedError, RuntimeError):
+            return  # not the main thread (tests, embedding): no signal handling
+
+    async def _work(self) -> None:
         job, result = self._job, self._result
         assert job is not None and result is not None
         opts = job.opts
@@ -181,6 +209,15 @@ class BatchEngine:
         finally:
             with anyio.CancelScope(shield=True):
                 await api.aclose()
+                self._wrap_up(collector, api)
+
+    def _wrap_up(self, collector: Collector, api: BatchApi) -> None:
+        """What the manifest and the person reading stderr learn, however the run ended."""
+        job, result = self._job, self._result
+        assert job is not None and result is not None
+        out = job.opts.out
+        if result.signal is not None:
+            self._say_how_to_collect()
         self._about.update(collector.report.about())
         self._about["base_url"] = api.base
         waiting = [c for c in collector.open_chunks() if c.state in (OPEN, COLLECTING, CREATING)]
@@ -211,6 +248,7 @@ class BatchEngine:
         try:
             rows = read_rows(self._files, max_line_bytes=opts.max_line_bytes)
             for batch in selector.batches(rows):
+                await anyio.lowlevel.checkpoint()  # a signal is seen between input batches
                 for item in batch:
                     if isinstance(item, Rejected):
                         self._writer.write(invalid_row(ctx, item))
@@ -379,6 +417,13 @@ class BatchEngine:
         result.signal = result.signal or sync.signal
         result.pending += sync.pending
         self._about["finished_sync"] = s.finished
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Ctrl-C, maybe wrapped in task groups' exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_interrupted(inner) for inner in exc.exceptions)
+    return isinstance(exc, KeyboardInterrupt)
 
 
 def _count(counts: dict[str, Any], key: str) -> int:
