@@ -224,6 +224,12 @@ def validate(opts: RunOptions) -> None:
                 "--max-cost is not enforced for --mode batch yet (a batch is billed as a whole "
                 "once submitted): drop it, or use --mode sync"
             )
+    if opts.engine == "ray" and _open_batches(Path(opts.out)):
+        raise UsageError(
+            f"{opts.out} has provider batches not yet collected (--mode batch): --engine ray "
+            "neither collects them nor knows which rows they hold; run once with --engine "
+            "local (it collects what has ended and skips the rest), or wait for them"
+        )
     if opts.engine == "ray":
         if opts.shard is not None:
             raise UsageError("--shard is for schedulers other than Ray: drop it or --engine ray")
@@ -247,6 +253,14 @@ def validate(opts: RunOptions) -> None:
         raise UsageError("give labels or json_schema, not both")
     if opts.json_schema is not None and not isinstance(opts.json_schema, dict):
         raise UsageError("json_schema must be a JSON schema object")
+
+
+def _open_batches(out: Path) -> bool:
+    """Whether OUT's batch ledger names a batch not yet collected."""
+    from pipeline.batch.ledger import Ledger
+
+    ledger = Ledger(out)
+    return ledger.exists and any(not c.closed for c in ledger.chunks().values())
 
 
 def check_base_url(url: Any) -> None:

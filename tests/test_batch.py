@@ -479,3 +479,18 @@ def test_identical_requests_are_sent_once_and_shared_as_in_a_sync_run(tmp_path: 
         transport=fresh.transport(), sleep=no_sleep,
     )  # fmt: skip
     assert set(fresh.billed) == {"d0", "d1", "d2", "other"}
+
+
+def test_ray_refuses_an_out_with_batches_not_yet_collected(tmp_path: Path) -> None:
+    from pipeline.config import validate
+
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", 3)
+    execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    ray = options(tmp_path, source, mode="sync", engine="ray")
+    with pytest.raises(UsageError, match="not yet collected"):
+        validate(ray)
+    fake.finish = True
+    execute(options(tmp_path, source, mode="sync"), transport=fake.transport())  # collects
+    validate(ray)
