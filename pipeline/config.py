@@ -216,14 +216,8 @@ def validate(opts: RunOptions) -> None:
         raise UsageError(f"--engine {opts.engine}: expected local or ray")
     if opts.mode not in ("sync", "batch"):
         raise UsageError(f"--mode {opts.mode}: expected sync or batch")
-    if opts.mode == "batch":
-        if opts.engine != "local":
-            raise UsageError("--mode batch hands the rows to the provider: drop --engine ray")
-        if opts.max_cost is not None:
-            raise UsageError(
-                "--max-cost is not enforced for --mode batch yet (a batch is billed as a whole "
-                "once submitted): drop it, or use --mode sync"
-            )
+    if opts.mode == "batch" and opts.engine != "local":
+        raise UsageError("--mode batch hands the rows to the provider: drop --engine ray")
     if opts.engine == "ray" and _open_batches(Path(opts.out)):
         raise UsageError(
             f"{opts.out} has provider batches not yet collected (--mode batch): --engine ray "

@@ -22,7 +22,7 @@ import pytest
 from pipeline.batch.chunks import ChunkLimits, ChunkWriter, ClosedChunk, request_line
 from pipeline.batch.ledger import Ledger
 from pipeline.config import RunOptions
-from pipeline.errors import UsageError
+from pipeline.errors import Exit, UsageError
 from pipeline.execute import execute
 from pipeline.request import Job
 
@@ -494,3 +494,22 @@ def test_ray_refuses_an_out_with_batches_not_yet_collected(tmp_path: Path) -> No
     fake.finish = True
     execute(options(tmp_path, source, mode="sync"), transport=fake.transport())  # collects
     validate(ray)
+
+
+def test_max_cost_submits_only_the_rows_whose_worst_case_fits(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.csv"
+    prices.write_text(
+        "model,provider,input_per_mtok,cached_input_per_mtok,output_per_mtok,valid_from,source\n"
+        "gpt-5.5,,1000000,0,0,2020-01-01,test: one dollar a token in\n"
+    )
+    fake = FakeBatches()
+    source = write_rows(tmp_path / "rows.jsonl", 40)
+    opts = options(tmp_path, source, max_cost=30.0, pricing=prices)
+    result = execute(opts, transport=fake.transport(), sleep=no_sleep)
+    assert result.exit_code == Exit.FATAL and "max-cost" in (result.fatal or "")
+    submitted = len(fake.billed)
+    assert 0 < submitted < 40  # each row holds its prompt's dollars; some fit, not all
+    assert len(results(tmp_path / "out")) == submitted
+    bad = options(tmp_path, source, max_cost=1.0, pricing=tmp_path / "missing.csv")
+    with pytest.raises(UsageError):
+        execute(bad, transport=fake.transport())

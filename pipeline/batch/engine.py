@@ -36,10 +36,12 @@ from pipeline.batch.api import BatchApi, BatchFatal
 from pipeline.batch.chunks import ChunkLimits, ChunkWriter, ClosedChunk
 from pipeline.batch.collect import Collector, RowWriter, held_ids, make_api
 from pipeline.batch.ledger import COLLECTING, CREATING, OPEN, Ledger, crash_point
-from pipeline.config import RunOptions
+from pipeline.budget import Budget
+from pipeline.config import RunOptions, parse_shard
 from pipeline.engine import JobContext
-from pipeline.errors import Kind, RequestError, UsageError
+from pipeline.errors import BudgetExceeded, Kind, RequestError, UsageError
 from pipeline.outcome import RunContext, invalid_row
+from pipeline.pricing import load_prices
 from pipeline.progress import Progress, Tally
 from pipeline.request import Job, Rejected
 from pipeline.resume import load_outcomes
@@ -100,6 +102,7 @@ class BatchEngine:
         self._writer: RowWriter | None = None
         self._about: dict[str, Any] = {"mode": "batch"}
         self._work_scope: anyio.CancelScope | None = None
+        self._budget: Budget | None = None  # --max-cost: each submitted row's worst case
 
     # -- the engine seam --------------------------------------------------------------
 
@@ -120,6 +123,11 @@ class BatchEngine:
         if recovered:
             job.progress.message(f"recovered {recovered} results journaled by an interrupted run")
         self._job = job
+        opts = job.opts
+        if opts.max_cost is not None:  # a price table that cannot be used: exit 2 here
+            self._budget = Budget(opts.max_cost, load_prices(opts.pricing), job.provider_name)
+            if opts.shard is not None:
+                self._budget.share(parse_shard(opts.shard)[1])
         self._transport = batch_transport(job.opts, job.provider_name, self._transport)
         self._result = RunResult(job.run_id, Path(job.opts.out), Tally(), time.monotonic())
 
@@ -245,6 +253,7 @@ class BatchEngine:
         chunks = ChunkWriter(ledger.chunks_dir, job.run_id, ready.append, self._limits)
         taken: set[str] = set()  # custom_ids are unique within a file: one per id
         submitted = {"batches": 0, "rows": 0}
+        over_budget: str | None = None
         try:
             rows = read_rows(self._files, max_line_bytes=opts.max_line_bytes)
             for batch in selector.batches(rows):
@@ -254,16 +263,22 @@ class BatchEngine:
                         self._writer.write(invalid_row(ctx, item))
                     elif item.id not in taken:
                         taken.add(item.id)
-                        if not (opts.dedupe and chunks.follow(item)):
-                            self._add(chunks, item, ctx)
+                        if opts.dedupe and chunks.follow(item):
+                            continue
+                        over_budget = self._hold(item)
+                        if over_budget is not None:
+                            break
+                        self._add(chunks, item, ctx)
                 while ready and result.fatal is None:
                     await self._submit_one(ledger, api, ready.pop(0), token, submitted)
-                if result.fatal is not None:
+                if result.fatal is not None or over_budget is not None:
                     break
             if result.fatal is None:
                 chunks.close()
             while ready and result.fatal is None:
                 await self._submit_one(ledger, api, ready.pop(0), token, submitted)
+            if over_budget is not None:
+                result.fatal = result.fatal or over_budget
         finally:
             chunks.discard()
             for left in ready:  # whole on disk, never entered in the ledger: not submitted
@@ -278,6 +293,17 @@ class BatchEngine:
             job.progress.message(
                 f"{selector.counts.held:,} rows are inside open batches already: not sent again"
             )
+
+    def _hold(self, item: Job) -> str | None:
+        """Hold the row's worst-case cost at batch prices under ``--max-cost``; the
+        reason to stop submitting when it does not fit (the rows before it still go)."""
+        if self._budget is None:
+            return None
+        try:
+            self._budget.reserve(item)
+        except BudgetExceeded as exc:
+            return f"{exc}; the rows past it were not submitted"
+        return None
 
     def _add(self, chunks: ChunkWriter, item: Job, ctx: RunContext) -> None:
         assert self._writer is not None
