@@ -75,6 +75,29 @@ class Reply:
     latency_ms: float
 
 
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """How the client talks to a gateway; every attempt is bounded by these.
+
+    ``timeout``: seconds without a byte (connect is capped at 30 s: a host that does
+    not accept a connection in that time is down, whatever the answers cost).
+    ``deadline``: seconds an attempt may take in all, streams included, so a server
+    trickling a byte a minute cannot hold a worker forever (the default leaves room
+    for long reasoning answers). ``max_response_bytes``: the most of one answer read
+    (more is a row error, not an out-of-memory). ``stream``: ask for SSE answers.
+    ``max_connections``: the connection pool, sized to the in-flight cap so no
+    admitted request waits for a socket. ``http_transport``: ``aiohttp`` (httpx over
+    aiohttp's pool, several times faster under load) or ``httpx`` (httpx's own).
+    """
+
+    timeout: float = 600.0
+    deadline: float = DEFAULT_DEADLINE
+    max_response_bytes: int = int(DEFAULT_MAX_RESPONSE_MB * 2**20)
+    stream: bool = False
+    max_connections: int = 100
+    http_transport: str = "aiohttp"
+
+
 class ChatClient:
     """POST ``{base}/chat/completions`` with a Bearer key, JSON or streamed.
 
@@ -89,16 +112,14 @@ class ChatClient:
         self,
         base_urls: list[str],
         api_key: str | None,
+        connection: Connection = Connection(),
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        timeout: float = 600.0,
-        deadline: float = DEFAULT_DEADLINE,
-        max_response_bytes: int = int(DEFAULT_MAX_RESPONSE_MB * 2**20),
-        stream: bool = False,
-        max_connections: int = 100,
-        http_transport: str = "aiohttp",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        timeout, deadline = connection.timeout, connection.deadline
+        max_connections, http_transport = connection.max_connections, connection.http_transport
+        stream, max_response_bytes = connection.stream, connection.max_response_bytes
         headers = {"content-type": "application/json", "accept": "application/json"}
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections

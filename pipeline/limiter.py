@@ -117,20 +117,48 @@ def _header_int(headers: Mapping[str, str], name: str) -> int | None:
     return number if number >= 0 else None  # some deployments send -1 for "no limit"
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The traffic a job may send, as the user set it.
+
+    ``concurrency`` requests in flight at most (64 by default: enough to keep a
+    gateway with one-second answers at about 60 req/s, few enough that a server
+    with a small pool does not queue them all); ``rpm`` requests and ``tpm`` tokens
+    per minute (None: no limit of ours, and the server's 429s and rate-limit
+    headers still slow the run down). They describe the whole job: a process that
+    runs one of ``N`` parts (a ``--shard``, a Ray worker) takes ``share(N)``, since
+    N processes at the full rate would reach the gateway N times too fast.
+    """
+
+    concurrency: int = 64
+    rpm: float | None = None
+    tpm: float | None = None
+
+    def share(self, parts: int) -> Limits:
+        """One of ``parts`` equal shares (at least one request in flight)."""
+        if parts <= 1:
+            return self
+        return Limits(
+            max(1, self.concurrency // parts),
+            self.rpm / parts if self.rpm else None,
+            self.tpm / parts if self.tpm else None,
+        )
+
+
 class RateLimiter:
     """Admission control for the whole run. See the module docstring for the rules."""
 
     def __init__(
         self,
-        concurrency: int = 64,
-        rpm: float | None = None,
-        tpm: float | None = None,
+        limits: Limits = Limits(),
         *,
+        workers: int = 1,
         adaptive: bool = True,
         burst_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
+        concurrency, rpm, tpm = limits.concurrency, limits.rpm, limits.tpm
         now = clock()
         self.max_concurrency = max(1, concurrency)  # the user's cap; never exceeded
         self.limit = float(self.max_concurrency)  # the adaptive cap, <= max_concurrency
@@ -150,7 +178,7 @@ class RateLimiter:
         self._server_rpm_stated: float | None = None  # x-ratelimit-limit-requests as sent
         self._learned_rate: float | None = None  # req/s a 429 cut set, until back at ceiling
         self._learned_limit: float | None = None  # in-flight cap a cut set, until back at max
-        self.workers = 1  # processes sharing the server's stated limit (set_share)
+        self.workers = max(1, workers)  # processes sharing the server's stated limit
         self._last_growth = now  # clock time the learned rate last grew
         self._completion_mean: float | None = None  # tokens per answer, running mean
         self._clock = clock
@@ -161,20 +189,15 @@ class RateLimiter:
         self._gate = anyio.Lock(fast_acquire=True)
         self._freed = anyio.Event()
 
-    def set_share(
-        self,
-        concurrency: int,
-        rpm: float | None,
-        tpm: float | None,
-        *,
-        workers: int = 1,
-    ) -> None:
-        """Take this process's share of limits that hold for a whole job (Ray workers).
+    def set_share(self, share: Limits, *, workers: int = 1) -> None:
+        """Take this process's share of limits that hold for a whole job (a Ray worker
+        whose share changes as workers come and go).
 
         The new caps apply at once; what was learned from 429s stays (a learned rate
         above the new ceiling is lowered to it). ``workers`` divides the limit a
         server states in its headers, which is the job's limit too, not ours alone.
         """
+        concurrency, rpm, tpm = share.concurrency, share.rpm, share.tpm
         now = self._clock()
         self.workers = max(1, workers)
         self.max_concurrency = max(1, concurrency)

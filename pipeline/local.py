@@ -20,12 +20,12 @@ import anyio
 import httpx
 
 from pipeline.budget import Budget
-from pipeline.client import ChatClient
+from pipeline.client import ChatClient, Connection
 from pipeline.config import RunOptions, parse_shard
 from pipeline.dedupe import Dedupe
 from pipeline.engine import JobContext
 from pipeline.errors import UsageError
-from pipeline.limiter import RateLimiter
+from pipeline.limiter import Limits, RateLimiter
 from pipeline.pricing import PricingError, load_prices
 from pipeline.progress import Progress
 from pipeline.resume import Outcomes, load_outcomes
@@ -61,17 +61,9 @@ def sim_transport_for(opts: RunOptions) -> httpx.AsyncBaseTransport:
     return sim_transport(Simulator(config))
 
 
-def make_client(
-    opts: RunOptions,
-    base_urls: list[str],
-    api_key: str | None,
-    *,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> ChatClient:
-    return ChatClient(
-        base_urls,
-        api_key,
-        transport=transport,
+def connection_for(opts: RunOptions) -> Connection:
+    """The client's settings from the options (the pool sized to the in-flight cap)."""
+    return Connection(
         timeout=opts.timeout,
         deadline=opts.deadline,
         max_response_bytes=int(opts.max_response_mb * 2**20),
@@ -79,6 +71,21 @@ def make_client(
         max_connections=opts.concurrency,
         http_transport=opts.http_transport,
     )
+
+
+def limits_for(opts: RunOptions) -> Limits:
+    """The whole job's traffic limits from the options."""
+    return Limits(opts.concurrency, opts.rpm, opts.tpm)
+
+
+def make_client(
+    opts: RunOptions,
+    base_urls: list[str],
+    api_key: str | None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> ChatClient:
+    return ChatClient(base_urls, api_key, connection_for(opts), transport=transport)
 
 
 def build_runner(
@@ -103,9 +110,8 @@ def build_runner(
     reach the gateway N times too fast)."""
     stop = StopSignal()
     limiter = RateLimiter(
-        opts.concurrency,
-        opts.rpm,
-        opts.tpm,
+        limits_for(opts).share(parts),
+        workers=parts,
         clock=clock or time.monotonic,
         sleep=sleep or stop.sleep,
     )
@@ -115,15 +121,7 @@ def build_runner(
             budget = Budget(opts.max_cost, load_prices(opts.pricing), provider_name)
         except PricingError as exc:
             raise UsageError(str(exc)) from None
-    if parts > 1:
-        limiter.set_share(
-            max(1, opts.concurrency // parts),
-            opts.rpm / parts if opts.rpm else None,
-            opts.tpm / parts if opts.tpm else None,
-            workers=parts,
-        )
-        if budget is not None:
-            budget.share(parts)
+        budget.share(parts)
     collaborators = RunParts(
         client=client,
         limiter=limiter,

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pipeline.client import ChatClient, normalize_base_url
+from pipeline.client import ChatClient, Connection, normalize_base_url
 from pipeline.errors import (
     ApiError,
     ConfigurationError,
@@ -103,7 +103,9 @@ def _answering(*responses: httpx.Response, **options: Any) -> ChatClient:
     def handler(request: httpx.Request) -> httpx.Response:
         return queue.pop(0)
 
-    return ChatClient(["http://gw.test"], KEY, transport=httpx.MockTransport(handler), **options)
+    return ChatClient(
+        ["http://gw.test"], KEY, Connection(**options), transport=httpx.MockTransport(handler)
+    )
 
 
 def test_the_redactor_takes_every_copy_of_every_secret_out() -> None:

@@ -15,7 +15,7 @@ import pytest
 from pipeline.config import RunOptions
 from pipeline.errors import UsageError
 from pipeline.execute import execute
-from pipeline.limiter import RateLimiter
+from pipeline.limiter import Limits, RateLimiter
 from pipeline.sim import SimConfig, Simulator
 from pipeline.source import expand_sources, open_regular
 from tests.conftest import FakeClock, read_results, run_with_sim, write_jsonl
@@ -130,7 +130,7 @@ def test_an_unreadable_part_in_out_is_a_usage_error_naming_it(tmp_path: Path) ->
 async def test_tpm_first_wave_waits_for_the_first_answer_when_rows_set_no_max(
     clock: FakeClock,
 ) -> None:
-    limiter = RateLimiter(64, tpm=60_000, clock=clock, sleep=clock.sleep)  # 1,000 tokens/s
+    limiter = RateLimiter(Limits(64, tpm=60_000), clock=clock, sleep=clock.sleep)  # 1,000 tokens/s
     first = await limiter.acquire(limiter.expected_tokens(10, None))
     start = clock.now
     await limiter.acquire(limiter.expected_tokens(10, None))

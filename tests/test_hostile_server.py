@@ -15,7 +15,7 @@ import anyio
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.client import ChatClient
+from pipeline.client import ChatClient, Connection
 from pipeline.errors import ApiError, ConfigurationError, Kind, RequestError, TransportError
 from tests.conftest import invoke, write_jsonl
 from tests.hostile_gateway import HostileGateway, hostile_gateway
@@ -34,7 +34,7 @@ async def _fail(gateway: HostileGateway, mode: str, **options: Any) -> RequestEr
     options.setdefault("timeout", 5.0)
     options.setdefault("max_response_bytes", 2**20)
     url = options.pop("url", gateway.base_url)
-    client = ChatClient([url], KEY, **options)
+    client = ChatClient([url], KEY, Connection(**options))
     try:
         with anyio.fail_after(10):
             with pytest.raises(RequestError) as caught:
@@ -134,7 +134,7 @@ async def test_an_ok_answer_without_usage_is_kept_with_unknown_tokens(
     hostile_gateway: HostileGateway, stream: bool
 ) -> None:
     hostile_gateway.mode = "no_usage"
-    client = ChatClient([hostile_gateway.base_url], KEY, stream=stream)
+    client = ChatClient([hostile_gateway.base_url], KEY, Connection(stream=stream))
     try:
         reply = await client.complete(BODY)
     finally:
@@ -179,7 +179,7 @@ async def test_a_refused_connection_is_not_called_a_timeout(transport: str) -> N
     with socket.socket() as sock:  # a port nothing listens on once it is closed
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    client = ChatClient([f"http://127.0.0.1:{port}"], KEY, http_transport=transport)
+    client = ChatClient([f"http://127.0.0.1:{port}"], KEY, Connection(http_transport=transport))
     try:
         with pytest.raises(TransportError) as caught:
             await client.complete(BODY)
@@ -211,7 +211,7 @@ async def test_a_key_echoed_in_the_answer_is_redacted(
     hostile_gateway: HostileGateway, mode: str, stream: bool
 ) -> None:
     hostile_gateway.mode = mode
-    client = ChatClient([hostile_gateway.base_url], KEY, stream=stream)
+    client = ChatClient([hostile_gateway.base_url], KEY, Connection(stream=stream))
     try:
         reply = await client.complete(BODY)
     finally:

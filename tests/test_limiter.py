@@ -6,7 +6,7 @@ import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 
-from pipeline.limiter import MAX_PAUSE, Permit, RateLimiter, TokenBucket, parse_reset
+from pipeline.limiter import MAX_PAUSE, Limits, Permit, RateLimiter, TokenBucket, parse_reset
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -29,7 +29,7 @@ async def admit_times(limiter: RateLimiter, clock: FakeClock, n: int) -> list[fl
 
 
 async def test_rpm_has_no_burst_above_one_second_at_start(clock: FakeClock) -> None:
-    limiter = RateLimiter(100, rpm=600, clock=clock, sleep=clock.sleep)  # 10/s
+    limiter = RateLimiter(Limits(100, rpm=600), clock=clock, sleep=clock.sleep)  # 10/s
     times = await admit_times(limiter, clock, 40)
     assert sum(1 for t in times if t < clock.now - 0 and t <= times[0]) == 10  # one burst
     for start in times:  # no window of one second holds more than a burst + 10/s
@@ -38,7 +38,7 @@ async def test_rpm_has_no_burst_above_one_second_at_start(clock: FakeClock) -> N
 
 
 async def test_in_flight_cap_is_never_exceeded(clock: FakeClock) -> None:
-    limiter = RateLimiter(4, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(4), clock=clock, sleep=clock.sleep)
     peak = 0
     answered = anyio.Event()
 
@@ -68,7 +68,7 @@ async def overload(limiter: RateLimiter, retry_after: float | None = None) -> No
 
 
 async def test_429_storm_cuts_concurrency_once_per_burst_then_recovers(clock: FakeClock) -> None:
-    limiter = RateLimiter(32, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(32), clock=clock, sleep=clock.sleep)
     await overload(limiter)  # ten 429s from one burst cut once
     assert limiter.rate_limited == 10
     assert limiter.limit == pytest.approx(32 * 0.7)
@@ -78,14 +78,14 @@ async def test_429_storm_cuts_concurrency_once_per_burst_then_recovers(clock: Fa
 
 
 async def test_429_storm_without_rpm_learns_the_rate_that_got_through(clock: FakeClock) -> None:
-    limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(64), clock=clock, sleep=clock.sleep)
     assert limiter.rpm is None
     await overload(limiter)  # 10 answers got through within the first second
     assert limiter.rpm == pytest.approx(10 * 60)
 
 
 async def test_429s_before_any_answer_cut_only_the_in_flight_cap(clock: FakeClock) -> None:
-    limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(64), clock=clock, sleep=clock.sleep)
     permits = [await limiter.acquire() for _ in range(12)]
     for p in permits:
         limiter.release(p, rate_limited=True)
@@ -93,7 +93,7 @@ async def test_429s_before_any_answer_cut_only_the_in_flight_cap(clock: FakeCloc
 
 
 async def test_a_lone_429_slows_only_its_row(clock: FakeClock) -> None:
-    limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(64), clock=clock, sleep=clock.sleep)
     await admit_times(limiter, clock, 40)
     permit = await limiter.acquire()
     limiter.release(permit, rate_limited=True, retry_after=30.0)
@@ -102,7 +102,7 @@ async def test_a_lone_429_slows_only_its_row(clock: FakeClock) -> None:
 
 
 async def test_retry_after_pauses_everyone(clock: FakeClock) -> None:
-    limiter = RateLimiter(32, rpm=6000, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(32, rpm=6000), clock=clock, sleep=clock.sleep)
     start = clock.now
     await overload(limiter, retry_after=7.0)
     await limiter.acquire()
@@ -110,7 +110,7 @@ async def test_retry_after_pauses_everyone(clock: FakeClock) -> None:
 
 
 async def test_absurd_retry_after_is_capped(clock: FakeClock) -> None:
-    limiter = RateLimiter(32, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(32), clock=clock, sleep=clock.sleep)
     start = clock.now
     await overload(limiter, retry_after=10**8)
     await limiter.acquire()
@@ -118,7 +118,7 @@ async def test_absurd_retry_after_is_capped(clock: FakeClock) -> None:
 
 
 async def test_ratelimit_headers_set_the_pace_and_pause(clock: FakeClock) -> None:
-    limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(64), clock=clock, sleep=clock.sleep)
     permit = await limiter.acquire()
     limiter.release(permit, headers={"x-ratelimit-limit-requests": "1200"})
     assert 1200 * 0.97 <= (limiter.rpm or 0) <= 1200
@@ -133,14 +133,14 @@ async def test_ratelimit_headers_set_the_pace_and_pause(clock: FakeClock) -> Non
 
 
 async def test_user_rpm_is_a_ceiling_for_learned_rates(clock: FakeClock) -> None:
-    limiter = RateLimiter(64, rpm=300, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(64, rpm=300), clock=clock, sleep=clock.sleep)
     permit = await limiter.acquire()
     limiter.release(permit, headers={"x-ratelimit-limit-requests": "100000"})
     assert limiter.rpm == pytest.approx(300)
 
 
 async def test_tokens_per_minute_reconciles_with_usage(clock: FakeClock) -> None:
-    limiter = RateLimiter(64, tpm=6000, clock=clock, sleep=clock.sleep)  # 100 tokens/s
+    limiter = RateLimiter(Limits(64, tpm=6000), clock=clock, sleep=clock.sleep)  # 100 tokens/s
     permit = await limiter.acquire(100)
     limiter.release(permit, used_tokens=10)  # the estimate was 10x too high: refund 90
     start = clock.now
@@ -186,9 +186,9 @@ async def admitted_within(limiter: RateLimiter, clock: FakeClock, seconds: float
 async def test_share_lowering_concurrency_caps_in_flight_at_the_new_value(
     clock: FakeClock,
 ) -> None:
-    limiter = RateLimiter(8, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(8), clock=clock, sleep=clock.sleep)
     held = [await limiter.acquire() for _ in range(8)]
-    limiter.set_share(3, None, None, workers=3)
+    limiter.set_share(Limits(3, None, None), workers=3)
     admitted, peak = 0, 0
     answered = anyio.Event()
 
@@ -218,7 +218,7 @@ async def test_share_lowering_concurrency_caps_in_flight_at_the_new_value(
 
 
 async def test_share_raising_concurrency_lets_waiting_acquirers_in(clock: FakeClock) -> None:
-    limiter = RateLimiter(2, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(2), clock=clock, sleep=clock.sleep)
     for _ in range(2):
         await limiter.acquire()  # held for the whole test
     admitted: list[Permit] = []
@@ -231,16 +231,16 @@ async def test_share_raising_concurrency_lets_waiting_acquirers_in(clock: FakeCl
             tg.start_soon(one)
         await wait_all_tasks_blocked()
         assert limiter.in_flight == 2
-        limiter.set_share(5, None, None)  # the other worker finished: the whole limit
+        limiter.set_share(Limits(5, None, None))  # the other worker finished: the whole limit
         await wait_all_tasks_blocked()
         tg.cancel_scope.cancel()  # nothing is released: the rest would wait forever
     assert (len(admitted), limiter.in_flight) == (3, 5)
 
 
 async def test_share_of_rpm_halves_the_admitted_rate(clock: FakeClock) -> None:
-    limiter = RateLimiter(100, rpm=600, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(100, rpm=600), clock=clock, sleep=clock.sleep)
 
-    limiter.set_share(100, 300, None, workers=2)
+    limiter.set_share(Limits(100, 300, None), workers=2)
 
     assert limiter.rpm == pytest.approx(300)
     admitted = await admitted_within(limiter, clock, 60.0)
@@ -248,14 +248,14 @@ async def test_share_of_rpm_halves_the_admitted_rate(clock: FakeClock) -> None:
 
 
 async def test_share_of_tpm_paces_tokens_and_none_lifts_it(clock: FakeClock) -> None:
-    limiter = RateLimiter(100, tpm=6000, clock=clock, sleep=clock.sleep)
-    limiter.set_share(100, None, 3000, workers=2)  # 50 tokens/s
+    limiter = RateLimiter(Limits(100, tpm=6000), clock=clock, sleep=clock.sleep)
+    limiter.set_share(Limits(100, None, 3000), workers=2)  # 50 tokens/s
     start = clock.now
     for _ in range(11):  # the first one is the bucket's burst
         limiter.release(await limiter.acquire(50), used_tokens=50)
     assert clock.now - start == pytest.approx(10.0)
 
-    limiter.set_share(100, None, None)
+    limiter.set_share(Limits(100, None, None))
     start = clock.now
     for _ in range(100):
         limiter.release(await limiter.acquire(50), used_tokens=50)
@@ -265,14 +265,14 @@ async def test_share_of_tpm_paces_tokens_and_none_lifts_it(clock: FakeClock) -> 
 async def test_share_keeps_a_rate_learned_from_429s_under_the_new_ceiling(
     clock: FakeClock,
 ) -> None:
-    limiter = RateLimiter(64, rpm=600, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(64, rpm=600), clock=clock, sleep=clock.sleep)
     await overload(limiter)
     cut = limiter.rpm
     assert cut is not None and cut < 600
 
-    limiter.set_share(64, 1200, None, workers=2)  # a bigger share is no reason to speed up
+    limiter.set_share(Limits(64, 1200, None), workers=2)  # a bigger share is no reason to speed up
     assert limiter.rpm == pytest.approx(cut)
-    limiter.set_share(64, cut / 2, None, workers=2)  # a smaller share caps what was learned
+    limiter.set_share(Limits(64, cut / 2, None), workers=2)  # a smaller share caps what was learned
     assert limiter.rpm == pytest.approx(cut / 2)
 
     clock.now += 5
@@ -281,13 +281,13 @@ async def test_share_keeps_a_rate_learned_from_429s_under_the_new_ceiling(
 
 
 async def test_share_going_down_and_up_again_does_not_undo_a_429_cut(clock: FakeClock) -> None:
-    limiter = RateLimiter(64, rpm=600, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(64, rpm=600), clock=clock, sleep=clock.sleep)
     await overload(limiter)
     cut = limiter.rpm
     assert cut is not None and cut < 600
 
-    limiter.set_share(64, cut * 0.7, None, workers=2)  # the coordinator cuts every share
-    limiter.set_share(64, 600, None, workers=2)  # and gives it back, 429s or not
+    limiter.set_share(Limits(64, cut * 0.7, None), workers=2)  # the coordinator cuts every share
+    limiter.set_share(Limits(64, 600, None), workers=2)  # and gives it back, 429s or not
 
     assert (limiter.rpm or 0) <= cut + 1e-6
 
@@ -295,14 +295,14 @@ async def test_share_going_down_and_up_again_does_not_undo_a_429_cut(clock: Fake
 async def test_share_going_down_and_up_again_keeps_a_429_cut_of_concurrency(
     clock: FakeClock,
 ) -> None:
-    limiter = RateLimiter(64, rpm=600, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(64, rpm=600), clock=clock, sleep=clock.sleep)
     await overload(limiter)
     cut = limiter.limit
     assert cut < 64
 
-    limiter.set_share(int(cut) // 2, 600, None, workers=2)
+    limiter.set_share(Limits(int(cut) // 2, 600, None), workers=2)
     assert limiter.limit == int(cut) // 2
-    limiter.set_share(64, 600, None, workers=2)
+    limiter.set_share(Limits(64, 600, None), workers=2)
 
     assert limiter.limit == cut, "a bigger share must not undo what the 429s taught"
 
@@ -312,14 +312,14 @@ async def test_server_stated_rpm_is_divided_among_workers(
     clock: FakeClock, header_first: bool
 ) -> None:
     """x-ratelimit-limit-requests is the job's limit (one key), not this worker's."""
-    limiter = RateLimiter(64, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(64), clock=clock, sleep=clock.sleep)
     if not header_first:
-        limiter.set_share(64, None, None, workers=2)
+        limiter.set_share(Limits(64, None, None), workers=2)
     permit = await limiter.acquire()
     limiter.release(permit, headers={"x-ratelimit-limit-requests": "600"})
     if header_first:
         assert limiter.rpm == pytest.approx(600 * 0.98)
-        limiter.set_share(64, None, None, workers=2)
+        limiter.set_share(Limits(64, None, None), workers=2)
 
     assert limiter.rpm == pytest.approx(600 * 0.98 / 2)
     admitted = await admitted_within(limiter, clock, 60.0)
@@ -328,18 +328,18 @@ async def test_server_stated_rpm_is_divided_among_workers(
 
 async def test_start_empty_means_no_burst_at_start(clock: FakeClock) -> None:
     """A worker taking its next split joins others already at the limit."""
-    full = RateLimiter(4, rpm=60, clock=clock, sleep=clock.sleep)
+    full = RateLimiter(Limits(4, rpm=60), clock=clock, sleep=clock.sleep)
     start = clock.now
     full.release(await full.acquire())
     assert clock.now == start  # a fresh limiter spends its one-second burst at once
 
-    empty = RateLimiter(4, rpm=60, clock=clock, sleep=clock.sleep)
+    empty = RateLimiter(Limits(4, rpm=60), clock=clock, sleep=clock.sleep)
     empty.start_empty()
     start = clock.now
     empty.release(await empty.acquire())
     assert clock.now - start == pytest.approx(1.0)  # one request a second, from nothing
 
-    tokens = RateLimiter(4, tpm=600, clock=clock, sleep=clock.sleep)
+    tokens = RateLimiter(Limits(4, tpm=600), clock=clock, sleep=clock.sleep)
     tokens.start_empty()
     start = clock.now
     tokens.release(await tokens.acquire(5), used_tokens=5)
@@ -347,7 +347,7 @@ async def test_start_empty_means_no_burst_at_start(clock: FakeClock) -> None:
 
 
 async def test_start_empty_without_rates_changes_nothing(clock: FakeClock) -> None:
-    limiter = RateLimiter(4, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(Limits(4), clock=clock, sleep=clock.sleep)
     limiter.start_empty()
     start = clock.now
 

@@ -643,6 +643,65 @@ def test_config_rejects_impossible_knobs() -> None:
         SimConfig(rpm_limit=0)
 
 
+# --- service tiers ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_service_tier_is_echoed_as_the_tier_used_and_recorded_in_the_ledger() -> None:
+    sim = make()
+    reported = {}
+    for asked in ("auto", "default", "flex", "priority"):
+        answer = payload(await post(sim, chat(service_tier=asked)))
+        reported[asked] = answer["service_tier"]
+    assert reported == {"auto": "default", "default": "default", "flex": "flex"} | {
+        "priority": "priority"
+    }
+    plain = payload(await post(sim, chat()))
+    assert "service_tier" not in plain  # a request naming no tier gets none reported
+    assert [b.service_tier for b in sim.ledger] == ["default", "default", "flex", "priority", None]
+    stats = json.loads(sim.stats_json())
+    assert stats["billed_by_tier"] == {"default": 2, "flex": 1, "priority": 1, "none": 1}
+    chunks = await events(await post(sim, chat(service_tier="flex", stream=True)))
+    assert all(json.loads(c[6:])["service_tier"] == "flex" for c in chunks[:-1])
+
+
+@pytest.mark.anyio
+async def test_unknown_or_unaccepted_tiers_are_a_400_naming_the_parameter() -> None:
+    sim = make(SimConfig(tiers=["auto", "default"]))  # as --set tiers=[...] passes them
+    assert sim.config.tiers == ("auto", "default")
+    for bad in ("flex", "scale", 3):
+        error = error_of(await post(sim, chat(service_tier=bad)), 400, "invalid_request_error")
+        assert error["param"] == "service_tier"
+    assert sim.ledger == []
+    with pytest.raises(ValueError):
+        SimConfig(flex_refusal_rate=1.5)
+    with pytest.raises(ValueError):
+        SimConfig(tiers="flex")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_flex_refusals_are_429_resource_unavailable_with_retry_after_and_unbilled() -> None:
+    sim = make(SimConfig(flex_refusal_rate=0.3, flex_retry_after=7, fail_5xx_rate=0.0))
+    statuses = []
+    for _ in range(200):
+        response = await post(sim, chat(service_tier="flex"))
+        statuses.append(response.status)
+        if response.status == 429:
+            assert response.headers["retry-after"] == "7"
+            error = payload(response)["error"]
+            assert error["code"] == "resource_unavailable" and error["type"] == "rate_limit_error"
+            assert error["message"].startswith("Resource Unavailable")
+    refused = statuses.count(429)
+    assert 40 <= refused <= 80 and statuses.count(200) == 200 - refused
+    assert sim.stats["flex_refused"] == refused and len(sim.ledger) == 200 - refused
+    assert all(b.service_tier == "flex" for b in sim.ledger)
+    # Only flex is refused, and the draws are seeded.
+    default = [(await post(sim, chat(service_tier="default"))).status for _ in range(50)]
+    assert set(default) == {200}
+    again = make(SimConfig(flex_refusal_rate=0.3, flex_retry_after=7))
+    assert [(await post(again, chat(service_tier="flex"))).status for _ in range(200)] == statuses
+
+
 # --- the real HTTP server ------------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ from pipeline.config import RunOptions
 from pipeline.engine import JobContext
 from pipeline.errors import UsageError
 from pipeline.gc_tuning import fewer_full_collections
+from pipeline.limiter import Limits
 from pipeline.local import build_runner, make_client, sim_transport_for
 from pipeline.progress import Progress, Tally
 from pipeline.resume import Outcomes, load_outcomes
@@ -169,7 +170,7 @@ class SplitWorker:
     @staticmethod
     def _apply(runner: Runner, share: dict[str, Any]) -> None:
         runner.limiter.set_share(
-            share["concurrency"], share["rpm"], share["tpm"], workers=share["workers"]
+            Limits(share["concurrency"], share["rpm"], share["tpm"]), workers=share["workers"]
         )
         if runner.budget is not None:
             runner.budget.learn_completion(share["largest_completion"])

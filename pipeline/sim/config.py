@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RETRY_AFTER_STYLES = ("seconds", "ms", "date", "none")
+SERVICE_TIERS = ("auto", "default", "flex", "priority")
 
 
 @dataclass
@@ -38,6 +39,12 @@ class SimConfig:
     rate_limit_headers: bool = True
     models: tuple[str, ...] = ()
     seed: int = 0
+    # Service tiers on chat completions: which ``service_tier`` values are accepted (any
+    # other is a 400 naming the parameter), the share of ``flex`` requests refused for
+    # capacity (429 ``resource_unavailable``), and the seconds such a refusal asks to wait.
+    tiers: tuple[str, ...] = SERVICE_TIERS
+    flex_refusal_rate: float = 0.0
+    flex_retry_after: float = 1.0
 
     def __post_init__(self) -> None:
         rates = (self.fail_429_rate, self.fail_5xx_rate, self.drop_rate)
@@ -53,3 +60,11 @@ class SimConfig:
             raise ValueError("burst_seconds must be positive")
         if self.retry_after not in RETRY_AFTER_STYLES:
             raise ValueError("retry_after must be one of seconds, ms, date, none")
+        # ``--set tiers=[...]`` arrives as a JSON list; keep the field a tuple of strings.
+        if isinstance(self.tiers, str) or not all(isinstance(t, str) for t in self.tiers):
+            raise ValueError("tiers must be a list of tier names")
+        self.tiers = tuple(self.tiers)
+        if not 0.0 <= self.flex_refusal_rate <= 1.0:
+            raise ValueError(f"flex_refusal_rate must be within 0..1, got {self.flex_refusal_rate}")
+        if self.flex_retry_after < 0:
+            raise ValueError("flex_retry_after must not be negative")

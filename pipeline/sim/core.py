@@ -28,6 +28,7 @@ from pipeline.sim.faults import DROP, INJECTED_RETRY_AFTER, Faults
 from pipeline.sim.limits import RateLimits, retry_after_headers
 from pipeline.sim.parse import Parsed, parse
 from pipeline.sim.protocol import (
+    FLEX_UNAVAILABLE_BODY,
     JSON_HEADERS,
     OPENAI_QUOTA_BODY,
     SSE_HEADERS,
@@ -40,6 +41,8 @@ from pipeline.sim.render import Chunks, completion, stream_chunks
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 MODELS_PATHS = frozenset({"/v1/models", "/models"})
 DEFAULT_MODELS = ("gpt-5.5", "gpt-5.1", "gpt-5.1-chat", "gpt-5.1-thinking")
+# The tier an answer reports for the tier requested, as OpenAI does ("auto" runs at default).
+TIER_USED = {"auto": "default", "default": "default", "flex": "flex", "priority": "priority"}
 
 
 @dataclass
@@ -52,6 +55,11 @@ class BilledAnswer:
     truncated: bool
     streamed: bool
     request_key: str
+    # The tier the answer reported (None when the request named none); "batch" for a line
+    # a batch answered, which also carries its batch and custom ids.
+    service_tier: str | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
 
 
 class Simulator:
@@ -59,8 +67,8 @@ class Simulator:
 
     ``stats`` counts ``requests`` (all), ``ok`` (whole 200 answers), ``billed``, each error
     status by number (``"400"``, ``"429"``, ``"503"``...), ``5xx``, ``rate_limited``
-    (bucket 429s), ``injected_429``, ``quota``, ``dropped``, ``truncated``, ``stream_cut``
-    and ``streamed``.
+    (bucket 429s), ``injected_429``, ``quota``, ``dropped``, ``truncated``, ``stream_cut``,
+    ``streamed`` and ``flex_refused``.
     """
 
     def __init__(
@@ -102,7 +110,8 @@ class Simulator:
 
     def stats_json(self) -> bytes:
         """Counters and billing totals, for benchmarks that run the server in another process
-        (``GET /sim/stats``): how many answers were billed, and the most any one request was."""
+        (``GET /sim/stats``): how many answers were billed, and the most any one request was,
+        and how many at each service tier ("none" when the request named no tier)."""
         per_key = collections.Counter(b.request_key for b in self.ledger)
         body = {
             "stats": dict(self.stats),
@@ -110,6 +119,9 @@ class Simulator:
             "billed_total_tokens": sum(int(b.usage.get("total_tokens", 0)) for b in self.ledger),
             "most_billed_per_request": max(per_key.values(), default=0),
             "usage_by_response_id": {b.response_id: b.usage for b in self.ledger},
+            "billed_by_tier": dict(
+                collections.Counter(b.service_tier or "none" for b in self.ledger)
+            ),
         }
         return json.dumps(body).encode()
 
@@ -141,6 +153,7 @@ class Simulator:
         parsed = parse(request.body)
         if self._models and parsed.model not in self._models:
             raise Reject(404, param="model", fallback=self.config.models[0])
+        tier = self._service_tier(parsed)
         self._check_quota()
         limit_headers = self._admit(parsed)
         fault = self._faults.draw(self.config)
@@ -156,7 +169,27 @@ class Simulator:
         if fault is not None:
             raise Reject(fault)
         self._check_quota()  # again: others may have used it up while this one waited
-        return self._answer(parsed, limit_headers)
+        return self._answer(parsed, limit_headers, tier)
+
+    def _service_tier(self, parsed: Parsed) -> str | None:
+        """The tier the answer will report, or None when the request named none.
+
+        A tier outside ``config.tiers`` is a 400 naming the parameter; a flex request is
+        refused for capacity at ``flex_refusal_rate`` (a 429 that is never billed).
+        """
+        requested = parsed.body.get("service_tier")
+        if requested is None:
+            return None
+        if not isinstance(requested, str) or requested not in self.config.tiers:
+            allowed = ", ".join(self.config.tiers) or "none"
+            raise Reject(400, f"service_tier must be one of: {allowed}", param="service_tier")
+        if requested == "flex" and self._faults.flex_refused(self.config.flex_refusal_rate):
+            self.stats["flex_refused"] += 1
+            headers = retry_after_headers(
+                self.config.retry_after, self.config.flex_retry_after, self._wall
+            )
+            raise Reject(429, headers=headers, body=FLEX_UNAVAILABLE_BODY)
+        return TIER_USED.get(requested, requested)
 
     def _check_auth(self, headers: Mapping[str, str]) -> None:
         """401 unless the exact Bearer key was sent; the message never echoes what was sent."""
@@ -193,25 +226,36 @@ class Simulator:
         seconds = max(1, math.ceil(wait))
         return Reject(429, fallback=f"retry after {seconds} seconds", headers=headers)
 
-    def _answer(self, parsed: Parsed, headers: dict[str, str]) -> SimResponse:
-        """Produce, bill and shape one 200 answer (JSON, truncated JSON, stream or cut stream)."""
-        cfg = self.config
-        answer = plan(parsed)
+    def _head(self, model: str, tier: str | None) -> dict[str, Any]:
+        """The fields every answer starts with: a fresh id, ``created``, model, fingerprint."""
         self._count += 1
-        head = {
+        head: dict[str, Any] = {
             "id": f"chatcmpl-sim-{self._tag}{self._count:08x}",
             "object": "chat.completion",
             "created": int(self._wall()),
-            "model": parsed.model,
-            "system_fingerprint": self._fingerprint,
+            "model": model,
         }
-        broken = self._faults.breaks(cfg.stream_cut_rate if parsed.stream else cfg.truncate_rate)
-        billed = BilledAnswer(
-            str(head["id"]), parsed.model, answer.usage, broken, parsed.stream, parsed.key
-        )
+        if tier is not None:
+            head["service_tier"] = tier
+        head["system_fingerprint"] = self._fingerprint
+        return head
+
+    def _bill(self, billed: BilledAnswer) -> None:
+        """Record one answer the server would charge for."""
         self.ledger.append(billed)
         self._by_id[billed.response_id] = billed
         self.stats["billed"] += 1
+
+    def _answer(self, parsed: Parsed, headers: dict[str, str], tier: str | None) -> SimResponse:
+        """Produce, bill and shape one 200 answer (JSON, truncated JSON, stream or cut stream)."""
+        cfg = self.config
+        answer = plan(parsed)
+        head = self._head(parsed.model, tier)
+        broken = self._faults.breaks(cfg.stream_cut_rate if parsed.stream else cfg.truncate_rate)
+        billed = BilledAnswer(
+            str(head["id"]), parsed.model, answer.usage, broken, parsed.stream, parsed.key, tier
+        )
+        self._bill(billed)
         if parsed.stream:
             self.stats["streamed"] += 1
             self.stats["stream_cut" if broken else "ok"] += 1

@@ -3,7 +3,8 @@
 Retries, failover and resume are only tested if the gateway misbehaves, so each request
 draws once from a generator seeded by ``SimConfig.seed``: answer, an injected 429, a
 500/502/503, or a dropped connection; an answer then may be truncated (or its stream
-cut). Latency has its own generator so changing it does not move the fault sequence.
+cut). Latency and flex refusals have their own generators so changing them does not move
+the fault sequence.
 Rates are read from the config on every draw, so a test can change them mid-run.
 """
 
@@ -23,6 +24,7 @@ class Faults:
     def __init__(self, seed: int) -> None:
         self._draws = random.Random(seed)
         self._latency = random.Random(f"{seed}:latency")
+        self._flex = random.Random(f"{seed}:flex")  # own stream: flex never moves the faults
 
     def draw(self, cfg: SimConfig) -> int | None:
         """One draw per request: 429, a 5xx status, ``DROP`` or None (answer)."""
@@ -36,6 +38,10 @@ class Faults:
         if draw < cfg.fail_429_rate + cfg.fail_5xx_rate + cfg.drop_rate:
             return DROP
         return None
+
+    def flex_refused(self, rate: float) -> bool:
+        """Whether this ``service_tier=flex`` request is refused for capacity, at ``rate``."""
+        return rate > 0 and self._flex.random() < rate
 
     def breaks(self, rate: float) -> bool:
         """Whether this answer is truncated or cut, at ``rate``."""

@@ -42,6 +42,34 @@ OPENAI_QUOTA_BODY = json.dumps(
         }
     }
 ).encode()
+# OpenAI's refusal of a flex request when the tier has no capacity: a 429 the client
+# should retry later (or send at the default tier); such a refusal is not billed.
+FLEX_UNAVAILABLE_BODY = json.dumps(
+    {
+        "error": {
+            "message": "Resource Unavailable: there is not enough capacity on the flex tier "
+            "to process this request right now. Please retry later, or send it with "
+            "service_tier 'default'.",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "resource_unavailable",
+        }
+    }
+).encode()
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> Reject:
+    """A refusal with OpenAI's own error body (message, type, param, code), which the
+    Files and Batches routes use as OpenAI does."""
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return Reject(status, body=json.dumps({"error": error}).encode())
 
 
 def error_body(
@@ -68,6 +96,7 @@ class SimRequest:
     path: str
     headers: Mapping[str, str]
     body: bytes
+    query: str = ""  # the raw query string, without the "?"
 
 
 @dataclass
