@@ -29,7 +29,7 @@ gateway pacing this run, so it is handled apart from ordinary 429s:
   Nth refusal), else it ends as an error with the server's 429, which
   ``--retry-failed`` picks up later.
 
-A 429 whose body names a rate limit (``rate_limit_exceeded``) is an ordinary 429
+A 429 whose ``code`` names a rate limit (``rate_limit_exceeded``) is an ordinary 429
 even on a flex request; one that names the quota is fatal as always (errors.py).
 """
 
@@ -76,9 +76,10 @@ def is_flex(body: Mapping[str, Any]) -> bool:
 
 
 def _names_rate_limit(error: ApiError) -> bool:
-    """True when the 429's body says it is a rate limit, not a capacity refusal."""
-    texts = (error.code, error.error_type)
-    return any(isinstance(t, str) and "rate_limit" in t.lower() for t in texts)
+    """True when the 429's ``code`` says it is a rate limit (``rate_limit_exceeded``),
+    not a capacity refusal (``resource_unavailable``). The ``type`` says nothing
+    either way: both can come as ``rate_limit_error``."""
+    return isinstance(error.code, str) and "rate_limit" in error.code.lower()
 
 
 def is_capacity_refusal(body: Mapping[str, Any], error: RequestError) -> bool:
