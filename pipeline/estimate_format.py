@@ -100,8 +100,8 @@ def _as_table(est: Estimate) -> str:
         "prompt tokens",
         "completion low",
         "completion high",
-        _sync_header(est),
         "batch cost",
+        _sync_header(est),
     ]
     cells = [
         [
@@ -110,8 +110,8 @@ def _as_table(est: Estimate) -> str:
             f"{m.prompt_tokens:,}",
             f"{m.completion_tokens_low:,}",
             f"{m.completion_tokens_high:,}",
+            _batch_range(m.batch_cost_low_usd, m.batch_cost_high_usd),
             _cost_range(m.cost_low_usd, m.cost_high_usd),
-            _cost_range(m.batch_cost_low_usd, m.batch_cost_high_usd),
         ]
         for m in est.models
     ]
@@ -127,8 +127,8 @@ def _as_table(est: Estimate) -> str:
         f"{est.prompt_tokens:,}",
         f"{est.completion_tokens_low:,}",
         f"{est.completion_tokens_high:,}",
-        total_cost,
         _batch_total(est),
+        total_cost,
     ]
     widths = [max(len(h), *(len(r[i]) for r in [*cells, total])) for i, h in enumerate(headers)]
 
@@ -147,13 +147,24 @@ def _as_table(est: Estimate) -> str:
     return "\n".join([*body, "", *_notes(est)])
 
 
+# The batch column is a comparison, not what this run is billed: a model without a
+# batch price is named so there (and in a note), and never counted as $0.
+NO_BATCH_PRICE = "no batch price"
+
+
+def _batch_range(low: float | None, high: float | None) -> str:
+    if low is None or high is None:
+        return NO_BATCH_PRICE
+    return f"{_usd(low)} - {_usd(high)}"
+
+
 def _batch_total(est: Estimate) -> str:
     missing = est.batch_unpriced_models
     if missing and len(missing) < len(est.models):
         low = sum(m.batch_cost_low_usd or 0.0 for m in est.models)
         high = sum(m.batch_cost_high_usd or 0.0 for m in est.models)
-        return f"{_usd(low)} - {_usd(high)} + UNPRICED"
-    return _cost_range(est.batch_cost_low_usd, est.batch_cost_high_usd)
+        return f"{_usd(low)} - {_usd(high)} + {NO_BATCH_PRICE}"
+    return _batch_range(est.batch_cost_low_usd, est.batch_cost_high_usd)
 
 
 def _notes(est: Estimate) -> list[str]:
@@ -174,8 +185,8 @@ def _notes(est: Estimate) -> list[str]:
     for m in est.models:
         if m.batch_unpriced and not m.unpriced:
             notes.append(
-                f"UNPRICED at batch prices: model {m.model!r} has no batch row in "
-                f"{est.price_table}; the batch column leaves it out."
+                f"No batch price: model {m.model!r} has no batch row in "
+                f"{est.price_table}; the batch cost column leaves it out."
             )
     if est.invalid:
         notes.append(

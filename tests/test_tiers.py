@@ -663,3 +663,21 @@ def test_estimate_shows_the_synchronous_and_the_batch_price(tmp_path: Path) -> N
     assert data["total"]["batch_cost_high_usd"] == pytest.approx(total["batch_cost_high_usd"])
     code, stdout, _ = invoke("estimate", *args[:-2])
     assert "batch cost" in stdout
+
+
+def test_estimate_names_a_model_without_a_batch_price_never_zero(tmp_path: Path) -> None:
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "a", "prompt": "hello", "model": "gpt-5.5", "max_tokens": 100},
+            {"id": "b", "prompt": "hello", "model": "gpt-5.1-thinking", "max_tokens": 100},
+        ],
+    )
+    args = [str(src), "--out", str(tmp_path / "out"), "--provider", "openai"]
+    code, stdout, _ = invoke("estimate", *args, "--format", "json")
+    total = json.loads(stdout)["total"]
+    assert code == 0 and total["batch_cost_high_usd"] is None
+    assert total["batch_unpriced_models"] == ["gpt-5.1-thinking"]
+    assert total["cost_high_usd"] is not None  # the synchronous price is complete
+    _, table, _ = invoke("estimate", *args)
+    assert "+ no batch price" in table and "No batch price: model 'gpt-5.1-thinking'" in table
