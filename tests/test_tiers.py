@@ -681,3 +681,26 @@ def test_estimate_names_a_model_without_a_batch_price_never_zero(tmp_path: Path)
     assert total["cost_high_usd"] is not None  # the synchronous price is complete
     _, table, _ = invoke("estimate", *args)
     assert "+ no batch price" in table and "No batch price: model 'gpt-5.1-thinking'" in table
+
+
+def test_a_providers_file_may_say_which_tiers_a_gateway_takes(tmp_path: Path) -> None:
+    from pipeline.providers import load_providers
+
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        '[plain]\nbase_url = "https://a.test/v1"\nservice_tiers = []\nbatch_api = false\n'
+        '[flexy]\nbase_url = "https://b.test/v1"\nservice_tiers = ["default", "flex"]\n'
+        '[unknown]\nbase_url = "https://c.test/v1"\n',
+        encoding="utf-8",
+    )
+    gateways = load_providers(path)
+    with pytest.raises(UsageError, match="no service tiers"):
+        check_service_tier(gateways["plain"], "flex")
+    check_service_tier(gateways["flexy"], "flex")
+    with pytest.raises(UsageError, match="accepts only default, flex"):
+        check_service_tier(gateways["flexy"], "priority")
+    check_service_tier(gateways["unknown"], "priority")
+    assert gateways["plain"].batch_api is False and gateways["unknown"].batch_api is None
+    path.write_text('[bad]\nbase_url = "https://a.test/v1"\nservice_tiers = ["gold"]\n')
+    with pytest.raises(UsageError, match="service_tiers must be"):
+        load_providers(path)
