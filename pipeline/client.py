@@ -381,6 +381,7 @@ def _scrub_answer(answer: Answer, redactor: Redactor) -> None:
     answer.response_id = redactor.optional(answer.response_id)
     answer.response_model = redactor.optional(answer.response_model)
     answer.finish_reason = redactor.optional(answer.finish_reason)
+    answer.service_tier = redactor.optional(answer.service_tier)
     if answer.tool_calls:
         text = json.dumps(answer.tool_calls, ensure_ascii=False)
         if redactor.text(text) != text:

@@ -59,6 +59,15 @@ from pipeline.schema import storable
 from pipeline.selection import RowSelector
 from pipeline.sink import ResultSink, SinkError, write_part
 from pipeline.source import SourceRow
+from pipeline.tiers import (
+    FLEX_REFUSALS_FACTOR,
+    FlexExhausted,
+    FlexPolicy,
+    FlexRefused,
+    is_capacity_refusal,
+    is_flex,
+    send_flex,
+)
 
 GRACE_SECONDS = 30.0  # after a first signal, how long in-flight requests may take
 
@@ -142,6 +151,7 @@ class Attempts:
     max_attempts: int = 6  # per row, for errors other than 429 (429s are paced, not counted)
     max_retry_time: float = 900.0  # seconds a row may spend retrying before it gives up
     json_retries: int = 2  # re-asks when a JSON answer breaks the schema or label set
+    flex_fallback: int | None = None  # flex refusals before the default tier (pipeline.tiers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +423,32 @@ class Runner:
     async def _send_with_retries(self, job: Job) -> tuple[Reply, int]:
         """Send until answered: (reply, attempts). Raises _Stopped or _Failed.
 
+        A flex row goes through ``pipeline.tiers.send_flex``, which counts its
+        capacity refusals (``FlexRefused``, raised past the retry loop below) and
+        falls back to the default tier after ``--flex-fallback`` of them.
+        """
+        if not is_flex(job.body):
+            return await self._send_retrying(job)
+        limits = self.settings.attempts
+        policy = FlexPolicy(
+            fallback=limits.flex_fallback,
+            max_time=limits.max_retry_time,
+            max_refusals=limits.max_attempts * FLEX_REFUSALS_FACTOR,
+        )
+        try:
+            return await send_flex(
+                job, self._send_retrying, self._wait, policy, on_retry=self._count_retry
+            )
+        except FlexExhausted as exhausted:
+            raise _Failed(exhausted.error, exhausted.attempts) from None
+
+    def _count_retry(self) -> None:
+        self.tally.retries += 1
+
+    async def _send_retrying(self, job: Job) -> tuple[Reply, int]:
+        """Send until answered: (reply, attempts). Raises _Stopped, _Failed, or (for a
+        flex request refused for capacity) FlexRefused with the attempts so far.
+
         The first attempt goes straight out: most rows succeed at once, and building a
         tenacity loop per row cost 12-14% of the run's CPU at zero latency
         (bench/RESULTS.md). The retry policy (pipeline.retry) takes over only after a
@@ -440,6 +476,9 @@ class Runner:
                     reply = await self._send_once(job)
         except RequestError as exc:
             raise _Failed(exc, attempts) from None
+        except FlexRefused as refused:
+            refused.attempts = attempts
+            raise
         assert reply is not None
         return reply, attempts
 
@@ -465,6 +504,11 @@ class Runner:
             if reservation is not None and self.budget is not None:
                 self.budget.settle(reservation, job.model, None)
                 self._budget_settled()
+            if is_capacity_refusal(job.body, exc):
+                # Not a rate limit: the whole run is not slowed for it (pipeline.tiers).
+                assert isinstance(exc, ApiError)
+                self.limiter.release(permit, headers=exc.headers, answered=False)
+                raise FlexRefused(exc) from None
             rate_limited = isinstance(exc, ApiError) and exc.is_rate_limit
             if rate_limited:
                 self.tally.rate_limited += 1
@@ -481,7 +525,9 @@ class Runner:
             raise
         usage = reply.answer.usage
         if reservation is not None and self.budget is not None:
-            self.tally.cost_usd += self.budget.settle(reservation, job.model, usage)
+            self.tally.cost_usd += self.budget.settle(
+                reservation, job.model, usage, service_tier=reply.answer.service_tier
+            )
             self._budget_settled()
         used = None
         if usage.prompt_tokens is not None:

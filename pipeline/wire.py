@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ class Answer:
     reasoning_content: str | None
     tool_calls: list[Any] | None
     usage: Usage = field(default_factory=Usage)
+    service_tier: str | None = None  # the tier the server says it used; None: it said none
 
 
 def _loads(text: bytes | str) -> Any:
@@ -144,11 +146,32 @@ def parse_completion(body: bytes | str) -> Answer:
         reasoning_content=_str(message.get("reasoning_content") or message.get("reasoning")),
         tool_calls=tool_calls if isinstance(tool_calls, list) and tool_calls else None,
         usage=parse_usage(data.get("usage")),
+        service_tier=service_tier(data.get("service_tier")),
     )
 
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+# A tier is a short name (default, flex, priority, scale, ...): anything else a server
+# puts there is not stored as given, but as this marker, which no price row names.
+_TIER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+UNRECOGNIZED_TIER = "unrecognized"
+
+
+def service_tier(value: Any) -> str | None:
+    """The tier an answer names, as the results store it. Absent, null or not text:
+    None (the server reported none).
+
+    A short name is kept as sent, even one we do not know: the cost view prices only
+    the tiers the price table names, so an unknown one is reported unpriced rather
+    than silently priced at the default tier. Longer or stranger text becomes
+    ``unrecognized`` (unpriced too): a server's free text never lands in this column.
+    """
+    if not isinstance(value, str):
+        return None
+    return value if _TIER_RE.fullmatch(value) else UNRECOGNIZED_TIER
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -263,6 +286,7 @@ class StreamAssembler:
         self.response_id: str | None = None
         self.response_model: str | None = None
         self.finish_reason: str | None = None
+        self.service_tier: str | None = None
         self.usage = Usage()
         self.done = False
         self._buffer = ""
@@ -340,6 +364,7 @@ class StreamAssembler:
             return
         self.response_id = self.response_id or _str(chunk.get("id"))
         self.response_model = self.response_model or _str(chunk.get("model"))
+        self.service_tier = self.service_tier or service_tier(chunk.get("service_tier"))
         if isinstance(chunk.get("usage"), Mapping):
             self.usage = parse_usage(chunk["usage"])
         choices = chunk.get("choices")
@@ -392,4 +417,5 @@ class StreamAssembler:
             reasoning_content="".join(self._reasoning) or None,
             tool_calls=[self._tools[i] for i in sorted(self._tools)] or None,
             usage=self.usage,
+            service_tier=self.service_tier,
         )
