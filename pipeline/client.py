@@ -126,13 +126,22 @@ class ChatClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def complete(self, body: dict[str, Any]) -> Reply:
+    async def complete(
+        self,
+        body: dict[str, Any],
+        *,
+        shape: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> Reply:
         """Send one request to the best base URL now. Raises RequestError on failure.
 
         Connection trouble and 5xx answers count against the base URL so the next
         request moves to the fallback; any answer from it counts in its favour.
+        ``shape(base_url, body)`` adapts the body to the base URL picked (the structured
+        output mode that endpoint takes).
         """
         base = self.endpoints.pick()
+        if shape is not None:
+            body = shape(base, body)
         started = self._clock()
         try:
             try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UsageError
+from pipeline.structured import check_mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,10 @@ class Provider:
     models: tuple[str, ...] = ()
     default_model: str | None = None
     notes: str = ""
+    # How this server takes structured output, best first: "json_schema" (the default),
+    # "json_object" (with the schema in response_format.schema and the system message)
+    # or "prompt" (the schema in the system message only). A refusal moves on anyway.
+    structured_output: str = "json_schema"
 
 
 BUILTIN: dict[str, Provider] = {
@@ -91,8 +96,16 @@ def load_providers(extra_file: Path | None = None) -> dict[str, Provider]:
             tuple(table.get("models", ())),
             table.get("default_model"),
             table.get("notes", ""),
+            _structured_output(table.get("structured_output", "json_schema"), extra_file, name),
         )
     return providers
+
+
+def _structured_output(value: object, extra_file: Path, name: str) -> str:
+    try:
+        return check_mode(str(value), f"{extra_file}: provider '{name}'")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def get_provider(name: str, providers: dict[str, Provider] | None = None) -> Provider:

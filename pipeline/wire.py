@@ -580,6 +580,12 @@ class StreamAssembler:
             self._buffer = ""
         if not self.done:
             raise TransportError("stream_cut", "the stream ended before [DONE]")
+        if self.finish_reason is None:
+            # llama-cpp-python ends a running stream this way when another request
+            # waits: a [DONE] after part of the answer, with no finish_reason.
+            raise TransportError(
+                "stream_cut", "the stream sent [DONE] without a finish_reason: the answer was cut"
+            )
         return Answer(
             response_id=self.response_id,
             response_model=self.response_model,

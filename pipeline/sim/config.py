@@ -38,6 +38,9 @@ class SimConfig:
     rate_limit_headers: bool = True
     models: tuple[str, ...] = ()
     seed: int = 0
+    # Refuse response_format json_schema with llama-cpp-python's 500 (it takes only
+    # text / json_object, the latter with a "schema"), to exercise the fallback.
+    refuse_json_schema: bool = False
 
     def __post_init__(self) -> None:
         rates = (self.fail_429_rate, self.fail_5xx_rate, self.drop_rate)

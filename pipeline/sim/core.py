@@ -26,7 +26,7 @@ from pipeline.sim.answers import plan
 from pipeline.sim.config import SimConfig
 from pipeline.sim.faults import DROP, INJECTED_RETRY_AFTER, Faults
 from pipeline.sim.limits import RateLimits, retry_after_headers
-from pipeline.sim.parse import Parsed, parse
+from pipeline.sim.parse import Parsed, parse, refuse_json_schema
 from pipeline.sim.protocol import (
     JSON_HEADERS,
     OPENAI_QUOTA_BODY,
@@ -139,6 +139,8 @@ class Simulator:
             raise Reject(404, f"Unknown route: {method} {request.path}")
         self._check_auth(request.headers)
         parsed = parse(request.body)
+        if self.config.refuse_json_schema:
+            refuse_json_schema(parsed.body)
         if self._models and parsed.model not in self._models:
             raise Reject(404, param="model", fallback=self.config.models[0])
         self._check_quota()
