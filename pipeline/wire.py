@@ -125,6 +125,12 @@ def parse_completion(body: bytes | str) -> Answer:
     try:
         data = _loads(body)
     except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raw = body.encode("utf-8", "replace") if isinstance(body, str) else body
+        if raw.lstrip()[:1] == b"<":  # a proxy's page (a login or an error) sent as a 200
+            reason = _body_text(raw, {})
+            raise TransportError(
+                "malformed_response", f"response body is not JSON: {reason}"
+            ) from None
         raise TransportError("malformed_response", f"response body is not JSON ({exc})") from None
     if not isinstance(data, dict):
         raise TransportError("malformed_response", "response body is not a JSON object")
@@ -528,7 +534,11 @@ class StreamAssembler:
                 "malformed_response", "stream sent a chunk that is not JSON"
             ) from None
         if isinstance(chunk, Mapping) and isinstance(chunk.get("error"), Mapping):
-            raise error_from_body(500, chunk, {})
+            # The stream is already a 200: the status is the one the error names
+            # (llama.cpp's server sends {"error": {"code": 400, ...}}), else a 500.
+            code = chunk["error"].get("code")
+            status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+            raise error_from_body(status, chunk, {})
         self._chunk(chunk)
 
     def _chunk(self, chunk: Any) -> None:

@@ -19,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import RunOptions
-from pipeline.errors import Kind
+from pipeline.errors import ApiError, Kind, TransportError
 from pipeline.execute import execute
-from pipeline.wire import MAX_ERROR_MESSAGE, parse_error
+from pipeline.wire import MAX_ERROR_MESSAGE, StreamAssembler, parse_completion, parse_error
 from tests.conftest import FakeClock, read_results, write_jsonl
 
 HTML = {"content-type": "text/html"}
@@ -399,3 +399,33 @@ def test_a_run_stores_each_shape_as_the_rows_outcome(tmp_path: Path, names: list
         expected_calls = 3 if kind is Kind.RETRY else 1
         assert transport.calls[name] == expected_calls, name
         assert row["attempts"] == expected_calls
+
+
+# -- errors inside a 200 -------------------------------------------------------------------
+
+
+def test_an_html_page_sent_as_a_200_is_a_malformed_answer_named_by_its_title() -> None:
+    with pytest.raises(TransportError) as caught:
+        parse_completion(NGINX_502.replace("502 Bad Gateway", "Sign in - Corporate Proxy"))
+
+    assert caught.value.error_type == "malformed_response"
+    assert str(caught.value) == (
+        "response body is not JSON: Sign in - Corporate Proxy (an HTML page, not an API answer)"
+    )
+
+
+@pytest.mark.parametrize(("code", "status", "kind"), [(400, 400, Kind.PERMANENT),
+                                                      (None, 500, Kind.RETRY),
+                                                      ("oops", 500, Kind.RETRY),
+                                                      (700, 500, Kind.RETRY)])  # fmt: skip
+def test_an_error_event_in_a_stream_takes_the_status_it_names(
+    code: Any, status: int, kind: Kind
+) -> None:
+    event = {"error": {"code": code, "message": "context exceeded", "type": "server_error"}}
+    assembler = StreamAssembler()
+
+    with pytest.raises(ApiError) as caught:
+        assembler.feed_text(f"data: {json.dumps(event)}\n\n")
+
+    assert caught.value.http_status == status
+    assert caught.value.kind is kind
