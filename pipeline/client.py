@@ -187,7 +187,7 @@ class ChatClient:
             await response.aclose()
         unbind(response)
         if response.status_code >= 400:
-            raise parse_error(response.status_code, raw, response.headers)
+            raise parse_error(response.status_code, raw, response.headers, self.redactor.text)
         answer = parse_completion(raw)
         if self.redactor:
             _scrub_answer(answer, self.redactor)
@@ -220,7 +220,7 @@ class ChatClient:
             _refuse_redirect(response, self.redactor)
             if response.status_code >= 400:
                 raw = self.redactor.data(await self._read_body(response))
-                raise parse_error(response.status_code, raw, response.headers)
+                raise parse_error(response.status_code, raw, response.headers, self.redactor.text)
             size = 0
             try:
                 async for chunk in response.aiter_bytes():

@@ -196,13 +196,20 @@ def error_from_body(status: int, data: Any, headers: Mapping[str, str]) -> ApiEr
     return _api_error(status, fields or _ErrorFields(), headers)
 
 
-def parse_error(status: int, body: bytes, headers: Mapping[str, str]) -> ApiError:
+def parse_error(
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    redact: Callable[[str], str] | None = None,
+) -> ApiError:
     """Turn a non-2xx answer into an ApiError, whatever its body: a JSON error in any of
     the known shapes, plain text, an HTML page from a proxy, or nothing at all.
 
     The status decides what happens (retry, give up on the row, stop the run); the body
     only gives a short readable message, so no body, however hostile, can raise here
-    or put more than ``MAX_ERROR_MESSAGE`` characters into the results.
+    or put more than ``MAX_ERROR_MESSAGE`` characters into the results. ``redact``
+    (the client's key scrubber) runs on the decoded texts before they are cut short, so
+    a key rebuilt by a JSON escape is never left half in a message.
     """
     fields: _ErrorFields | None = None
     if not body.strip():
@@ -214,6 +221,11 @@ def parse_error(status: int, body: bytes, headers: Mapping[str, str]) -> ApiErro
             fields = None
         if fields is None:
             fields = _ErrorFields(message=_body_text(body, headers))
+    if redact is not None:
+        for name in ("message", "type", "param", "fallback", "code"):
+            value = getattr(fields, name)
+            if isinstance(value, str):
+                setattr(fields, name, redact(value))
     return _api_error(status, fields, headers)
 
 

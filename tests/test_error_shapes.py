@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pipeline.config import RunOptions
 from pipeline.errors import ApiError, Kind, TransportError
 from pipeline.execute import execute
+from pipeline.redact import Redactor
 from pipeline.wire import MAX_ERROR_MESSAGE, StreamAssembler, parse_completion, parse_error
 from tests.conftest import FakeClock, read_results, write_jsonl
 
@@ -429,3 +430,14 @@ def test_an_error_event_in_a_stream_takes_the_status_it_names(
 
     assert caught.value.http_status == status
     assert caught.value.kind is kind
+
+
+def test_a_key_rebuilt_by_json_escapes_is_redacted_before_the_message_is_cut() -> None:
+    key = "sk-test-0123456789abcdef0123456789"
+    escaped = "".join(f"\\u{ord(c):04x}" for c in key)  # raw bytes do not show the key
+    body = '{"error": {"message": "' + "x" * 990 + escaped + '"}}'
+
+    error = parse_error(401, body.encode(), {}, Redactor(key).text)
+
+    assert "sk-test" not in error.message
+    assert len(error.message) <= MAX_ERROR_MESSAGE
