@@ -96,7 +96,9 @@ def load_providers(extra_file: Path | None = None) -> dict[str, Provider]:
             tuple(table.get("models", ())),
             table.get("default_model"),
             table.get("notes", ""),
-            _structured_output(table.get("structured_output", "json_schema"), extra_file, name),
+            structured_output=_structured_output(
+                table.get("structured_output", "json_schema"), extra_file, name
+            ),
         )
     return providers
 
