@@ -84,8 +84,8 @@ def diagnose(tally: Tally, structured: Mapping[str, Mapping[str, Any]]) -> list[
                     f"{base_url} refused response_format {kind} ({count:,} refused "
                     f"request{'s' if count != 1 else ''} re-sent): "
                     f"used {_HOW.get(mode, mode)}; answers are still checked against the "
-                    f'schema. To skip the refusals, set structured_output = "{mode}" in this '
-                    "server's profile (--providers-file)",
+                    "schema. To skip the refusals, give this server a profile with "
+                    f'structured_output = "{mode}" (--providers-file, --provider NAME)',
                 )
             )
     return notes
