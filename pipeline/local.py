@@ -141,6 +141,7 @@ def build_runner(
             opts.max_attempts, opts.max_retry_time, opts.json_retries, opts.flex_fallback
         ),
         handle_signals=handle_signals,
+        structured_output=opts.resolved_provider().structured_output,
     )
     return Runner(
         settings,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UsageError
+from pipeline.structured import check_mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,10 @@ class Provider:
     models: tuple[str, ...] = ()
     default_model: str | None = None
     notes: str = ""
+    # How this server takes structured output, best first: "json_schema" (the default),
+    # "json_object" (with the schema in response_format.schema and the system message)
+    # or "prompt" (the schema in the system message only). A refusal moves on anyway.
+    structured_output: str = "json_schema"
     # Whether the gateway implements OpenAI's Files and Batches APIs: True, False, or
     # None (unknown: a bare --base-url, whose owner vouches for it).
     batch_api: bool | None = None
@@ -112,6 +117,9 @@ def load_providers(extra_file: Path | None = None) -> dict[str, Provider]:
             table.get("notes", ""),
             batch_api=_batch_api(extra_file, name, table.get("batch_api")),
             service_tiers=_service_tiers(extra_file, name, table.get("service_tiers")),
+            structured_output=_structured_output(
+                table.get("structured_output", "json_schema"), extra_file, name
+            ),
         )
     return providers
 
@@ -150,6 +158,13 @@ def check_service_tier(provider: Provider, tier: str | None) -> None:
         f"--service-tier {tier}: provider '{provider.name}' accepts only "
         f"{', '.join(provider.service_tiers)}"
     )
+
+
+def _structured_output(value: object, extra_file: Path, name: str) -> str:
+    try:
+        return check_mode(str(value), f"{extra_file}: provider '{name}'")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def get_provider(name: str, providers: dict[str, Provider] | None = None) -> Provider:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from pipeline.schema import storable
 from pipeline.selection import RowSelector
 from pipeline.sink import ResultSink, SinkError, write_part
 from pipeline.source import SourceRow
+from pipeline.structured import StructuredOutput
 from pipeline.tiers import (
     FLEX_REFUSALS_FACTOR,
     FlexExhausted,
@@ -99,6 +100,8 @@ class RunResult:
     pending: int = 0  # rows read but never sent (stopped early)
     internal: str | None = None  # "<Class>: <message>" of an unexpected error (exit 5)
     unsaved: int = 0  # answers maybe lost to a broken OUT (at most): sent again on re-run
+    # Per base URL asked for JSON: the structured-output mode used (StructuredOutput.report)
+    structured: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -164,6 +167,7 @@ class RunnerSettings:
     workers: int  # worker tasks; the limiter decides how many may send at once
     attempts: Attempts = Attempts()
     handle_signals: bool = True  # a Ray worker leaves signals to Ray (the driver relays)
+    structured_output: str = "json_schema"  # the provider profile's first structured mode
 
 
 @dataclass(slots=True)
@@ -220,6 +224,7 @@ class Runner:
         self.progress = progress or Progress(self.tally, quiet=True)
         self.progress.tally = self.tally
         self.result = RunResult(settings.run_id, settings.out, self.tally, time.monotonic())
+        self.structured = StructuredOutput(settings.structured_output)
         self._budget_freed = anyio.Event()  # set (and replaced) whenever a hold is settled
         self._topping_up = anyio.Lock()
         self._compacting = anyio.Lock()
@@ -262,6 +267,7 @@ class Runner:
                 await anyio.to_thread.run_sync(self.sink.close)
                 await self.client.aclose()
             self.result.finished = time.monotonic()
+            self.result.structured = self.structured.report()
             self.progress.close()
         return self.result
 
@@ -415,7 +421,8 @@ class Runner:
         fmt = job.body.get("response_format")
         if not wants_json(fmt):
             return row, None
-        parsed, problem = check_answer(fmt, reply.answer.content)
+        enforced = self.structured.enforced(reply.base_url, fmt)
+        parsed, problem = check_answer(fmt, reply.answer.content, fenced=not enforced)
         if problem is None:
             row.update(parsed=json_text(parsed), label=label_of(parsed))
         return row, problem
@@ -499,8 +506,10 @@ class Runner:
                 self.limiter.release(permit, answered=False)
                 raise
         try:
-            reply = await self.client.complete(job.body)
+            reply = await self.structured.complete(self.client, job.body)
         except RequestError as exc:
+            if exc.error_type == "stream_cut":
+                self.tally.stream_cuts += 1
             if reservation is not None and self.budget is not None:
                 self.budget.settle(reservation, job.model, None)
                 self._budget_settled()
@@ -524,6 +533,8 @@ class Runner:
                 raise _Stopped from None
             raise
         usage = reply.answer.usage
+        if self.client.stream:
+            self.tally.streamed += 1
         if reservation is not None and self.budget is not None:
             self.tally.cost_usd += self.budget.settle(
                 reservation, job.model, usage, service_tier=reply.answer.service_tier
@@ -688,6 +699,9 @@ class Runner:
         t.completion_tokens += row.get("completion_tokens") or 0
         t.cached_tokens += row.get("cached_tokens") or 0
         t.reasoning_tokens += row.get("reasoning_tokens") or 0
+        answered = row["status"] == "ok" or row.get("error_type") == "invalid_json"
+        if answered and (row.get("prompt_tokens") is None or row.get("completion_tokens") is None):
+            t.no_usage += 1
         if row.get("superseded"):
             t.superseded += 1  # billed, kept, and asked again: not the row's outcome
             return
