@@ -8,6 +8,13 @@ with a margin). A request is sent only if spent + reserved + its own reservation
 stays within the cap. A request that does not fit only because of the holds in flight
 waits for them to settle; one that does not fit with nothing in flight stops the run
 (exit 3).
+
+Prices are those of the service tier: a request is held at the tier it asks for (a
+flex request at flex prices, one that fell back to the default tier at default ones;
+``tier`` lets a Batch-API submission hold its lines at batch prices) and booked at the
+tier the answer reports, as ``pipeline report`` prices it. A tier the table has no
+price for is refused before sending like an unpriced model (never held at the default
+tier's price), and an answer reported at an unpriced tier books its whole hold.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pipeline.errors import BudgetExceeded as BudgetExceeded
-from pipeline.pricing import Price, PriceTable, find_price
+from pipeline.pricing import Price, PriceTable, billed_tier, find_price
 from pipeline.request import Job
 from pipeline.wire import Usage
 
@@ -61,19 +68,28 @@ class Budget:
         """A completion seen elsewhere in the job: reservations without max_tokens grow."""
         self.largest_completion = max(self.largest_completion, tokens)
 
-    def _price(self, model: str, response_model: str | None = None) -> Price:
+    def _find(self, model: str, service_tier: str | None) -> Price | None:
         today = datetime.now(UTC)
-        price = find_price(self.prices, model, self.provider, today, response_model=response_model)
+        return find_price(self.prices, model, self.provider, today, service_tier=service_tier)
+
+    def _price(self, model: str, service_tier: str | None = None) -> Price:
+        price = self._find(model, service_tier)
         if price is None:
+            tier = billed_tier(service_tier)
+            at = f" at service tier '{tier}'" if tier else ""
             raise BudgetExceeded(
-                f"--max-cost is set but model '{model}' has no price in {self.prices.path}; "
-                "add it with --pricing FILE"
+                f"--max-cost is set but model '{model}' has no price{at} in "
+                f"{self.prices.path}; add it with --pricing FILE"
             )
         return price
 
-    def reserve(self, job: Job) -> Reservation:
-        """Hold the most this request may cost, or raise BudgetExceeded."""
-        price = self._price(job.model)
+    def reserve(self, job: Job, tier: str | None = None) -> Reservation:
+        """Hold the most this request may cost, or raise BudgetExceeded. The price is
+        that of ``tier`` if given, else of the tier the request asks for."""
+        asked = job.body.get("service_tier")
+        if tier is None and isinstance(asked, str):
+            tier = asked
+        price = self._price(job.model, tier)
         ceiling = job.completion_ceiling
         if ceiling is not None:
             completion = ceiling
@@ -93,12 +109,21 @@ class Budget:
         self.holds += 1
         return Reservation(amount)
 
-    def settle(self, reservation: Reservation, model: str, usage: Usage | None) -> float:
+    def settle(
+        self,
+        reservation: Reservation,
+        model: str,
+        usage: Usage | None,
+        *,
+        service_tier: str | None = None,
+    ) -> float:
         """Release the hold and book what the server reported. Returns the cost booked.
 
         ``usage`` is None when no answer came (nothing billed). An answer whose usage
         the server did not report was billed all the same: it books its whole hold,
         the most it could have cost, so an unknown never lets spend pass the cap.
+        ``service_tier`` is the tier the answer reports; one without a price books the
+        whole hold too.
         """
         self.reserved -= reservation.amount
         self.holds -= 1
@@ -111,7 +136,10 @@ class Budget:
             return reservation.amount
         completion = usage.completion_tokens or 0
         self.largest_completion = max(self.largest_completion, completion)
-        price = self._price(model)
+        price = self._find(model, service_tier)
+        if price is None:
+            self.spent += reservation.amount
+            return reservation.amount
         cost = price.cost(usage.prompt_tokens, usage.cached_tokens or 0, completion)
         self.spent += cost
         return cost

@@ -136,6 +136,18 @@ ROW_OPTIONS = (
     click.option(
         "--image-root", type=click.Path(path_type=Path), help="Folder local images may be in."
     ),
+    click.option(
+        "--service-tier",
+        type=click.Choice(["auto", "default", "flex", "priority"]),
+        help="Tier asked for in each request; rows are priced at the tier the server reports.",
+    ),
+    click.option(
+        "--flex-fallback",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="With --service-tier flex: after N capacity refusals (429) send the row at "
+        "the default tier [default: keep retrying flex].",
+    ),
 )
 
 # `run` options that change how rows are sent, not which rows go or what a request
@@ -356,7 +368,7 @@ def sim(
     multiple=True,
     default=("model",),
     show_default=True,
-    help="model, provider, day, run, status or a metadata key; repeatable.",
+    help="model, provider, day, run, status, service_tier or a metadata key; repeatable.",
 )
 @click.option(
     "--format",

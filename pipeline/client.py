@@ -147,13 +147,22 @@ class ChatClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def complete(self, body: dict[str, Any]) -> Reply:
+    async def complete(
+        self,
+        body: dict[str, Any],
+        *,
+        shape: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> Reply:
         """Send one request to the best base URL now. Raises RequestError on failure.
 
         Connection trouble and 5xx answers count against the base URL so the next
         request moves to the fallback; any answer from it counts in its favour.
+        ``shape(base_url, body)`` adapts the body to the base URL picked (the structured
+        output mode that endpoint takes).
         """
         base = self.endpoints.pick()
+        if shape is not None:
+            body = shape(base, body)
         started = self._clock()
         try:
             try:
@@ -199,7 +208,7 @@ class ChatClient:
             await response.aclose()
         unbind(response)
         if response.status_code >= 400:
-            raise parse_error(response.status_code, raw, response.headers)
+            raise parse_error(response.status_code, raw, response.headers, self.redactor.text)
         answer = parse_completion(raw)
         if self.redactor:
             _scrub_answer(answer, self.redactor)
@@ -232,7 +241,7 @@ class ChatClient:
             _refuse_redirect(response, self.redactor)
             if response.status_code >= 400:
                 raw = self.redactor.data(await self._read_body(response))
-                raise parse_error(response.status_code, raw, response.headers)
+                raise parse_error(response.status_code, raw, response.headers, self.redactor.text)
             size = 0
             try:
                 async for chunk in response.aiter_bytes():
@@ -381,6 +390,7 @@ def _scrub_answer(answer: Answer, redactor: Redactor) -> None:
     answer.response_id = redactor.optional(answer.response_id)
     answer.response_model = redactor.optional(answer.response_model)
     answer.finish_reason = redactor.optional(answer.finish_reason)
+    answer.service_tier = redactor.optional(answer.service_tier)
     if answer.tool_calls:
         text = json.dumps(answer.tool_calls, ensure_ascii=False)
         if redactor.text(text) != text:

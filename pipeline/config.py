@@ -17,7 +17,13 @@ from typing import Any
 
 from pipeline.errors import UsageError
 from pipeline.jsoncheck import label_format
-from pipeline.providers import Provider, get_provider, load_providers
+from pipeline.providers import (
+    SERVICE_TIERS,
+    Provider,
+    check_service_tier,
+    get_provider,
+    load_providers,
+)
 from pipeline.redact import refuse_url_secrets
 from pipeline.request import RequestOptions
 from pipeline.selection import RowSelection
@@ -81,13 +87,20 @@ class RunOptions:
     progress_seconds: float = 10.0  # between plain progress lines when stderr is no terminal
     sim: dict[str, Any] = field(default_factory=dict)  # simulator knobs (provider 'sim')
     request_defaults: dict[str, Any] = field(default_factory=dict)  # e.g. temperature
+    service_tier: str | None = None  # auto|default|flex|priority in each request; None: none
+    flex_fallback: int | None = None  # flex refusals (429) after which a row goes at default
 
     def resolved_provider(self) -> Provider:
+        """The gateway profile; a --service-tier it documents no support for is a
+        usage error here, so run and estimate refuse it alike before anything else."""
         providers = load_providers(self.providers_file)
         name = self.provider or ("openai-compatible" if self.base_url else "sim")
         if name == "openai-compatible":
-            return Provider(name, tuple(self.base_url), self.api_key_env)
-        return get_provider(name, providers)
+            provider = Provider(name, tuple(self.base_url), self.api_key_env)
+        else:
+            provider = get_provider(name, providers)
+        check_service_tier(provider, self.service_tier)
+        return provider
 
     def with_default_model(self, provider: Provider) -> RunOptions:
         """These options with the provider's default model for rows that name none,
@@ -133,6 +146,7 @@ class RunOptions:
             image_root=self.image_root,
             defaults=self.request_defaults,
             response_format=answer_format,
+            service_tier=self.service_tier,
         )
 
     def row_selection(self, model: str | None = None) -> RowSelection:
@@ -247,6 +261,24 @@ def validate(opts: RunOptions) -> None:
         raise UsageError("give labels or json_schema, not both")
     if opts.json_schema is not None and not isinstance(opts.json_schema, dict):
         raise UsageError("json_schema must be a JSON schema object")
+    _validate_tiers(opts)
+
+
+def _validate_tiers(opts: RunOptions) -> None:
+    if opts.service_tier is not None and opts.service_tier not in SERVICE_TIERS:
+        raise UsageError(
+            f"--service-tier {opts.service_tier!r}: expected one of {', '.join(SERVICE_TIERS)}"
+        )
+    if opts.flex_fallback is None:
+        return
+    if isinstance(opts.flex_fallback, bool) or not isinstance(opts.flex_fallback, int):
+        raise UsageError("--flex-fallback must be a whole number of refusals")
+    if opts.flex_fallback < 1:
+        raise UsageError("--flex-fallback must be at least 1 (refusals before the default tier)")
+    if opts.service_tier != "flex":
+        raise UsageError(
+            "--flex-fallback applies to flex requests only: add --service-tier flex or drop it"
+        )
 
 
 def _open_batches(out: Path) -> bool:

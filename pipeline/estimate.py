@@ -19,6 +19,11 @@ say, because that bound is loose. Dollars use ``pipeline.pricing`` at today's pr
 row by row (a prompt past a long-context threshold is billed at the long rates). Both
 ends assume no prompt-cache hits, which can only make a real run cheaper. A model with
 no price is reported as UNPRICED, never as $0.
+
+Each row is priced twice: synchronously, at the tier ``--service-tier`` asks for (the
+default tier's prices without it, or for ``auto``), and at Batch-API prices (the
+table's ``batch`` rows), so the choice between the two is made with both figures in
+view. A model with no price at one of them is UNPRICED there only.
 """
 
 from __future__ import annotations
@@ -103,10 +108,18 @@ class ModelEstimate:
     cost_low_usd: float | None = 0.0
     cost_high_usd: float | None = 0.0
     price_model: str | None = None  # the price row's model name; None: unpriced
+    # The same rows at Batch-API prices (the table's ``batch`` rows).
+    batch_cost_low_usd: float | None = 0.0
+    batch_cost_high_usd: float | None = 0.0
+    batch_price_model: str | None = None  # None: no batch price
 
     @property
     def unpriced(self) -> bool:
         return self.price_model is None
+
+    @property
+    def batch_unpriced(self) -> bool:
+        return self.batch_price_model is None
 
 
 @dataclass
@@ -126,6 +139,7 @@ class Estimate:
     limited: bool = False  # --limit stopped the walk
     invalid_examples: list[str] = field(default_factory=list)
     encoding: str = ENCODING_NAME
+    service_tier: str | None = None  # the tier the synchronous price is for (--service-tier)
 
     @property
     def rows(self) -> int:
@@ -164,6 +178,23 @@ class Estimate:
     def cost_high_usd(self) -> float | None:
         return None if self.unpriced_models else self.priced_cost_high_usd
 
+    @property
+    def batch_unpriced_models(self) -> list[str]:
+        return [m.model for m in self.models if m.batch_unpriced]
+
+    @property
+    def batch_cost_low_usd(self) -> float | None:
+        """The rows at Batch-API prices; None when any model has no batch price."""
+        if self.batch_unpriced_models:
+            return None
+        return sum(m.batch_cost_low_usd or 0.0 for m in self.models)
+
+    @property
+    def batch_cost_high_usd(self) -> float | None:
+        if self.batch_unpriced_models:
+            return None
+        return sum(m.batch_cost_high_usd or 0.0 for m in self.models)
+
 
 # -------------------------------------------------------------------- estimating
 
@@ -191,8 +222,9 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
         out=str(opts.out),
         provider=provider.name,
         price_table=str(prices.path),
+        service_tier=opts.service_tier,
     )
-    pricer = _Pricer(prices, provider.name, history)
+    pricer = _Pricer(prices, provider.name, history, opts.service_tier)
     recent: OrderedDict[str, None] = OrderedDict()
     selector = RowSelector(opts.row_selection(model), outcomes)  # as `run` selects
     for batch in selector.batches(read_rows(files, max_line_bytes=opts.max_line_bytes)):
@@ -264,21 +296,34 @@ def completion_history(out_dir: Path, pricing_file: str | Path | None = None) ->
 
 
 class _Pricer:
-    """Adds jobs up per model, pricing each row (its own long-context tier)."""
+    """Adds jobs up per model, pricing each row (its own long-context tier) at the
+    synchronous tier asked for and at batch prices."""
 
-    def __init__(self, prices: PriceTable, provider: str, history: Mapping[str, History]) -> None:
+    def __init__(
+        self,
+        prices: PriceTable,
+        provider: str,
+        history: Mapping[str, History],
+        service_tier: str | None = None,
+    ) -> None:
         self.prices = prices
         self.provider = provider
         self.history = history
+        self.service_tier = service_tier
         self.today = datetime.now(UTC)
         self.models: dict[str, ModelEstimate] = {}
         self._price: dict[str, Price | None] = {}
+        self._batch_price: dict[str, Price | None] = {}
 
     def _model(self, name: str) -> ModelEstimate:
         found = self.models.get(name)
         if found is None:
-            price = find_price(self.prices, name, self.provider, self.today)
+            price = find_price(
+                self.prices, name, self.provider, self.today, service_tier=self.service_tier
+            )
+            batch = find_price(self.prices, name, self.provider, self.today, service_tier="batch")
             self._price[name] = price
+            self._batch_price[name] = batch
             past = self.history.get(name)
             found = self.models[name] = ModelEstimate(
                 model=name,
@@ -288,6 +333,9 @@ class _Pricer:
                 price_model=price.model if price else None,
                 cost_low_usd=0.0 if price else None,
                 cost_high_usd=0.0 if price else None,
+                batch_price_model=batch.model if batch else None,
+                batch_cost_low_usd=0.0 if batch else None,
+                batch_cost_high_usd=0.0 if batch else None,
             )
         return found
 
@@ -314,3 +362,8 @@ class _Pricer:
                 m.long_context_rows += 1
             m.cost_low_usd += price.cost(prompt.tokens, 0, low)
             m.cost_high_usd += price.cost(prompt.tokens, 0, cap)
+        batch = self._batch_price[m.model]
+        if batch is not None:
+            assert m.batch_cost_low_usd is not None and m.batch_cost_high_usd is not None
+            m.batch_cost_low_usd += batch.cost(prompt.tokens, 0, low)
+            m.batch_cost_high_usd += batch.cost(prompt.tokens, 0, cap)

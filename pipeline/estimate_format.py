@@ -35,6 +35,7 @@ def _as_json(est: Estimate) -> dict[str, Any]:
     for m in est.models:
         item = dataclasses.asdict(m)
         item["unpriced"] = m.unpriced
+        item["batch_unpriced"] = m.batch_unpriced
         models.append(item)
     return {
         "encoding": est.encoding,
@@ -42,6 +43,7 @@ def _as_json(est: Estimate) -> dict[str, Any]:
         "out": est.out,
         "provider": est.provider,
         "price_table": est.price_table,
+        "service_tier": est.service_tier,
         "rows": {
             "read": est.rows_read,
             "to_send": est.rows,
@@ -63,6 +65,10 @@ def _as_json(est: Estimate) -> dict[str, Any]:
             "priced_cost_high_usd": est.priced_cost_high_usd,
             "unpriced": bool(est.unpriced_models),
             "unpriced_models": est.unpriced_models,
+            # The same rows at Batch-API prices: null when a model has no batch price.
+            "batch_cost_low_usd": est.batch_cost_low_usd,
+            "batch_cost_high_usd": est.batch_cost_high_usd,
+            "batch_unpriced_models": est.batch_unpriced_models,
         },
         "notes": _notes(est),
     }
@@ -82,8 +88,21 @@ def _cost_range(low: float | None, high: float | None) -> str:
     return f"{_usd(low)} - {_usd(high)}"
 
 
+def _sync_header(est: Estimate) -> str:
+    tier = est.service_tier
+    return "cost" if tier in (None, "auto", "default") else f"cost ({tier})"
+
+
 def _as_table(est: Estimate) -> str:
-    headers = ["model", "rows", "prompt tokens", "completion low", "completion high", "cost"]
+    headers = [
+        "model",
+        "rows",
+        "prompt tokens",
+        "completion low",
+        "completion high",
+        "batch cost",
+        _sync_header(est),
+    ]
     cells = [
         [
             m.model,
@@ -91,6 +110,7 @@ def _as_table(est: Estimate) -> str:
             f"{m.prompt_tokens:,}",
             f"{m.completion_tokens_low:,}",
             f"{m.completion_tokens_high:,}",
+            _batch_range(m.batch_cost_low_usd, m.batch_cost_high_usd),
             _cost_range(m.cost_low_usd, m.cost_high_usd),
         ]
         for m in est.models
@@ -107,6 +127,7 @@ def _as_table(est: Estimate) -> str:
         f"{est.prompt_tokens:,}",
         f"{est.completion_tokens_low:,}",
         f"{est.completion_tokens_high:,}",
+        _batch_total(est),
         total_cost,
     ]
     widths = [max(len(h), *(len(r[i]) for r in [*cells, total])) for i, h in enumerate(headers)]
@@ -126,16 +147,46 @@ def _as_table(est: Estimate) -> str:
     return "\n".join([*body, "", *_notes(est)])
 
 
+# The batch column is a comparison, not what this run is billed: a model without a
+# batch price is named so there (and in a note), and never counted as $0.
+NO_BATCH_PRICE = "no batch price"
+
+
+def _batch_range(low: float | None, high: float | None) -> str:
+    if low is None or high is None:
+        return NO_BATCH_PRICE
+    return f"{_usd(low)} - {_usd(high)}"
+
+
+def _batch_total(est: Estimate) -> str:
+    missing = est.batch_unpriced_models
+    if missing and len(missing) < len(est.models):
+        low = sum(m.batch_cost_low_usd or 0.0 for m in est.models)
+        high = sum(m.batch_cost_high_usd or 0.0 for m in est.models)
+        return f"{_usd(low)} - {_usd(high)} + {NO_BATCH_PRICE}"
+    return _batch_range(est.batch_cost_low_usd, est.batch_cost_high_usd)
+
+
 def _notes(est: Estimate) -> list[str]:
     """What the numbers leave out or assume, worst news first."""
     notes: list[str] = []
+    tier = est.service_tier
+    at = f" at service tier {tier!r}" if tier not in (None, "auto", "default") else ""
     for m in est.models:
         if m.unpriced:
             notes.append(
-                f"UNPRICED: model {m.model!r} has no price in {est.price_table}; its "
+                f"UNPRICED: model {m.model!r} has no price{at} in {est.price_table}; its "
                 f"{m.rows:,} request(s) ({m.prompt_tokens:,} prompt tokens, up to "
                 f"{m.completion_tokens_high:,} completion tokens) are not in the dollar "
                 "total. Add it to a price file and pass --pricing FILE."
+            )
+    if at:
+        notes.append(f"The cost column is at {tier} prices (--service-tier {tier}).")
+    for m in est.models:
+        if m.batch_unpriced and not m.unpriced:
+            notes.append(
+                f"No batch price: model {m.model!r} has no batch row in "
+                f"{est.price_table}; the batch cost column leaves it out."
             )
     if est.invalid:
         notes.append(

@@ -24,6 +24,7 @@ import httpx
 
 from pipeline import __version__
 from pipeline.config import RunOptions, parse_shard, validate
+from pipeline.diagnostics import diagnose
 from pipeline.engine import Engine, JobContext, engine_for
 from pipeline.errors import Exit
 from pipeline.lock import OutLock
@@ -116,6 +117,8 @@ def _run_locked(engine: Engine, job: JobContext) -> RunResult:
             _finish_manifest(out, manifest, result)
             raise  # SystemExit and the like: recorded, not swallowed
     _finish_manifest(out, manifest, result)
+    for note in diagnose(result.tally, result.structured):
+        job.progress.notice(note.event())
     return result
 
 
@@ -182,6 +185,8 @@ def _finish_manifest(out: Path, manifest: dict[str, Any], result: RunResult) -> 
         fatal=result.fatal,
         signal=result.signal,
         error=result.internal,
+        structured_output=result.structured,
+        diagnostics=[note.as_dict() for note in diagnose(t, result.structured)],
     )
     try:
         write_manifest(out, str(manifest["run_id"]), manifest)
@@ -191,7 +196,8 @@ def _finish_manifest(out: Path, manifest: dict[str, Any], result: RunResult) -> 
 
 
 def summary_line(result: RunResult) -> str:
-    """The one line a person (or a cron mail) reads after a run."""
+    """The one line a person (or a cron mail) reads after a run, then one ``note:`` line
+    for each thing the server did that explains it (``pipeline.diagnostics``)."""
     t = result.tally
     secs = result.wall_seconds
     finished = t.finished
@@ -211,4 +217,5 @@ def summary_line(result: RunResult) -> str:
         + f" out {t.completion_tokens:,} (reasoning {t.reasoning_tokens:,})"
         + (f" | ${t.cost_usd:,.4f}" if t.cost_usd else "")
         + f" | {secs:.1f}s, {rate:,.0f} rows/s | results in {result.out}/results"
+        + "".join(f"\nnote: {note.message}" for note in diagnose(t, result.structured))
     )

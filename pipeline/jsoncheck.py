@@ -108,15 +108,34 @@ def wants_json(response_format: Any) -> bool:
     )
 
 
-def check_answer(response_format: Any, content: str | None) -> tuple[Any, str | None]:
+def unfence(text: str) -> str:
+    """``text`` without one Markdown code fence around it (```json ... ```), which
+    models add when JSON is asked for in the prompt rather than enforced."""
+    stripped = text.strip()
+    if len(stripped) < 6 or not (stripped.startswith("```") and stripped.endswith("```")):
+        return text
+    inner = stripped[3:-3]
+    newline = inner.find("\n")
+    if newline != -1 and (inner[:newline].strip().isalnum() or not inner[:newline].strip()):
+        inner = inner[newline + 1 :]
+    return inner.strip()
+
+
+def check_answer(
+    response_format: Any, content: str | None, *, fenced: bool = False
+) -> tuple[Any, str | None]:
     """Parse an answer that should be JSON: (parsed value, None) or (None, what is wrong).
 
     The content is the server's (or the model's) bytes, so nothing in it may raise:
     JSON nested deeper than the interpreter's recursion limit (a few thousand ``[``
     are enough) is a rejected answer like any other malformed one, not a crash.
+    ``fenced``: the server did not enforce the format (a fallback mode), so one code
+    fence around the JSON is taken off first; the schema check is the same.
     """
     if content is None:
         return None, "the answer has no content"
+    if fenced:
+        content = unfence(content)
     try:
         value = json.loads(content)
     except ValueError as exc:

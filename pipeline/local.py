@@ -146,8 +146,11 @@ def build_runner(
         provider=provider_name,
         out=Path(opts.out),
         workers=opts.concurrency,
-        attempts=Attempts(opts.max_attempts, opts.max_retry_time, opts.json_retries),
+        attempts=Attempts(
+            opts.max_attempts, opts.max_retry_time, opts.json_retries, opts.flex_fallback
+        ),
         handle_signals=handle_signals,
+        structured_output=opts.resolved_provider().structured_output,
     )
     return Runner(
         settings,

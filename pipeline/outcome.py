@@ -94,6 +94,7 @@ def ok_row(
         parsed=json_text(parsed),
         label=label_of(parsed),
         **_usage_columns(answer.usage),
+        service_tier=answer.service_tier,
         attempts=attempts,
         http_status=http_status,
         latency_ms=latency_ms,
@@ -141,6 +142,7 @@ def internal_row(
             content=answer.content,
             reasoning_content=answer.reasoning_content,
             **_usage_columns(answer.usage),
+            service_tier=answer.service_tier,
         )
     row.update(
         model=job.model,

@@ -7,16 +7,23 @@ Columns (rates in USD per million tokens):
 ``model, input_per_mtok, cached_input_per_mtok, output_per_mtok`` are required;
 ``provider`` (blank = any provider), the long-context tier ``long_context_threshold,
 long_input_per_mtok, long_cached_input_per_mtok, long_output_per_mtok`` (all four or
-none), ``valid_from`` (a date; blank = always) and ``source`` are optional.
+none), ``valid_from`` (a date; blank = always), ``service_tier`` (blank = the default
+tier; ``batch``, ``flex`` or ``priority``) and ``source`` are optional.
 
 The file is checked strictly when loaded, because a silently misread price is a
 wrong bill: an unknown column, a missing rate, a negative or non-numeric value, a
-half-filled long tier or two rows for the same (model, provider, valid_from) stop
-with an error naming the file and the line.
+half-filled long tier, an unknown service tier or two rows for the same (model,
+provider, valid_from, service_tier) stop with an error naming the file and the line.
 
 Which price row prices a result row (``find_price``; report.py's ``costs`` view
 implements the same rule in SQL):
 
+0. Service tier. Only rows of the tier the result was billed at are candidates
+   (``billed_tier``): ``batch``, ``flex`` and ``priority`` rows for results recorded
+   at those tiers; blank-tier rows for results whose tier is NULL (the server reported
+   none), ``default`` or ``auto``. A tier with no row for the model leaves the result
+   unpriced: never priced at the default tier instead, since that would bill a flex
+   answer at twice (or a priority answer at under half) its price without a word.
 1. Model name. Candidates, in order: the request's ``model``, the request's model
    without a trailing snapshot date (``-YYYY-MM-DD``), the server's
    ``response_model``, and the response model without its snapshot date. The first
@@ -54,7 +61,11 @@ LONG_TIER_COLUMNS = (
     "long_cached_input_per_mtok",
     "long_output_per_mtok",
 )
-OPTIONAL_COLUMNS = ("provider", *LONG_TIER_COLUMNS, "valid_from", "source")
+OPTIONAL_COLUMNS = ("provider", *LONG_TIER_COLUMNS, "valid_from", "service_tier", "source")
+# Tiers a price row may name; blank is the default tier. Results recorded at the
+# default tier say NULL (no tier reported), "default" or "auto" (see billed_tier).
+PRICE_TIERS = ("batch", "flex", "priority")
+DEFAULT_TIER_NAMES = ("default", "auto")
 KNOWN_COLUMNS = frozenset(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
 
 # A trailing snapshot date, as in gpt-5.5-2026-04-23. report.py uses the same pattern.
@@ -91,6 +102,7 @@ class Price:
     long_context_threshold: int | None = None  # prompt tokens; above it, long_rates
     long_rates: Rates | None = None  # set exactly when the threshold is
     valid_from: date | None = None  # None: valid for every date
+    service_tier: str | None = None  # None: the default tier; else one of PRICE_TIERS
     source: str = ""
     line: int = 0  # line in the CSV file, for messages
 
@@ -144,6 +156,17 @@ def strip_snapshot(model: str) -> str:
     return _SNAPSHOT_RE.sub("", model)
 
 
+def billed_tier(service_tier: str | None) -> str | None:
+    """The price-table tier a result recorded at ``service_tier`` is billed at: None
+    (the blank-tier rows) for NULL, ``default`` and ``auto``; the tier itself (lower
+    case) otherwise, which may be one no price row names (then the row is unpriced).
+    The costs view computes the same (``billed_tier`` there)."""
+    if service_tier is None:
+        return None
+    tier = service_tier.lower()
+    return None if tier in DEFAULT_TIER_NAMES else tier
+
+
 def model_candidates(model: str | None, response_model: str | None) -> list[str]:
     """Names to look up, best first (rule 1 in the module docstring)."""
     names: list[str] = []
@@ -162,19 +185,23 @@ def find_price(
     when: date | datetime | None,
     *,
     response_model: str | None = None,
+    service_tier: str | None = None,
 ) -> Price | None:
-    """The price row for a result, or None when the model is unpriced.
+    """The price row for a result, or None when the model is unpriced at its tier.
 
     ``when`` is the day the result finished; ``None`` means today. A timezone-aware
     datetime is converted to UTC first (a naive one is taken as UTC), matching the
-    UTC timestamps in the results.
+    UTC timestamps in the results. ``service_tier`` is the result's recorded tier
+    (rule 0 in the module docstring).
     """
     day = _utc_day(when)
+    tier = billed_tier(service_tier)
     for name in model_candidates(model, response_model):
         usable = [
             p
             for p in prices.prices
             if p.model == name
+            and p.service_tier == tier
             and (p.provider is None or p.provider == provider)
             and (p.valid_from is None or p.valid_from <= day)
         ]
@@ -264,6 +291,7 @@ def _parse_row(file: Path, line: int, row: dict[str | None, str | None]) -> Pric
         long_context_threshold=threshold,
         long_rates=long_rates,
         valid_from=_valid_from(where, cells.get("valid_from", "")),
+        service_tier=_tier(where, cells.get("service_tier", "")),
         source=cells.get("source", ""),
         line=line,
     )
@@ -295,14 +323,26 @@ def _valid_from(where: str, text: str) -> date | None:
         ) from None
 
 
+def _tier(where: str, text: str) -> str | None:
+    if not text or text.lower() == "default":
+        return None
+    if text not in PRICE_TIERS:
+        raise PricingError(
+            f"{where}: service_tier must be blank (the default tier) or one of "
+            f"{', '.join(PRICE_TIERS)}, got {text!r}"
+        )
+    return text
+
+
 def _check_unique(file: Path, prices: list[Price]) -> None:
-    """Two rows for the same model, provider and date would make the choice arbitrary."""
-    seen: dict[tuple[str, str | None, date | None], Price] = {}
+    """Two rows for the same model, provider, date and tier would make the choice
+    arbitrary."""
+    seen: dict[tuple[str, str | None, date | None, str | None], Price] = {}
     for p in prices:
-        key = (p.model, p.provider, p.valid_from)
+        key = (p.model, p.provider, p.valid_from, p.service_tier)
         if key in seen:
             raise PricingError(
-                f"{file}, line {p.line} (model {p.model!r}): same model, provider and "
-                f"valid_from as line {seen[key].line}"
+                f"{file}, line {p.line} (model {p.model!r}): same model, provider, "
+                f"valid_from and service_tier as line {seen[key].line}"
             )
         seen[key] = p

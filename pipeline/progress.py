@@ -23,6 +23,9 @@ _FIELDS = (
     "cached_tokens",
     "completion_tokens",
     "reasoning_tokens",
+    "streamed",
+    "stream_cuts",
+    "no_usage",
 )
 # The counts one process reports for a job spread over many (Ray): a Tally's statuses
 # and fields by these names, plus the rows it left pending.
@@ -44,6 +47,10 @@ class Tally:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float = 0.0
+    # What the server did, for the end-of-run notes (pipeline.diagnostics):
+    streamed: int = 0  # streamed answers that came whole
+    stream_cuts: int = 0  # streamed attempts that ended cut (no [DONE], or no finish_reason)
+    no_usage: int = 0  # answered rows (ok or bad JSON) that came without token counts
 
     @property
     def finished(self) -> int:
@@ -143,6 +150,13 @@ class Progress:
         if self.live and not self.quiet:
             self.tick(force=True)
             self.stream.write("\n")
+            self.stream.flush()
+
+    def notice(self, event: Mapping[str, object]) -> None:
+        """A structured event for the JSON log (``--log-format json``), shown even with
+        --quiet; text logs leave it to the end-of-run summary, which carries its message."""
+        if self.json:
+            self.stream.write(json.dumps(dict(event)) + "\n")
             self.stream.flush()
 
     def message(self, text: str, level: str = "info") -> None:

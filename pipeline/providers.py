@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UsageError
+from pipeline.structured import check_mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +24,19 @@ class Provider:
     models: tuple[str, ...] = ()
     default_model: str | None = None
     notes: str = ""
-    # Whether the gateway serves OpenAI's Files and Batches APIs (``--mode batch``):
-    # True / False as documented, None when unknown (a bare --base-url: the user vouches).
+    # How this server takes structured output, best first: "json_schema" (the default),
+    # "json_object" (with the schema in response_format.schema and the system message)
+    # or "prompt" (the schema in the system message only). A refusal moves on anyway.
+    structured_output: str = "json_schema"
+    # Whether the gateway implements OpenAI's Files and Batches APIs: True, False, or
+    # None (unknown: a bare --base-url, whose owner vouches for it).
     batch_api: bool | None = None
+    # The service tiers it accepts in a request's ``service_tier``: () = none (asking
+    # for one is a usage error), None = unknown (passed through as asked).
+    service_tiers: tuple[str, ...] | None = None
+
+
+SERVICE_TIERS = ("auto", "default", "flex", "priority")
 
 
 BUILTIN: dict[str, Provider] = {
@@ -39,6 +50,7 @@ BUILTIN: dict[str, Provider] = {
             "sim-1",
             "built-in simulator, in process: no key, no network",
             batch_api=True,
+            service_tiers=SERVICE_TIERS,
         ),
         Provider(
             "starmagic",
@@ -47,7 +59,8 @@ BUILTIN: dict[str, Provider] = {
             ("gpt-5.5", "gpt-5.1", "gpt-5.1-chat", "gpt-5.1-thinking"),
             "gpt-5.5",
             "gpt-5.1-thinking returns reasoning_content",
-            batch_api=False,
+            batch_api=False,  # documents no Batch API
+            service_tiers=(),  # documents no service tiers
         ),
         Provider(
             "evolink",
@@ -56,7 +69,8 @@ BUILTIN: dict[str, Provider] = {
             ("gpt-5.5",),
             "gpt-5.5",
             "direct.evolink.ai for text, api.evolink.ai as fallback; 402 = balance",
-            batch_api=False,
+            batch_api=False,  # documents no Batch API
+            service_tiers=(),  # documents no service tiers
         ),
         Provider(
             "modelstream",
@@ -65,7 +79,8 @@ BUILTIN: dict[str, Provider] = {
             ("gpt-5.5",),
             "gpt-5.5",
             "reasoning_effort up to xhigh, verbosity, image_detail, up to 10 images",
-            batch_api=False,
+            batch_api=False,  # documents no Batch API
+            service_tiers=(),  # documents no service tiers
         ),
         Provider(
             "openai",
@@ -74,6 +89,7 @@ BUILTIN: dict[str, Provider] = {
             ("gpt-5.5", "gpt-5.1", "gpt-5", "gpt-5-mini", "gpt-5-nano", "gpt-4.1", "gpt-4o"),
             None,
             batch_api=True,
+            service_tiers=SERVICE_TIERS,
         ),
     )
 }
@@ -99,9 +115,56 @@ def load_providers(extra_file: Path | None = None) -> dict[str, Provider]:
             tuple(table.get("models", ())),
             table.get("default_model"),
             table.get("notes", ""),
-            batch_api=table.get("batch_api") if isinstance(table.get("batch_api"), bool) else None,
+            batch_api=_batch_api(extra_file, name, table.get("batch_api")),
+            service_tiers=_service_tiers(extra_file, name, table.get("service_tiers")),
+            structured_output=_structured_output(
+                table.get("structured_output", "json_schema"), extra_file, name
+            ),
         )
     return providers
+
+
+def _batch_api(file: Path, name: str, value: object) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise UsageError(f"{file}: provider '{name}': batch_api must be true or false")
+
+
+def _service_tiers(file: Path, name: str, value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, list) and all(v in SERVICE_TIERS for v in value):
+        return tuple(str(v) for v in value)
+    raise UsageError(
+        f"{file}: provider '{name}': service_tiers must be a list of {', '.join(SERVICE_TIERS)}"
+    )
+
+
+def check_service_tier(provider: Provider, tier: str | None) -> None:
+    """Refuse ``--service-tier`` against a gateway that says it has no such tier (exit 2).
+
+    A profile with ``service_tiers = ()`` documents none: a tier sent there is at best
+    ignored (and billed at a price nobody can check) or at worst refused for every row.
+    An unknown profile (None, a bare --base-url) passes the tier through as asked.
+    """
+    if tier is None or provider.service_tiers is None or tier in provider.service_tiers:
+        return
+    if not provider.service_tiers:
+        raise UsageError(
+            f"--service-tier {tier}: provider '{provider.name}' documents no service tiers; "
+            "drop --service-tier, or name the gateway with --base-url if it accepts them"
+        )
+    raise UsageError(
+        f"--service-tier {tier}: provider '{provider.name}' accepts only "
+        f"{', '.join(provider.service_tiers)}"
+    )
+
+
+def _structured_output(value: object, extra_file: Path, name: str) -> str:
+    try:
+        return check_mode(str(value), f"{extra_file}: provider '{name}'")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def get_provider(name: str, providers: dict[str, Provider] | None = None) -> Provider:

@@ -97,6 +97,7 @@ class RequestOptions:
     image_root: Path | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict)  # e.g. temperature from a job file
     response_format: Mapping[str, Any] | None = None  # for rows that ask for none (labels)
+    service_tier: str | None = None  # sent with every row that names none (--service-tier)
 
 
 def _number(lo: float | None, hi: float | None, *, integer: bool = False) -> Callable[[Any], None]:
@@ -165,6 +166,7 @@ VALIDATORS: dict[str, Callable[[Any], None]] = {
     "frequency_penalty": _number(-2, 2),
     "presence_penalty": _number(-2, 2),
     "n": _number(1, 128, integer=True),
+    "service_tier": _choice("auto", "default", "flex", "priority"),
 }
 
 
@@ -404,6 +406,8 @@ def _body(
         body.setdefault(key, value)
     if opts.response_format is not None:
         body.setdefault("response_format", dict(opts.response_format))
+    if opts.service_tier is not None:
+        body.setdefault("service_tier", opts.service_tier)
     if not body.get("model"):
         if not opts.model:
             raise InvalidRow("no model: the row names none and no --model was given")

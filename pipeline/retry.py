@@ -8,6 +8,9 @@
   separate cap still bounds it.
 - How long to wait: the server's ``Retry-After`` when it gave one, else exponential
   backoff with full jitter.
+- Not here: a 429 refusing a ``flex`` request for capacity never reaches this loop
+  (the runner raises it as ``pipeline.tiers.FlexRefused``, not a RequestError), so
+  ``--flex-fallback`` counts every one; pipeline.tiers has its own, longer backoff.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,16 @@ from pipeline.schema import storable
 from pipeline.selection import RowSelector
 from pipeline.sink import ResultSink, SinkError, write_part
 from pipeline.source import SourceRow
+from pipeline.structured import StructuredOutput
+from pipeline.tiers import (
+    FLEX_REFUSALS_FACTOR,
+    FlexExhausted,
+    FlexPolicy,
+    FlexRefused,
+    is_capacity_refusal,
+    is_flex,
+    send_flex,
+)
 
 GRACE_SECONDS = 30.0  # after a first signal, how long in-flight requests may take
 
@@ -90,6 +100,8 @@ class RunResult:
     pending: int = 0  # rows read but never sent (stopped early)
     internal: str | None = None  # "<Class>: <message>" of an unexpected error (exit 5)
     unsaved: int = 0  # answers maybe lost to a broken OUT (at most): sent again on re-run
+    # Per base URL asked for JSON: the structured-output mode used (StructuredOutput.report)
+    structured: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -142,6 +154,7 @@ class Attempts:
     max_attempts: int = 6  # per row, for errors other than 429 (429s are paced, not counted)
     max_retry_time: float = 900.0  # seconds a row may spend retrying before it gives up
     json_retries: int = 2  # re-asks when a JSON answer breaks the schema or label set
+    flex_fallback: int | None = None  # flex refusals before the default tier (pipeline.tiers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +167,7 @@ class RunnerSettings:
     workers: int  # worker tasks; the limiter decides how many may send at once
     attempts: Attempts = Attempts()
     handle_signals: bool = True  # a Ray worker leaves signals to Ray (the driver relays)
+    structured_output: str = "json_schema"  # the provider profile's first structured mode
 
 
 @dataclass(slots=True)
@@ -210,6 +224,7 @@ class Runner:
         self.progress = progress or Progress(self.tally, quiet=True)
         self.progress.tally = self.tally
         self.result = RunResult(settings.run_id, settings.out, self.tally, time.monotonic())
+        self.structured = StructuredOutput(settings.structured_output)
         self._budget_freed = anyio.Event()  # set (and replaced) whenever a hold is settled
         self._topping_up = anyio.Lock()
         self._compacting = anyio.Lock()
@@ -252,6 +267,7 @@ class Runner:
                 await anyio.to_thread.run_sync(self.sink.close)
                 await self.client.aclose()
             self.result.finished = time.monotonic()
+            self.result.structured = self.structured.report()
             self.progress.close()
         return self.result
 
@@ -405,13 +421,40 @@ class Runner:
         fmt = job.body.get("response_format")
         if not wants_json(fmt):
             return row, None
-        parsed, problem = check_answer(fmt, reply.answer.content)
+        enforced = self.structured.enforced(reply.base_url, fmt)
+        parsed, problem = check_answer(fmt, reply.answer.content, fenced=not enforced)
         if problem is None:
             row.update(parsed=json_text(parsed), label=label_of(parsed))
         return row, problem
 
     async def _send_with_retries(self, job: Job) -> tuple[Reply, int]:
         """Send until answered: (reply, attempts). Raises _Stopped or _Failed.
+
+        A flex row goes through ``pipeline.tiers.send_flex``, which counts its
+        capacity refusals (``FlexRefused``, raised past the retry loop below) and
+        falls back to the default tier after ``--flex-fallback`` of them.
+        """
+        if not is_flex(job.body):
+            return await self._send_retrying(job)
+        limits = self.settings.attempts
+        policy = FlexPolicy(
+            fallback=limits.flex_fallback,
+            max_time=limits.max_retry_time,
+            max_refusals=limits.max_attempts * FLEX_REFUSALS_FACTOR,
+        )
+        try:
+            return await send_flex(
+                job, self._send_retrying, self._wait, policy, on_retry=self._count_retry
+            )
+        except FlexExhausted as exhausted:
+            raise _Failed(exhausted.error, exhausted.attempts) from None
+
+    def _count_retry(self) -> None:
+        self.tally.retries += 1
+
+    async def _send_retrying(self, job: Job) -> tuple[Reply, int]:
+        """Send until answered: (reply, attempts). Raises _Stopped, _Failed, or (for a
+        flex request refused for capacity) FlexRefused with the attempts so far.
 
         The first attempt goes straight out: most rows succeed at once, and building a
         tenacity loop per row cost 12-14% of the run's CPU at zero latency
@@ -440,6 +483,9 @@ class Runner:
                     reply = await self._send_once(job)
         except RequestError as exc:
             raise _Failed(exc, attempts) from None
+        except FlexRefused as refused:
+            refused.attempts = attempts
+            raise
         assert reply is not None
         return reply, attempts
 
@@ -460,11 +506,18 @@ class Runner:
                 self.limiter.release(permit, answered=False)
                 raise
         try:
-            reply = await self.client.complete(job.body)
+            reply = await self.structured.complete(self.client, job.body)
         except RequestError as exc:
+            if exc.error_type == "stream_cut":
+                self.tally.stream_cuts += 1
             if reservation is not None and self.budget is not None:
                 self.budget.settle(reservation, job.model, None)
                 self._budget_settled()
+            if is_capacity_refusal(job.body, exc):
+                # Not a rate limit: the whole run is not slowed for it (pipeline.tiers).
+                assert isinstance(exc, ApiError)
+                self.limiter.release(permit, headers=exc.headers, answered=False)
+                raise FlexRefused(exc) from None
             rate_limited = isinstance(exc, ApiError) and exc.is_rate_limit
             if rate_limited:
                 self.tally.rate_limited += 1
@@ -480,8 +533,12 @@ class Runner:
                 raise _Stopped from None
             raise
         usage = reply.answer.usage
+        if self.client.stream:
+            self.tally.streamed += 1
         if reservation is not None and self.budget is not None:
-            self.tally.cost_usd += self.budget.settle(reservation, job.model, usage)
+            self.tally.cost_usd += self.budget.settle(
+                reservation, job.model, usage, service_tier=reply.answer.service_tier
+            )
             self._budget_settled()
         used = None
         if usage.prompt_tokens is not None:
@@ -642,6 +699,9 @@ class Runner:
         t.completion_tokens += row.get("completion_tokens") or 0
         t.cached_tokens += row.get("cached_tokens") or 0
         t.reasoning_tokens += row.get("reasoning_tokens") or 0
+        answered = row["status"] == "ok" or row.get("error_type") == "invalid_json"
+        if answered and (row.get("prompt_tokens") is None or row.get("completion_tokens") is None):
+            t.no_usage += 1
         if row.get("superseded"):
             t.superseded += 1  # billed, kept, and asked again: not the row's outcome
             return

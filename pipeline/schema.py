@@ -55,8 +55,8 @@ RESULT_SCHEMA = pa.schema(
         ("metadata", pa.string()),  # JSON text
         ("source_file", pa.string()),
         ("source_line", pa.int64()),
-        # The tier the answer was billed at: what the server reported on a synchronous
-        # call (NULL when it reported none), 'batch' for rows collected from a batch.
+        # The tier the answer was billed at: the one the server reported on a
+        # synchronous call (NULL when it reported none), 'batch' for a Batch-API row.
         ("service_tier", pa.string()),
         ("batch_id", pa.string()),  # the provider's batch, for rows collected from one
     ]

@@ -10,8 +10,10 @@ Nothing here does I/O, so every shape is testable from example bodies alone.
 from __future__ import annotations
 
 import email.utils
+import html
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -105,6 +107,7 @@ class Answer:
     reasoning_content: str | None
     tool_calls: list[Any] | None
     usage: Usage = field(default_factory=Usage)
+    service_tier: str | None = None  # the tier the server says it used; None: it said none
 
 
 def _loads(text: bytes | str) -> Any:
@@ -124,6 +127,12 @@ def parse_completion(body: bytes | str) -> Answer:
     try:
         data = _loads(body)
     except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raw = body.encode("utf-8", "replace") if isinstance(body, str) else body
+        if raw.lstrip()[:1] == b"<":  # a proxy's page (a login or an error) sent as a 200
+            reason = _body_text(raw, {})
+            raise TransportError(
+                "malformed_response", f"response body is not JSON: {reason}"
+            ) from None
         raise TransportError("malformed_response", f"response body is not JSON ({exc})") from None
     if not isinstance(data, dict):
         raise TransportError("malformed_response", "response body is not a JSON object")
@@ -144,11 +153,32 @@ def parse_completion(body: bytes | str) -> Answer:
         reasoning_content=_str(message.get("reasoning_content") or message.get("reasoning")),
         tool_calls=tool_calls if isinstance(tool_calls, list) and tool_calls else None,
         usage=parse_usage(data.get("usage")),
+        service_tier=service_tier(data.get("service_tier")),
     )
 
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+# A tier is a short name (default, flex, priority, scale, ...): anything else a server
+# puts there is not stored as given, but as this marker, which no price row names.
+_TIER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+UNRECOGNIZED_TIER = "unrecognized"
+
+
+def service_tier(value: Any) -> str | None:
+    """The tier an answer names, as the results store it. Absent, null or not text:
+    None (the server reported none).
+
+    A short name is kept as sent, even one we do not know: the cost view prices only
+    the tiers the price table names, so an unknown one is reported unpriced rather
+    than silently priced at the default tier. Longer or stranger text becomes
+    ``unrecognized`` (unpriced too): a server's free text never lands in this column.
+    """
+    if not isinstance(value, str):
+        return None
+    return value if _TIER_RE.fullmatch(value) else UNRECOGNIZED_TIER
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -183,36 +213,237 @@ def _finite(value: str | None) -> float | None:
 
 
 def error_from_body(status: int, data: Any, headers: Mapping[str, str]) -> ApiError:
-    """Build the ApiError for an error answer, from its body when it is the gateways'
-    ``{"error": {"code", "message", "type", "param"}}``."""
-    err = data.get("error") if isinstance(data, Mapping) else None
-    if not isinstance(err, Mapping):
-        err = {}
-    code = err.get("code")
-    error_type = _str(err.get("type")) or (code if isinstance(code, str) else None)
-    message = _str(err.get("message")) or f"HTTP {status}"
+    """Build the ApiError for an error answer from its parsed JSON body, whichever of
+    the shapes OpenAI-compatible servers use it has (``_error_fields``)."""
+    fields = _error_fields(data)
+    return _api_error(status, fields or _ErrorFields(), headers)
+
+
+def parse_error(
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    redact: Callable[[str], str] | None = None,
+) -> ApiError:
+    """Turn a non-2xx answer into an ApiError, whatever its body: a JSON error in any of
+    the known shapes, plain text, an HTML page from a proxy, or nothing at all.
+
+    The status decides what happens (retry, give up on the row, stop the run); the body
+    only gives a short readable message, so no body, however hostile, can raise here
+    or put more than ``MAX_ERROR_MESSAGE`` characters into the results. ``redact``
+    (the client's key scrubber) runs on the decoded texts before they are cut short, so
+    a key rebuilt by a JSON escape is never left half in a message.
+    """
+    fields: _ErrorFields | None = None
+    if not body.strip():
+        fields = _ErrorFields(message="empty response body")
+    else:
+        try:
+            fields = _error_fields(_loads(body))
+        except ValueError:
+            fields = None
+        if fields is None:
+            fields = _ErrorFields(message=_body_text(body, headers))
+    if redact is not None:
+        for name in ("message", "type", "param", "fallback", "code"):
+            value = getattr(fields, name)
+            if isinstance(value, str):
+                setattr(fields, name, redact(value))
+    return _api_error(status, fields, headers)
+
+
+# Bounds on what an error body may put into a result row or a log line.
+MAX_ERROR_MESSAGE = 1000  # characters of a server's error message (JSON bodies)
+MAX_PAGE_MESSAGE = 300  # characters kept of a text body or an HTML page's title
+_MAX_FIELD = 200  # characters of an error's type, param, code
+_HTML_SCAN = 64 * 1024  # characters of an HTML page searched for its title
+
+
+@dataclass(slots=True)
+class _ErrorFields:
+    message: str | None = None
+    type: str | None = None
+    code: Any = None
+    param: str | None = None
+    fallback: str | None = None
+
+
+def _api_error(status: int, fields: _ErrorFields, headers: Mapping[str, str]) -> ApiError:
+    code = fields.code
+    if isinstance(code, str):
+        code = _clean(code, _MAX_FIELD) or None
+    elif isinstance(code, bool) or not isinstance(code, int):
+        code = None  # a list, an object, a float: nothing a rule could read
+    error_type = _clean(fields.type, _MAX_FIELD) or (code if isinstance(code, str) else None)
+    status = status if status >= 400 else 500  # an error inside a 200 (body or stream)
     return ApiError(
-        status if status >= 400 else 500,
+        status,
         error_type or _default_type(status),
-        message,
-        param=_str(err.get("param")),
+        _clean(fields.message, MAX_ERROR_MESSAGE) or f"HTTP {status}",
+        param=_clean(fields.param, _MAX_FIELD) or None,
         code=code,
-        fallback_suggestion=_str(err.get("fallback_suggestion")),
+        fallback_suggestion=_clean(fields.fallback, MAX_ERROR_MESSAGE) or None,
         retry_after=retry_after_seconds(headers),
         headers={k: v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")},
     )
 
 
-def parse_error(status: int, body: bytes, headers: Mapping[str, str]) -> ApiError:
-    """Turn a non-2xx answer into an ApiError, tolerating bodies that are not JSON."""
+def _error_fields(data: Any) -> _ErrorFields | None:
+    """The error in a parsed JSON body, in the shapes servers send; None if it is none.
+
+    - ``{"error": {"code", "message", "type", "param", "fallback_suggestion"}}``: OpenAI,
+      the gateways, LiteLLM, llama.cpp's server (which adds ``n_prompt_tokens`` and
+      ``n_ctx`` to a context overflow: kept in the message);
+    - ``{"error": "text"}``: Ollama's native API, older llama.cpp;
+    - ``{"object": "error", "message", "type", "param", "code"}``: vLLM, and any body
+      with a top-level ``message``;
+    - ``{"detail": "text"}`` and ``{"detail": [{"loc", "msg", "type"}]}``: FastAPI;
+    - a bare JSON string.
+    """
+    if isinstance(data, str):
+        return _ErrorFields(message=data)
+    if not isinstance(data, Mapping):
+        return None
+    err = data.get("error")
+    if isinstance(err, Mapping):
+        message = _str(err.get("message"))
+        extra = _context_numbers(err)
+        if extra:
+            message = f"{message or 'context exceeded'} ({extra})"
+        return _ErrorFields(
+            message=message,
+            type=_str(err.get("type")),
+            code=err.get("code"),
+            param=_str(err.get("param")),
+            fallback=_str(err.get("fallback_suggestion")),
+        )
+    if isinstance(err, str):
+        return _ErrorFields(message=err, type=_str(data.get("type")), code=data.get("code"))
+    if data.get("object") == "error" or isinstance(data.get("message"), str):
+        return _ErrorFields(
+            message=_str(data.get("message")),
+            type=_str(data.get("type")),
+            code=data.get("code"),
+            param=_str(data.get("param")),
+        )
+    detail = data.get("detail")
+    if isinstance(detail, str):
+        return _ErrorFields(message=detail)
+    if isinstance(detail, list):
+        return _ErrorFields(message=_validation_errors(detail))
+    if isinstance(detail, Mapping):
+        text = _str(detail.get("message")) or _str(detail.get("msg"))
+        return _ErrorFields(message=text or _compact(detail))
+    return None
+
+
+def _context_numbers(err: Mapping[str, Any]) -> str:
+    """llama.cpp's ``n_prompt_tokens`` / ``n_ctx``, the numbers a user needs to fix a
+    context overflow, as text ("" when the body has none)."""
+    shown = [
+        f"{name} {err[name]}"
+        for name in ("n_prompt_tokens", "n_ctx")
+        if _int(err.get(name)) is not None
+    ]
+    return ", ".join(shown)
+
+
+def _validation_errors(items: list[Any]) -> str:
+    """FastAPI's (pydantic's) list of validation errors as ``where: what; ...``."""
+    parts: list[str] = []
+    for item in items[:5]:
+        if not isinstance(item, Mapping):
+            parts.append(_compact(item))
+            continue
+        loc = item.get("loc")
+        where = ".".join(_loc_part(p) for p in loc[:10]) if isinstance(loc, list) else ""
+        msg = (_str(item.get("msg")) or _compact(item))[:MAX_ERROR_MESSAGE]
+        parts.append(f"{where}: {msg}" if where else msg)
+    if len(items) > 5:
+        parts.append(f"and {len(items) - 5} more")
+    return "; ".join(parts)
+
+
+def _loc_part(part: Any) -> str:
+    if isinstance(part, str):
+        return part[:100]
+    if isinstance(part, int) and not isinstance(part, bool):
+        return str(part)
+    return "?"
+
+
+def _compact(value: Any) -> str:
+    """A JSON value as short text (only the start of it is ever kept)."""
     try:
-        data: Any = _loads(body) if body else None
-    except ValueError:
-        data = None
-    error = error_from_body(status, data, headers)
-    if data is None and body:
-        error.message = body[:200].decode("utf-8", "replace").strip() or error.message
-    return error
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (ValueError, TypeError, RecursionError):
+        text = type(value).__name__
+    return text[: MAX_ERROR_MESSAGE + 1]
+
+
+def _body_text(body: bytes, headers: Mapping[str, str]) -> str:
+    """A non-JSON body as a short message: an HTML page by its title (or first heading),
+    anything else by its first characters, whitespace collapsed."""
+    text = body[: _HTML_SCAN * 4].decode("utf-8", "replace")
+    content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+    head = text[:_HTML_SCAN].translate(_ASCII_LOWER)  # same length: indexes into text
+    if "html" in content_type.lower() or any(
+        tag in head for tag in ("<html", "<!doctype html", "<title", "<body", "<h1")
+    ):
+        title = _html_title(text[:_HTML_SCAN], head)
+        if title:
+            return f"{title} (an HTML page, not an API answer)"
+        return f"an HTML page of {len(body):,} bytes, not an API answer"
+    return _clean(" ".join(text[: MAX_PAGE_MESSAGE * 4].split()), MAX_PAGE_MESSAGE)
+
+
+def _html_title(text: str, lowered: str) -> str:
+    """The text of the page's ``<title>``, else its first ``<h1>``/``<h2>``: found with
+    plain string searches, so a hostile page costs linear time."""
+    for tag in ("title", "h1", "h2"):
+        start = lowered.find(f"<{tag}")
+        if start == -1:
+            continue
+        open_end = lowered.find(">", start)
+        if open_end == -1:
+            continue
+        close = lowered.find(f"</{tag}", open_end)
+        inner = text[open_end + 1 : close if close != -1 else open_end + 1 + MAX_PAGE_MESSAGE * 4]
+        words = html.unescape(_strip_tags(inner[: MAX_PAGE_MESSAGE * 4])).split()
+        title = _clean(" ".join(words), MAX_PAGE_MESSAGE)
+        if title:
+            return title
+    return ""
+
+
+def _strip_tags(text: str) -> str:
+    out: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch == "<":
+            depth = 1
+        elif ch == ">" and depth:
+            depth = 0
+            out.append(" ")
+        elif not depth:
+            out.append(ch)
+    return "".join(out)
+
+
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+# Control characters (terminal escapes among them) never reach a log line or a column.
+_CONTROLS = dict.fromkeys([*range(0, 9), *range(11, 32), *range(127, 160)], " ")
+
+
+def _clean(value: Any, limit: int) -> str:
+    """Text from a server, made safe to print and store: a string, no control
+    characters but newlines and tabs, at most ``limit`` characters ("" for non-text)."""
+    if not isinstance(value, str):
+        return ""
+    text = value[: limit * 2].translate(_CONTROLS).strip()
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return text
 
 
 _DEFAULT_TYPES = {
@@ -229,6 +460,12 @@ _DEFAULT_TYPES = {
     502: "upstream_error",
     503: "service_unavailable_error",
     504: "gateway_timeout",
+    # Cloudflare's own answers when the server behind it fails (HTML pages)
+    520: "origin_error",
+    521: "origin_down",
+    522: "origin_connect_timeout",
+    523: "origin_unreachable",
+    524: "origin_timeout",
 }
 
 
@@ -263,6 +500,7 @@ class StreamAssembler:
         self.response_id: str | None = None
         self.response_model: str | None = None
         self.finish_reason: str | None = None
+        self.service_tier: str | None = None
         self.usage = Usage()
         self.done = False
         self._buffer = ""
@@ -332,7 +570,11 @@ class StreamAssembler:
                 "malformed_response", "stream sent a chunk that is not JSON"
             ) from None
         if isinstance(chunk, Mapping) and isinstance(chunk.get("error"), Mapping):
-            raise error_from_body(500, chunk, {})
+            # The stream is already a 200: the status is the one the error names
+            # (llama.cpp's server sends {"error": {"code": 400, ...}}), else a 500.
+            code = chunk["error"].get("code")
+            status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+            raise error_from_body(status, chunk, {})
         self._chunk(chunk)
 
     def _chunk(self, chunk: Any) -> None:
@@ -340,6 +582,7 @@ class StreamAssembler:
             return
         self.response_id = self.response_id or _str(chunk.get("id"))
         self.response_model = self.response_model or _str(chunk.get("model"))
+        self.service_tier = self.service_tier or service_tier(chunk.get("service_tier"))
         if isinstance(chunk.get("usage"), Mapping):
             self.usage = parse_usage(chunk["usage"])
         choices = chunk.get("choices")
@@ -384,6 +627,12 @@ class StreamAssembler:
             self._buffer = ""
         if not self.done:
             raise TransportError("stream_cut", "the stream ended before [DONE]")
+        if self.finish_reason is None:
+            # llama-cpp-python ends a running stream this way when another request
+            # waits: a [DONE] after part of the answer, with no finish_reason.
+            raise TransportError(
+                "stream_cut", "the stream sent [DONE] without a finish_reason: the answer was cut"
+            )
         return Answer(
             response_id=self.response_id,
             response_model=self.response_model,
@@ -392,4 +641,5 @@ class StreamAssembler:
             reasoning_content="".join(self._reasoning) or None,
             tool_calls=[self._tools[i] for i in sorted(self._tools)] or None,
             usage=self.usage,
+            service_tier=self.service_tier,
         )

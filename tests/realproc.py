@@ -131,7 +131,7 @@ def start_server(procs: Processes, *args: str) -> Server:
     port = _free_port()
     proc = procs.start([sys.executable, "-m", "pipeline", "sim", "--port", str(port), *args])
     server = Server(f"http://127.0.0.1:{port}/v1", proc)
-    wait_for(lambda: server.healthy() or proc.poll() is not None, 10, "simulator start")
+    wait_for(lambda: server.healthy() or proc.poll() is not None, 30, "simulator start")
     assert proc.poll() is None, "simulator exited at start-up"
     return server
 

@@ -360,6 +360,7 @@ def render(data: ReportData) -> str:
         items = "".join(
             f'<li><b style="display:inline">{_e(u["model"])}</b>'
             + (f" (provider {_e(u['provider'])})" if u["provider"] else "")
+            + (f" at service tier {_e(u['billed_tier'])}" if u.get("billed_tier") else "")
             + f": {u['requests']:,} requests, {u['prompt_tokens']:,} prompt + "
             f"{u['completion_tokens']:,} completion tokens</li>"
             for u in data.unpriced

@@ -9,8 +9,8 @@ A cost that is not known is never shown as $0: a group with a model that has no 
 (UNPRICED) or with billed answers that came without token counts (NO USAGE) has a NULL
 cost, its priced part is shown beside the flag, and notes name the models behind it.
 
-``--by`` names either a column (model, provider, day, run, status) or a key of the
-metadata JSON; a key is bound as a value, and the output column takes the name the
+``--by`` names either a column (model, provider, day, run, status, service_tier) or
+a key of the metadata JSON; a key is bound as a value, and the output column takes the name the
 user gave through ``sql_ident``. ``--since`` / ``--until`` are bound as parameters.
 """
 
@@ -65,6 +65,7 @@ DIMENSIONS = {
     "day": "CAST(finished_at AS DATE)",
     "run": "run_id",
     "status": "status",
+    "service_tier": "service_tier",  # as recorded: NULL when the server reported none
 }
 
 # (column, header in table/markdown, how a table cell is written)
@@ -112,6 +113,7 @@ UNPRICED_MODELS = """
 SELECT
     coalesce(model, response_model) AS model,
     provider,
+    billed_tier,
     count(*) AS requests,
     coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
     coalesce(sum(completion_tokens), 0) AS completion_tokens
@@ -147,10 +149,11 @@ def report(
 ) -> str:
     """The cost and usage report, one line per group plus a total, as text.
 
-    ``by``: any of model, provider, day, run, status, or a metadata key (``metadata.KEY``
-    reaches a key that shares one of those names); items may be comma-separated; empty
-    means ``model``. ``since`` (inclusive) and ``until`` (exclusive) are dates or ISO
-    times on ``finished_at``; without a time zone they are UTC.
+    ``by``: any of model, provider, day, run, status, service_tier, or a metadata key
+    (``metadata.KEY`` reaches a key that shares one of those names); items may be
+    comma-separated; empty means ``model``. ``since`` (inclusive) and ``until``
+    (exclusive) are dates or ISO times on ``finished_at``; without a time zone they
+    are UTC.
     """
     return report_and_notes(out_dir, by, fmt, pricing_file, since, until)[0]
 
@@ -320,6 +323,7 @@ def _unpriced_notes(missing: list[dict[str, Any]], total: dict[str, Any]) -> lis
     notes = [
         f"UNPRICED: model {m['model']!r}"
         + (f" (provider {m['provider']!r})" if m["provider"] else "")
+        + (f" at service tier {m['billed_tier']!r}" if m["billed_tier"] else "")
         + f" has no price; its cost is not included ({m['requests']:,} requests, "
         f"{m['prompt_tokens']:,} prompt + {m['completion_tokens']:,} completion tokens)."
         for m in missing

@@ -10,7 +10,9 @@
   row stands now.
 - ``pricing``: the price table in use (the shipped ``prices.csv`` or ``--pricing``).
 - ``costs``: ``results`` with the matched price row and ``cost_usd`` / ``unpriced`` /
-  ``no_usage``.
+  ``no_usage``, plus ``billed_tier``: the price-table tier the row is billed at (NULL
+  for the default tier). Parts written before ``service_tier`` existed read it as
+  NULL, so their rows stay priced at the default tier as they always were.
 
 The SQL below is the arithmetic users are asked to trust, so it is written to be
 read; ``pipeline sql OUT "SELECT ..."`` can query the same views. Timestamps are UTC:
@@ -35,7 +37,7 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.errors import ReportError as ReportError
-from pipeline.pricing import SNAPSHOT_SUFFIX, PriceTable, load_prices
+from pipeline.pricing import DEFAULT_TIER_NAMES, SNAPSHOT_SUFFIX, PriceTable, load_prices
 from pipeline.schema import RESULT_SCHEMA
 
 PRICING_SCHEMA = pa.schema(
@@ -50,6 +52,7 @@ PRICING_SCHEMA = pa.schema(
         ("long_cached_input_per_mtok", pa.float64()),
         ("long_output_per_mtok", pa.float64()),
         ("valid_from", pa.date32()),
+        ("service_tier", pa.string()),  # NULL: the default tier
         ("source", pa.string()),
     ]
 )
@@ -69,6 +72,14 @@ SNAPSHOT_MACRO = f"""
 CREATE MACRO without_snapshot(name) AS regexp_replace(name, '{SNAPSHOT_SUFFIX}', '')
 """
 
+# The price-table tier of a recorded service_tier (pricing.billed_tier): NULL (the
+# blank-tier rows) for no tier, 'default' and 'auto'; else the tier in lower case.
+BILLED_TIER_MACRO = f"""
+CREATE MACRO billed_tier(tier) AS
+    CASE WHEN tier IS NULL OR lower(tier) IN ({", ".join(repr(t) for t in DEFAULT_TIER_NAMES)})
+         THEN NULL ELSE lower(tier) END
+"""
+
 # The price-matching rule of pricing.find_price and the cost formula of
 # pricing.Price.cost, in SQL. Tests check that both give the same numbers.
 COSTS_VIEW = """
@@ -79,34 +90,42 @@ WITH result_rows AS (
     -- `results`, so the arithmetic below always reads its own columns.
     SELECT COLUMNS(lambda c: lower(c) NOT IN (
         'price_model', 'price_provider', 'price_valid_from', 'price_source',
+        'price_service_tier', 'billed_tier',
         'input_per_mtok', 'cached_input_per_mtok', 'output_per_mtok',
         'long_context_threshold', 'long_input_per_mtok', 'long_cached_input_per_mtok',
         'long_output_per_mtok', 'long_context', 'no_tokens', 'no_usage', 'cost_usd',
-        'unpriced'))
+        'unpriced')),
+        -- The tier the row was billed at, as the price table names it.
+        billed_tier(service_tier) AS billed_tier
     FROM results
 ),
 price_keys AS (
     -- A price depends on these alone, so each distinct combination is matched once
     -- (a few hundred lookups rather than one per row).
-    SELECT DISTINCT model, response_model, provider, CAST(finished_at AS DATE) AS day
+    SELECT DISTINCT model, response_model, provider, CAST(finished_at AS DATE) AS day,
+                    billed_tier
     FROM result_rows
 ),
 matched AS (
     SELECT k.*, price.*
     FROM price_keys AS k
     LEFT JOIN LATERAL (
-        -- The one price row: the first model name that has a price (the request
-        -- model, then without its snapshot date, then the response model, then
-        -- without its date); a row for this provider before a blank-provider row;
-        -- the newest valid_from on or before the day the result finished.
+        -- The one price row: a row of the tier the result was billed at, never
+        -- another tier's (no row of that tier: unpriced); the first model name that
+        -- has a price (the request model, then without its snapshot date, then the
+        -- response model, then without its date); a row for this provider before a
+        -- blank-provider row; the newest valid_from on or before the day the result
+        -- finished.
         SELECT
             p.model AS price_model,
             p.provider AS price_provider,
             p.valid_from AS price_valid_from,
+            p.service_tier AS price_service_tier,
             p.source AS price_source,
-            p.* EXCLUDE (model, provider, valid_from, source)
+            p.* EXCLUDE (model, provider, valid_from, service_tier, source)
         FROM pricing AS p
-        WHERE p.model IN (k.model, without_snapshot(k.model),
+        WHERE p.service_tier IS NOT DISTINCT FROM k.billed_tier
+          AND p.model IN (k.model, without_snapshot(k.model),
                           k.response_model, without_snapshot(k.response_model))
           AND (p.provider IS NULL OR p.provider = k.provider)
           AND (p.valid_from IS NULL OR p.valid_from <= coalesce(k.day, current_date))
@@ -121,7 +140,7 @@ matched AS (
 priced AS (
     SELECT
         r.*,
-        m.* EXCLUDE (model, response_model, provider, day),
+        m.* EXCLUDE (model, response_model, provider, day, billed_tier),
         -- Above the threshold the whole request is billed at the long rates.
         coalesce(r.prompt_tokens > m.long_context_threshold, false) AS long_context,
         coalesce(r.prompt_tokens, 0) = 0 AND coalesce(r.completion_tokens, 0) = 0 AS no_tokens,
@@ -137,6 +156,7 @@ priced AS (
         AND m.response_model IS NOT DISTINCT FROM r.response_model
         AND m.provider IS NOT DISTINCT FROM r.provider
         AND m.day IS NOT DISTINCT FROM CAST(r.finished_at AS DATE)
+        AND m.billed_tier IS NOT DISTINCT FROM r.billed_tier
 ),
 billed AS (
     -- The rates this row is billed at.
@@ -186,6 +206,7 @@ def open_views(
     con.execute(LATEST_VIEW)
     _create_pricing_table(con, prices)
     con.execute(SNAPSHOT_MACRO)
+    con.execute(BILLED_TIER_MACRO)
     con.execute(COSTS_VIEW)
     return con
 
@@ -262,6 +283,7 @@ def _create_pricing_table(con: duckdb.DuckDBPyConnection, prices: PriceTable) ->
             ),
             "long_output_per_mtok": p.long_rates.output_per_mtok if p.long_rates else None,
             "valid_from": p.valid_from,
+            "service_tier": p.service_tier,
             "source": p.source,
         }
         for p in prices.prices

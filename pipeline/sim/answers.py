@@ -81,6 +81,11 @@ def plan(parsed: Parsed) -> Answer:
 def _content(response_format: Any, text: str, seed: int) -> str:
     """Plain text, or a JSON object when response_format asks for json_object/json_schema."""
     kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+    if kind == "json_object" and isinstance(response_format, dict):
+        schema = response_format.get("schema")  # llama-cpp-python's way to pass one
+        if isinstance(schema, dict):
+            value = from_schema(schema, schema, text, seed, 0)
+            return json.dumps(value if isinstance(value, dict) else {"answer": value})
     if kind == "json_object":
         return json.dumps({"answer": text})
     if kind == "json_schema" and isinstance(response_format, dict):

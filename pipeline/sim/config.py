@@ -33,6 +33,9 @@ class SimConfig:
     truncate_rate: float = 0.0
     drop_rate: float = 0.0
     stream_cut_rate: float = 0.0
+    # Refuse response_format json_schema with llama-cpp-python's 500 (it takes only
+    # text / json_object, the latter with a "schema"), to exercise the fallback.
+    refuse_json_schema: bool = False
     quota_requests: int | None = None
     quota_as_429: bool = False
     api_key: str | None = None

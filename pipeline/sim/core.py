@@ -31,7 +31,7 @@ from pipeline.sim.faults import DROP, INJECTED_RETRY_AFTER, Faults
 from pipeline.sim.files import PURPOSES, FileStore, parse_multipart
 from pipeline.sim.ledger import BilledAnswer
 from pipeline.sim.limits import RateLimits, retry_after_headers
-from pipeline.sim.parse import Parsed, parse
+from pipeline.sim.parse import Parsed, parse, refuse_json_schema
 from pipeline.sim.protocol import (
     FLEX_UNAVAILABLE_BODY,
     JSON_HEADERS,
@@ -174,6 +174,8 @@ class Simulator:
             raise Reject(404, f"Unknown route: {method} {request.path}")
         self._check_auth(request.headers)
         parsed = parse(request.body)
+        if self.config.refuse_json_schema:
+            refuse_json_schema(parsed.body)
         if self._models and parsed.model not in self._models:
             raise Reject(404, param="model", fallback=self.config.models[0])
         tier = self._service_tier(parsed)

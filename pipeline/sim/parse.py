@@ -206,3 +206,27 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
             raise Reject(400, f"{name} must be a positive integer", param=name)
         return value
     return None
+
+
+# llama-cpp-python's answer to ``response_format: {"type": "json_schema"}``: FastAPI's
+# validation error, wrapped by its route handler into a 500.
+JSON_SCHEMA_REFUSAL = json.dumps(
+    {
+        "error": {
+            "message": "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', "
+            "'response_format', 'type'), 'msg': \"Input should be 'text' or 'json_object'\", "
+            "'input': 'json_schema', 'ctx': {'expected': \"'text' or 'json_object'\"}}\n",
+            "type": "internal_server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+).encode()
+
+
+def refuse_json_schema(body: dict[str, Any]) -> None:
+    """Answer a ``json_schema`` response_format as llama-cpp-python does (knob
+    ``refuse_json_schema``): a 500 naming ``response_format``."""
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        raise Reject(500, body=JSON_SCHEMA_REFUSAL)
