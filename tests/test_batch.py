@@ -294,6 +294,9 @@ def test_chunks_split_by_model_and_limits(tmp_path: Path) -> None:
         assert len(data) <= 400 and len(data.splitlines()) <= 3
         assert {json.loads(x)["body"]["model"] for x in data.splitlines()} == {c.model}
     assert len(request_line(job(1, "a"))) < 400
+    flex = Job("x", {"model": "a", "service_tier": "flex", "stream": True}, "h", "f", 1)
+    body = json.loads(request_line(flex))["body"]
+    assert "service_tier" not in body and "stream" not in body  # billed at batch prices
 
 
 def test_batches_lists_and_cancels_then_the_next_run_collects_what_finished(
@@ -499,8 +502,10 @@ def test_ray_refuses_an_out_with_batches_not_yet_collected(tmp_path: Path) -> No
 def test_max_cost_submits_only_the_rows_whose_worst_case_fits(tmp_path: Path) -> None:
     prices = tmp_path / "prices.csv"
     prices.write_text(
-        "model,provider,input_per_mtok,cached_input_per_mtok,output_per_mtok,valid_from,source\n"
-        "gpt-5.5,,1000000,0,0,2020-01-01,test: one dollar a token in\n"
+        "model,provider,service_tier,input_per_mtok,cached_input_per_mtok,output_per_mtok,"
+        "valid_from,source\n"
+        "gpt-5.5,,,9000000,0,0,2020-01-01,test: nine dollars a token in\n"
+        "gpt-5.5,,batch,1000000,0,0,2020-01-01,test: one dollar a token in\n"
     )
     fake = FakeBatches()
     source = write_rows(tmp_path / "rows.jsonl", 40)

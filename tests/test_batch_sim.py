@@ -185,3 +185,29 @@ def test_sigterm_while_waiting_exits_143_and_leaves_the_batch_to_collect(
     assert manifest["status"] == "stopped" and manifest["engine"]["batches_open"] == 1
     (chunk,) = Ledger(out).chunks().values()
     assert chunk.state == "open"  # still running at the provider, collected by the next run
+
+
+def test_batch_rows_are_priced_at_batch_prices_in_the_costs_view(tmp_path: Path) -> None:
+    import csv
+    import json
+
+    from pipeline import query
+
+    out = tmp_path / "out"
+    source = write_rows(tmp_path / "rows.jsonl", 300, "row")
+    assert execute(sim_options(out, source), sleep=no_sleep).exit_code == 0
+    with open(_repo_root() / "pipeline" / "prices.csv", encoding="utf-8") as fh:
+        prices = list(csv.DictReader(fh))
+    (batch,) = [p for p in prices if p["model"] == "gpt-5.5" and p["service_tier"] == "batch"]
+    expected = 0.0
+    for r in rows_of(out):
+        cached = r["cached_tokens"] or 0
+        assert r["prompt_tokens"] < int(batch["long_context_threshold"])
+        expected += (
+            (r["prompt_tokens"] - cached) * float(batch["input_per_mtok"])
+            + cached * float(batch["cached_input_per_mtok"])
+            + r["completion_tokens"] * float(batch["output_per_mtok"])
+        ) / 1e6
+    data = json.loads(query.sql(out, "SELECT sum(cost_usd) AS usd FROM costs", "json"))
+    assert abs(data[0]["usd"] - expected) < 1e-6
+    assert expected > 0

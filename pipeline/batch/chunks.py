@@ -28,6 +28,9 @@ from pipeline.request import Job
 MAX_LINES = 50_000  # OpenAI's limit per batch input file
 MAX_BYTES = 200 * 2**20  # and its size limit
 ENDPOINT = "/v1/chat/completions"
+# A batch line never streams, and it is billed at batch prices whatever tier the
+# synchronous calls of the same job ask for (--service-tier applies to those only).
+_NOT_IN_A_BATCH = frozenset({"stream", "stream_options", "service_tier"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,7 @@ class ClosedChunk:
 
 def request_line(job: Job) -> bytes:
     """One request file line for ``job``: the synchronous body, never streamed."""
-    body = {k: v for k, v in job.body.items() if k not in ("stream", "stream_options")}
+    body = {k: v for k, v in job.body.items() if k not in _NOT_IN_A_BATCH}
     line = {"custom_id": job.id, "method": "POST", "url": ENDPOINT, "body": body}
     return (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
 

@@ -295,12 +295,12 @@ class BatchEngine:
             )
 
     def _hold(self, item: Job) -> str | None:
-        """Hold the row's worst-case cost at batch prices under ``--max-cost``; the
+        """Hold the row's worst-case cost at Batch-API prices under ``--max-cost``; the
         reason to stop submitting when it does not fit (the rows before it still go)."""
         if self._budget is None:
             return None
         try:
-            self._budget.reserve(item)
+            self._budget.reserve(item, tier="batch")
         except BudgetExceeded as exc:
             return f"{exc}; the rows past it were not submitted"
         return None
