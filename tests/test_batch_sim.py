@@ -211,3 +211,52 @@ def test_batch_rows_are_priced_at_batch_prices_in_the_costs_view(tmp_path: Path)
     data = json.loads(query.sql(out, "SELECT sum(cost_usd) AS usd FROM costs", "json"))
     assert abs(data[0]["usd"] - expected) < 1e-6
     assert expected > 0
+
+
+def test_report_by_service_tier_on_an_out_mixing_sync_flex_and_batch_rows(tmp_path: Path) -> None:
+    """Real runs on one OUT (a batch, then synchronous default and flex calls with
+    refusals), and ``report --by service_tier`` against a recomputation from the
+    Parquet rows and the shipped price table alone."""
+    import csv
+    import json
+    from collections import defaultdict
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    out = tmp_path / "out"
+    batch_rows = write_rows(tmp_path / "b.jsonl", 60, "b")
+    assert execute(sim_options(out, batch_rows), sleep=no_sleep).exit_code == 0
+    sync_rows = write_rows(tmp_path / "s.jsonl", 60, "s")
+    assert execute(sim_options(out, sync_rows, mode="sync")).exit_code == 0
+    flex_rows = write_rows(tmp_path / "f.jsonl", 60, "f")
+    flex = sim_options(
+        out, flex_rows, mode="sync", service_tier="flex", flex_fallback=2,
+        sim={"flex_refusal_rate": 0.3, "flex_retry_after": 0.0},
+    )  # fmt: skip
+    assert execute(flex, sleep=no_sleep).exit_code == 0
+
+    with open(_repo_root() / "pipeline" / "prices.csv", encoding="utf-8") as fh:
+        prices = {(p["model"], p["service_tier"]): p for p in csv.DictReader(fh)}
+    want: dict[Any, dict[str, float]] = defaultdict(lambda: {"requests": 0, "cost": 0.0})
+    for r in rows_of(out):
+        tier = r["service_tier"]
+        p = prices[(r["model"], "" if tier in (None, "default", "auto") else tier)]
+        cached = r["cached_tokens"] or 0
+        want[tier]["requests"] += 1
+        want[tier]["cost"] += (
+            (r["prompt_tokens"] - cached) * float(p["input_per_mtok"])
+            + cached * float(p["cached_input_per_mtok"])
+            + r["completion_tokens"] * float(p["output_per_mtok"])
+        ) / 1e6
+    assert {"batch", "flex"} <= set(want) and want["batch"]["requests"] == 60
+    result = CliRunner().invoke(
+        cli, ["report", str(out), "--by", "service_tier", "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    got = {g["service_tier"]: g for g in json.loads(result.stdout)}
+    assert set(got) == set(want)
+    for tier, expected in want.items():
+        assert got[tier]["requests"] == expected["requests"], tier
+        assert abs(got[tier]["cost_usd"] - expected["cost"]) < 1e-6, tier
