@@ -211,6 +211,13 @@ def test_batch_rows_are_priced_at_batch_prices_in_the_costs_view(tmp_path: Path)
     data = json.loads(query.sql(out, "SELECT sum(cost_usd) AS usd FROM costs", "json"))
     assert abs(data[0]["usd"] - expected) < 1e-6
     assert expected > 0
+    # `pipeline batches` shows the same, per batch.
+    from pipeline.batch.listing import batch_options, list_batches
+
+    text, _ = list_batches(batch_options(out), fmt="json")
+    listed = json.loads(text)
+    assert abs(sum(b["cost_usd"] for b in listed) - expected) < 1e-6
+    assert [b["status"] for b in listed] == ["collected (completed)"]
 
 
 def test_report_by_service_tier_on_an_out_mixing_sync_flex_and_batch_rows(tmp_path: Path) -> None:

@@ -396,13 +396,14 @@ class BatchEngine:
         job = self._job
         assert job is not None
         sleep = self._sleep or anyio.sleep
-        delay = POLL_FIRST
+        delay = 0.0  # look once at once: a small batch may be done already
         while True:
             still = [c for c in collector.open_chunks() if c.batch_id is not None]
             if not still:
                 return
-            await sleep(delay)
-            delay = min(POLL_MAX, delay * 2)
+            if delay:
+                await sleep(delay)
+            delay = min(POLL_MAX, delay * 2) if delay else POLL_FIRST
             left = await collector.collect()
             total = sum(_count(c.counts, "total") or c.rows for c in left)
             done = sum(_count(c.counts, "completed") + _count(c.counts, "failed") for c in left)

@@ -25,7 +25,7 @@ import httpx
 from pipeline.batch.api import BatchApi, BatchFatal
 from pipeline.batch.ledger import COLLECTED, CREATING, OPEN, Chunk, Ledger
 from pipeline.config import RunOptions
-from pipeline.errors import RequestError
+from pipeline.errors import PipelineError, RequestError
 from pipeline.manifest import list_runs
 
 FIELDS = ("provider", "base_url", "api_key_env", "providers_file", "sim", "timeout")
@@ -121,13 +121,27 @@ def list_batches(
             transport = sim_transport_for(opts)
         api = BatchApi(base_urls[0], key, transport=transport, timeout=min(opts.timeout, 60.0))
     listed, notes = anyio.run(_fetch, ledger, api, cancel)
-    rows = [_row(item, now or time.time()) for item in listed]
+    costs = _costs(Path(opts.out), opts.pricing)
+    rows = [_row(item, now or time.time(), costs) for item in listed]
     if fmt == "json":
         return json.dumps(rows, indent=2), notes
     return _table(rows), notes
 
 
-def _row(item: Listed, now: float) -> dict[str, Any]:
+def _costs(out: Path, pricing: Path | None) -> dict[str, float | None]:
+    """What each collected batch's rows cost at batch prices (the ``costs`` view);
+    nothing when the results cannot be priced (the listing goes on without it)."""
+    from pipeline import query
+
+    text = "SELECT batch_id, sum(cost_usd) AS usd FROM costs WHERE batch_id IS NOT NULL GROUP BY 1"
+    try:
+        found = json.loads(query.sql(out, text, "json", pricing_file=pricing) or "[]")
+    except (PipelineError, ValueError, OSError):
+        return {}
+    return {r["batch_id"]: r["usd"] for r in found if isinstance(r, dict)}
+
+
+def _row(item: Listed, now: float, costs: dict[str, float | None]) -> dict[str, Any]:
     chunk, live = item.chunk, item.live or {}
     counts = live.get("request_counts") if isinstance(live.get("request_counts"), dict) else None
     counts = counts or chunk.counts
@@ -148,6 +162,7 @@ def _row(item: Listed, now: float) -> dict[str, Any]:
         "completed": counts.get("completed") if counts else None,
         "failed": counts.get("failed") if counts else None,
         "age_seconds": round(now - started) if started else None,
+        "cost_usd": costs.get(chunk.batch_id or ""),
         "open": not chunk.closed,
         "result": chunk.result or None,
     }
@@ -165,14 +180,17 @@ def _age(seconds: Any) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'batch_id':<32} {'model':<16} {'rows':>7} {'done':>7} {'failed':>7} {'age':>7}  status"
+        f"{'batch_id':<32} {'model':<16} {'rows':>7} {'done':>7} {'failed':>7} {'age':>7} "
+        f"{'cost':>10}  status"
     ]
     for r in rows:
         done = "-" if r["completed"] is None else f"{r['completed']:,}"
         failed = "-" if r["failed"] is None else f"{r['failed']:,}"
+        usd = r["cost_usd"]
+        cost = f"${usd:,.4f}" if isinstance(usd, int | float) else "-"
         lines.append(
             f"{str(r['batch_id'] or '-')[:32]:<32} {str(r['model'])[:16]:<16} {r['rows']:>7,} "
-            f"{done:>7} {failed:>7} {_age(r['age_seconds']):>7}  {r['status']}"
+            f"{done:>7} {failed:>7} {_age(r['age_seconds']):>7} {cost:>10}  {r['status']}"
         )
     open_rows = sum(r["rows"] for r in rows if r["open"])
     open_batches = sum(1 for r in rows if r["open"])
