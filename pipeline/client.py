@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 
-from pipeline.config import DEFAULT_DEADLINE, DEFAULT_MAX_RESPONSE_MB
 from pipeline.errors import (
     ApiError,
     ConfigurationError,
@@ -73,6 +72,16 @@ class Reply:
     http_status: int
     headers: Mapping[str, str]
     latency_ms: float
+
+
+# Seconds one attempt may take in all, streams included (``--deadline``): a server
+# trickling bytes never holds a request longer, while ``--timeout`` bounds each wait
+# within it. Half an hour covers the longest reasoning streams.
+DEFAULT_DEADLINE = 1800.0
+# Largest answer read per attempt, body or whole stream, in MiB (``--max-response-mb``):
+# a 200k-token answer streamed one token per event is ~60 MB of SSE, a non-streamed
+# answer a few MB. Past it the attempt fails as ``response_too_large`` and is retried.
+DEFAULT_MAX_RESPONSE_MB = 100.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.client import DEFAULT_DEADLINE, DEFAULT_MAX_RESPONSE_MB
 from pipeline.errors import UsageError
 from pipeline.jsoncheck import label_format
 from pipeline.providers import (
@@ -28,15 +29,6 @@ from pipeline.redact import refuse_url_secrets
 from pipeline.request import RequestOptions
 from pipeline.selection import RowSelection
 from pipeline.source import DEFAULT_MAX_LINE_BYTES
-
-# Seconds one attempt may take in all, streams included (``--deadline``): a server
-# trickling bytes never holds a request longer, while ``--timeout`` bounds each wait
-# within it. Half an hour covers the longest reasoning streams.
-DEFAULT_DEADLINE = 1800.0
-# Largest answer read per attempt, body or whole stream, in MiB (``--max-response-mb``):
-# a 200k-token answer streamed one token per event is ~60 MB of SSE, a non-streamed
-# answer a few MB. Past it the attempt fails as ``response_too_large`` and is retried.
-DEFAULT_MAX_RESPONSE_MB = 100.0
 
 
 @dataclass

@@ -20,14 +20,30 @@ whatever the mode, so a weaker mode can cost a re-ask, never a wrong label.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 from pipeline.errors import ApiError, RequestError
+from pipeline.failover import Endpoints
 from pipeline.jsoncheck import schema_of
 
-if TYPE_CHECKING:
-    from pipeline.client import ChatClient, Reply
+_Reply = TypeVar("_Reply", covariant=True)
+_R = TypeVar("_R")
+
+
+class Sender(Protocol[_Reply]):
+    """What this needs of the client (``pipeline.client.ChatClient``), so the mode state
+    depends on no HTTP code."""
+
+    endpoints: Endpoints
+
+    async def complete(
+        self,
+        body: dict[str, Any],
+        *,
+        shape: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> _Reply: ...
+
 
 MODES = ("json_schema", "json_object", "prompt")  # best first
 _REFUSAL_STATUSES = frozenset({400, 422, 500})
@@ -141,7 +157,7 @@ class StructuredOutput:
         if self.mode(base_url, kind) == mode and mode != MODES[-1]:
             self._moved[(base_url, kind)] = MODES[MODES.index(mode) + 1]
 
-    async def complete(self, client: ChatClient, body: dict[str, Any]) -> Reply:
+    async def complete(self, client: Sender[_R], body: dict[str, Any]) -> _R:
         """Send ``body`` through ``client`` in the mode of the endpoint it picks; on a
         refusal, move that endpoint on and send again. Bounded: each refusal moves an
         endpoint's mode forward, and a refusal of the last mode is the row's error."""

@@ -322,7 +322,11 @@ def test_service_tier_parsed_from_json_and_stream() -> None:
     assert parse_completion(json.dumps(body)).service_tier == "flex"
     assert parse_completion(json.dumps({**body, "service_tier": None})).service_tier is None
     stream = StreamAssembler()
-    chunk = {"id": "c", "service_tier": "priority", "choices": [{"delta": {"content": "a"}}]}
+    chunk = {
+        "id": "c",
+        "service_tier": "priority",
+        "choices": [{"delta": {"content": "a"}, "finish_reason": "stop"}],
+    }
     stream.feed_text(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n")
     assert stream.finish().service_tier == "priority"
 
