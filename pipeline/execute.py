@@ -173,6 +173,7 @@ def _finish_manifest(out: Path, manifest: dict[str, Any], result: RunResult) -> 
             "skipped_done": t.skipped,
             "pending": result.pending,
             "unsaved": result.unsaved,
+            "in_batches": result.in_batches,
         },
         tokens={
             "prompt": t.prompt_tokens,
@@ -211,6 +212,8 @@ def summary_line(result: RunResult) -> str:
         parts.append(f"{t.skipped:,} already done")
     if result.pending:
         parts.append(f"{result.pending:,} not sent")
+    if result.in_batches:
+        parts.append(f"{result.in_batches:,} in open batches")
     return (
         ", ".join(parts)
         + f" | tokens in {t.prompt_tokens:,} (cached {t.cached_tokens:,})"

@@ -100,6 +100,7 @@ class RunResult:
     pending: int = 0  # rows read but never sent (stopped early)
     internal: str | None = None  # "<Class>: <message>" of an unexpected error (exit 5)
     unsaved: int = 0  # answers maybe lost to a broken OUT (at most): sent again on re-run
+    in_batches: int = 0  # rows inside open provider batches (--mode batch): a later run collects
     # Per base URL asked for JSON: the structured-output mode used (StructuredOutput.report)
     structured: dict[str, dict[str, Any]] = field(default_factory=dict)
 

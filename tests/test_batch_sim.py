@@ -267,3 +267,21 @@ def test_report_by_service_tier_on_an_out_mixing_sync_flex_and_batch_rows(tmp_pa
     for tier, expected in want.items():
         assert got[tier]["requests"] == expected["requests"], tier
         assert abs(got[tier]["cost_usd"] - expected["cost"]) < 1e-6, tier
+
+
+def test_the_summary_counts_each_row_once_waiting_then_collected(tmp_path: Path) -> None:
+    """A --no-wait run says how many rows wait in batches (summary and manifest); the run
+    that collects them counts them ok, not also "already done"."""
+    from pipeline.execute import summary_line
+
+    out = tmp_path / "out"
+    source = write_rows(tmp_path / "rows.jsonl", 30, "row")
+    first = execute(sim_options(out, source, wait=False))
+    assert first.in_batches == 30
+    assert "30 in open batches" in summary_line(first)
+    second = execute(sim_options(out, source, wait=False))
+    assert second.tally.status["ok"] == 30
+    assert second.tally.skipped == 0, "collected rows counted twice"
+    assert "already done" not in summary_line(second)
+    third = execute(sim_options(out, source, wait=False))
+    assert third.tally.skipped == 30 and third.in_batches == 0

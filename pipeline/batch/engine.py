@@ -232,8 +232,10 @@ class BatchEngine:
         if waiting:
             rows = sum(c.rows for c in waiting)
             self._about.update(batches_open=len(waiting), rows_waiting=rows)
+            result.in_batches = rows
+            batches = f"{len(waiting):,} batch" + ("es" if len(waiting) != 1 else "")
             job.progress.message(
-                f"{rows:,} rows wait in {len(waiting):,} batches; run again to collect "
+                f"{rows:,} rows wait in {batches}; run again to collect "
                 f"(`pipeline batches {out}` lists them)",
                 "notice",
             )
@@ -246,6 +248,11 @@ class BatchEngine:
         assert job is not None and result is not None and self._writer is not None
         opts = job.opts
         outcomes = load_outcomes(Path(opts.out))
+        # Rows this run has just collected are done now, but they are this run's outcomes,
+        # not rows "already done" before it: the summary counts each row once.
+        collected = result.tally.status["ok"] + (
+            0 if opts.retry_failed else result.tally.status["error"]
+        )
         selector = RowSelector(opts.row_selection(), outcomes, held_ids(ledger))
         ready: list[ClosedChunk] = []
         ledger.ensure()
@@ -283,7 +290,7 @@ class BatchEngine:
             chunks.discard()
             for left in ready:  # whole on disk, never entered in the ledger: not submitted
                 ledger.remove_files(left.chunk)
-        result.tally.skipped = selector.counts.done
+        result.tally.skipped = max(0, selector.counts.done - collected)
         self._about.update(
             submitted_batches=submitted["batches"],
             submitted_rows=submitted["rows"],
