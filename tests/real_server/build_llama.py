@@ -69,7 +69,12 @@ JOBS = 2
 # The model. Small enough to write and run in a blink; a 512-token context makes an
 # over-context prompt cheap to write.
 MODEL = {
-    "n_vocab_from": "ggml-vocab-llama-spm.gguf",  # SentencePiece, 32000 tokens, 0.7 MB
+    # Qwen2's tokenizer and its own ChatML template: <|im_start|> and <|im_end|> are
+    # control tokens there, as in every real ChatML model. (With a SentencePiece vocab
+    # where they are plain text, llama-server cannot replay the template's generation
+    # prompt through a json_schema grammar and refuses every structured request with
+    # "Failed to initialize samplers": a quirk of such a made-up model, not of servers.)
+    "vocab_from": "ggml-vocab-qwen2.gguf",  # byte-level BPE, 151936 tokens
     "context_length": 512,
     "embedding_length": 64,
     "block_count": 2,
@@ -78,14 +83,6 @@ MODEL = {
     "head_count_kv": 2,
     "seed": 20260429,
 }
-# ChatML: the most common template, and one llama.cpp recognises. Plain text here, so
-# a prompt's token count is its messages' tokens plus a fixed overhead per message.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 MODEL_NAME = "pipeline-test-tiny"
 
 
@@ -119,8 +116,8 @@ def ensure(root: Path | None = None, log: Any = None) -> Built:
             say,
             "model",
             root / f"{MODEL_NAME}.gguf",
-            lambda out: write_model(src / "models" / str(MODEL["n_vocab_from"]), out),
-            [MODEL, CHAT_TEMPLATE],
+            lambda out: write_model(src / "models" / str(MODEL["vocab_from"]), out),
+            MODEL,
         )
     return Built(server=server, model=model, version=VERSION, commit=LLAMA_CPP_COMMIT)
 
@@ -198,7 +195,8 @@ def _build(src: Path, out: Path) -> None:
 
 
 def write_model(vocab: Path, out: Path) -> None:
-    """A llama-architecture model with seeded random weights and ``vocab``'s tokenizer."""
+    """A llama-architecture model with seeded random weights and ``vocab``'s tokenizer
+    and chat template (every ``tokenizer.*`` field, copied as it is)."""
     import gguf
     import numpy as np
 
@@ -225,7 +223,6 @@ def write_model(vocab: Path, out: Path) -> None:
             vtype = field.types[0]
             sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(key, field.contents(), vtype, sub)
-    writer.add_chat_template(CHAT_TEMPLATE)
 
     rng = np.random.default_rng(int(MODEL["seed"]))
 

@@ -224,35 +224,38 @@ def test_labels_come_back_valid_through_the_servers_json_schema(
 # -- over-context, and a re-run ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
 def test_an_over_context_row_is_an_error_sent_once_and_a_rerun_sends_nothing(
-    llama_server: LlamaServer, tmp_path: Path
+    llama_server: LlamaServer, tmp_path: Path, stream: str
 ) -> None:
     """A prompt longer than a slot's context: the server refuses it with a 400 and says
     why; the row ends as an error with that text after one attempt (a 400 is not
     retried), the other rows are fine, and running the same command again sends
-    nothing at all (ok rows are done; an error is re-sent only with --retry-failed)."""
+    nothing at all (ok rows are done; an error is re-sent only with --retry-failed).
+    Streamed or not: llama-server refuses before it starts a stream."""
     long_prompt = " ".join(f"word{i}" for i in range(SLOT_CONTEXT))  # > 2 tokens a word
     rows_in = [*_prompts(3, "fits"), {"id": "too-long", "prompt": long_prompt}]
     src = write_jsonl(tmp_path / "rows.jsonl", list(rows_in))
     out = tmp_path / "out"
     tasks = llama_server.tasks()
-    code, stderr = _run(llama_server, out, str(src))
+    code, stderr = _run(llama_server, out, str(src), stream)
     assert code == 1, stderr
     assert llama_server.tasks() - tasks == len(rows_in)  # the long one once, too
     rows = {r["id"]: r for r in read_results(out)}
     assert collections.Counter(r["status"] for r in read_results(out)) == {"ok": 3, "error": 1}
     bad = rows["too-long"]
     assert bad["status"] == "error" and bad["http_status"] == 400 and bad["attempts"] == 1
-    assert "exceeds the available context size" in bad["error_message"], bad["error_message"]
+    assert bad["error_type"] == "exceed_context_size_error"  # the server's own type
+    assert "exceeds the available context size (512 tokens)" in bad["error_message"]
     assert bad["prompt_tokens"] is None and bad["completion_tokens"] is None
 
     tasks, predicted = llama_server.tasks(), llama_server.predicted()
-    code, stderr = _run(llama_server, out, str(src))
-    assert code in (0, 1), stderr
+    code, stderr = _run(llama_server, out, str(src), stream)
+    assert code == 0, stderr
     assert llama_server.tasks() == tasks
     assert llama_server.predicted() == predicted
     manifests = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
     rerun = max(manifests, key=lambda m: m["started_at"])
     assert rerun["counts"]["ok"] == rerun["counts"]["error"] == 0, rerun["counts"]
-    assert rerun["counts"]["skipped_done"] >= 3, rerun["counts"]
+    assert rerun["counts"]["skipped_done"] == len(rows_in), rerun["counts"]
     assert len(read_results(out)) == len(rows_in)  # no new result rows
