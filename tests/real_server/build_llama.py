@@ -70,10 +70,12 @@ JOBS = 2
 # over-context prompt cheap to write.
 MODEL = {
     # Qwen2's tokenizer and its own ChatML template: <|im_start|> and <|im_end|> are
-    # control tokens there, as in every real ChatML model. (With a SentencePiece vocab
-    # where they are plain text, llama-server cannot replay the template's generation
-    # prompt through a json_schema grammar and refuses every structured request with
-    # "Failed to initialize samplers": a quirk of such a made-up model, not of servers.)
+    # control tokens there, as in every real ChatML model. (Tried first: a SentencePiece
+    # vocab where they are plain text. This llama-server then refused every json_schema
+    # and json_object request with a 400 "Failed to initialize samplers: std::exception";
+    # its grammar for them starts with the template's generation prompt, which that
+    # vocab does not reproduce. A model with markers as plain text is rare; the error
+    # text, which names neither response_format nor json_schema, is worth knowing.)
     "vocab_from": "ggml-vocab-qwen2.gguf",  # byte-level BPE, 151936 tokens
     "context_length": 512,
     "embedding_length": 64,
