@@ -47,7 +47,17 @@ class Sender(Protocol[_Reply]):
 
 MODES = ("json_schema", "json_object", "prompt")  # best first
 _REFUSAL_STATUSES = frozenset({400, 422, 500})
-_REFUSAL_WORDS = ("response_format", "response format", "json_schema", "json_object")
+_REFUSAL_WORDS = (
+    "response_format",
+    "response format",
+    "json_schema",
+    "json_object",
+    # llama.cpp turns a schema into a grammar for its sampler; a schema or a tokenizer it
+    # cannot build one for is a 400 naming neither field: "Failed to initialize samplers"
+    # or a grammar parse error.
+    "sampler",
+    "grammar",
+)
 
 
 def check_mode(mode: str, where: str) -> str:
@@ -61,7 +71,8 @@ def refuses_structured(error: RequestError) -> bool:
     """True when the server said it cannot take the ``response_format`` it was sent.
 
     llama-cpp-python answers ``json_schema`` with a 500 whose message is FastAPI's
-    validation error for ``response_format.type``; others use 400 or 422. Any other
+    validation error for ``response_format.type``; others use 400 or 422; llama.cpp's
+    server says it could not build the sampler or grammar the schema asks for. Any other
     error (a context overflow, an outage) is not a refusal and is handled as usual.
     """
     if not isinstance(error, ApiError) or error.http_status not in _REFUSAL_STATUSES:

@@ -90,6 +90,19 @@ def test_rows_without_json_are_never_reshaped() -> None:
         (400, {"error": {"message": "response_format json_schema is not supported"}}, True),
         (422, {"detail": [{"loc": ["body", "response_format"], "msg": "extra"}]}, True),
         (400, {"error": {"message": "x", "param": "response_format"}}, True),
+        # llama.cpp's server, when it cannot build the grammar a schema asks for
+        (
+            400,
+            {
+                "error": {
+                    "code": 400,
+                    "message": "Failed to initialize samplers: std::exception",
+                    "type": "invalid_request_error",
+                }
+            },
+            True,
+        ),
+        (400, {"error": {"message": "failed to parse grammar"}}, True),
         (400, {"error": {"message": "the request exceeds the available context size"}}, False),
         (503, {"error": {"message": "response_format queue full"}}, False),
         (429, {"error": {"message": "json_schema rate limit"}}, False),
