@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 
+from pipeline import codec
 from pipeline.config import DEFAULT_DEADLINE, DEFAULT_MAX_RESPONSE_MB
 from pipeline.errors import (
     ApiError,
@@ -196,7 +197,7 @@ class ChatClient:
             raise _classify(exc, self.redactor, streaming=self.stream) from None
 
     async def _send_json(self, base: str, body: dict[str, Any]) -> Reply:
-        content = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        content = codec.dumps(body)
         request = self._sender.build(self._urls[base], content)
         response = await self._sender.send(request)
         try:
@@ -237,7 +238,7 @@ class ChatClient:
 
     async def _send_stream(self, base: str, body: dict[str, Any]) -> Reply:
         payload = dict(body, stream=True, stream_options={"include_usage": True})
-        content = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        content = codec.dumps(payload)
         cap = self.max_response_bytes
         assembler = StreamAssembler(
             redact=self.redactor.data if self.redactor else None,
