@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 
+from pipeline import codec
 from pipeline.errors import (
     ApiError,
     ConfigurationError,
@@ -31,7 +32,13 @@ from pipeline.errors import (
     UsageError,
 )
 from pipeline.failover import Endpoints
-from pipeline.httpx_shortcuts import skip_empty_cookies, unbind
+from pipeline.httpx_shortcuts import (
+    Sender,
+    lean_aiohttp_transport,
+    read_capped,
+    skip_empty_cookies,
+    unbind,
+)
 from pipeline.redact import Redactor, refuse_url_secrets
 from pipeline.wire import (
     MAX_SSE_LINE_BYTES,
@@ -152,6 +159,7 @@ class ChatClient:
             transport=transport,
         )
         skip_empty_cookies(self._http)
+        self._sender = Sender(self._http, list(self._urls.values()))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -207,9 +215,9 @@ class ChatClient:
             raise _classify(exc, self.redactor, streaming=self.stream) from None
 
     async def _send_json(self, base: str, body: dict[str, Any]) -> Reply:
-        content = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        request = self._http.build_request("POST", self._urls[base], content=content)
-        response = await self._http.send(request, stream=True)
+        content = codec.dumps(body)
+        request = self._sender.build(self._urls[base], content)
+        response = await self._sender.send(request)
         try:
             _refuse_redirect(response, self.redactor)
             raw = self.redactor.data(await self._read_body(response))
@@ -229,6 +237,14 @@ class ChatClient:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
             raise _too_large(cap)
+        try:
+            body = await read_capped(response, cap)
+        except LookupError:  # not from the lean transport: httpx reads (and decodes) it
+            pass
+        else:
+            if body is None:
+                raise _too_large(cap)
+            return body
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.aiter_bytes():
@@ -240,7 +256,7 @@ class ChatClient:
 
     async def _send_stream(self, base: str, body: dict[str, Any]) -> Reply:
         payload = dict(body, stream=True, stream_options={"include_usage": True})
-        content = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        content = codec.dumps(payload)
         cap = self.max_response_bytes
         assembler = StreamAssembler(
             redact=self.redactor.data if self.redactor else None,
@@ -410,9 +426,7 @@ def _aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
     """httpx's API over aiohttp's connection handling: measured ~5x faster on 2 cores
     (bench/RESULTS.md), and it holds thousands of connections where httpx's own pool
     times out on connect."""
-    from httpx_aiohttp import AiohttpTransport
-
-    return AiohttpTransport(limits=limits)
+    return lean_aiohttp_transport(limits)
 
 
 def _describe(exc: BaseException, redactor: Redactor | None = None) -> str:

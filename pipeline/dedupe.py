@@ -42,7 +42,9 @@ DEDUPE_WINDOW = 20_000
 class Dedupe:
     def __init__(self, window: int = DEDUPE_WINDOW) -> None:
         self.window = window  # finished answers remembered (distinct requests)
-        self._in_flight: dict[str, anyio.Event] = {}
+        # Requests on the wire, with the event a twin waits on (made only when one does:
+        # most requests have no twin, and an event per request was measurable CPU).
+        self._in_flight: dict[str, anyio.Event | None] = {}
         self._done: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     async def run(self, job: Job, send: Callable[[], Awaitable[Rows]]) -> Rows:
@@ -52,18 +54,21 @@ class Dedupe:
             if finished is not None:
                 self._done.move_to_end(key)
                 return [self._copy(finished, job)]
-            waiting = self._in_flight.get(key)
-            if waiting is None:
+            if key not in self._in_flight:
                 break
+            waiting = self._in_flight[key]
+            if waiting is None:
+                waiting = self._in_flight[key] = anyio.Event()
+            # The twin is done: take its answer, or (it failed or was stopped) send
+            # this one, unless another waiter woke first and sends it already.
             await waiting.wait()
-            if key not in self._done:
-                break  # the twin failed or was stopped: send this one itself
-        event = self._in_flight[key] = anyio.Event()
+        self._in_flight[key] = None
         try:
             rows = await send()
         finally:
-            del self._in_flight[key]
-            event.set()
+            event = self._in_flight.pop(key)
+            if event is not None:
+                event.set()
         if rows and rows[-1]["status"] == "ok":
             self._done[key] = rows[-1]
             if len(self._done) > self.window:

@@ -266,6 +266,18 @@ class RateLimiter:
         return prompt_tokens + math.ceil(mean)
 
     async def acquire(self, estimated_tokens: int = 0) -> Permit:
+        # The common case, decided without the gate: nobody queued (whoever waits holds
+        # the gate), a free slot, no rate bucket to charge, no pause. Taking the gate
+        # and its checkpoint for it was ~1% of the event loop at zero latency.
+        if (
+            self._requests is None
+            and self._tokens is None
+            and self.in_flight < int(self.limit)
+            and not self._gate.locked()
+            and (not self.paused_until or self.paused_until <= self._clock())
+        ):
+            self.in_flight += 1
+            return Permit(estimated_tokens)
         async with self._gate:
             while True:
                 now = self._clock()

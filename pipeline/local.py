@@ -10,6 +10,8 @@ does.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import time
 from collections.abc import Awaitable, Callable, Container, Iterator
 from contextlib import AbstractContextManager
@@ -171,6 +173,29 @@ def file_source(files: list[Path], max_line_bytes: int) -> RowSource:
     return RowSource(batches, lambda: count_rows(files))
 
 
+EVENT_LOOP_ENV = "PIPELINE_EVENT_LOOP"
+
+
+def event_loop_options() -> dict[str, Any]:
+    """``anyio.run``'s options for the event loop a run uses, from ``PIPELINE_EVENT_LOOP``.
+
+    ``asyncio`` (the default): the standard library's loop. ``uvloop``: uvloop's, when
+    installed (``pip install uvloop``), for less CPU per request (bench/RESULTS.md).
+    Opt-in, so a run behaves as tested unless asked: the test suite runs the default.
+    Anything else is a usage error, found before anything is sent.
+    """
+    choice = os.environ.get(EVENT_LOOP_ENV, "").strip().lower() or "asyncio"
+    if choice == "asyncio":
+        return {}
+    if choice != "uvloop":
+        raise UsageError(f"{EVENT_LOOP_ENV}={choice!r}: choose asyncio or uvloop")
+    if importlib.util.find_spec("uvloop") is None:
+        raise UsageError(
+            f"{EVENT_LOOP_ENV}=uvloop, but uvloop is not installed (pip install uvloop)"
+        )
+    return {"backend_options": {"use_uvloop": True}}
+
+
 class LocalEngine:
     """Every row in this process (or every row of one ``--shard``)."""
 
@@ -187,8 +212,10 @@ class LocalEngine:
         self._files: list[Path] = []
         self._runner: Runner | None = None
         self._batches: dict[str, Any] | None = None  # what collecting OUT's batches did
+        self._loop: dict[str, Any] = {}
 
     def inputs(self, opts: RunOptions) -> tuple[RunOptions, list[str]]:
+        self._loop = event_loop_options()
         self._files = expand_sources(
             list(opts.sources), out=opts.out, say=warn_on_stderr(opts.log_format)
         )
@@ -228,7 +255,7 @@ class LocalEngine:
 
     def run(self) -> tuple[RunResult, dict[str, Any] | None]:
         assert self._runner is not None, "prepare() first"
-        result = anyio.run(self._runner.run)
+        result = anyio.run(self._runner.run, **self._loop)
         result.unsaved = self._runner.sink.unsaved
         return result, None if self._batches is None else {"batches": self._batches}
 

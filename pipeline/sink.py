@@ -36,6 +36,7 @@ from typing import IO, Any
 
 import pyarrow.parquet as pq
 
+from pipeline import codec
 from pipeline.errors import SinkError as SinkError
 from pipeline.lock import open_nofollow
 from pipeline.manifest import fsync_dir, replace_durably
@@ -190,7 +191,7 @@ class ResultSink:
         self._after_break = 0  # results held only in memory since the break
         self._seq = 0
         self._buffer: list[dict[str, Any]] = []
-        self._journal: IO[str] | None = None
+        self._journal: IO[bytes] | None = None
         self._journal_path: Path | None = None
         self._unflushed = 0  # results given to the file object since its last flush
         self._unsynced = 0  # journaled results not yet fsynced
@@ -237,7 +238,7 @@ class ResultSink:
         """Another write to OUT (a Parquet part) failed: treat it as the journal's own."""
         return self._break(exc)
 
-    def _open_segment(self) -> IO[str]:
+    def _open_segment(self) -> IO[bytes]:
         self._seq += 1
         self._journal_path = self.out / "journal" / f"{self.run_id}-{self._seq:05d}.jsonl"
         fd = os.open(
@@ -245,7 +246,7 @@ class ResultSink:
             os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
             0o644,
         )
-        self._journal = os.fdopen(fd, "a", encoding="utf-8")
+        self._journal = os.fdopen(fd, "ab")
         self._new_segment = True
         return self._journal
 
@@ -259,7 +260,7 @@ class ResultSink:
         self._unflushed += 1
         try:
             journal = self._journal or self._open_segment()
-            journal.write(json.dumps(row, ensure_ascii=False, default=_encode) + "\n")
+            journal.write(codec.dumps_line(row, _encode))
         except OSError as exc:
             raise self._break(exc) from exc
         if not self._unsynced:

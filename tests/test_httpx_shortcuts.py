@@ -4,17 +4,28 @@ not in a slow or leaky production run."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import tomllib
 import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
-from pipeline.httpx_shortcuts import SkipEmptyCookies, skip_empty_cookies, unbind
+from pipeline.client import ChatClient, Connection
+from pipeline.httpx_shortcuts import (
+    Sender,
+    SkipEmptyCookies,
+    lean_aiohttp_transport,
+    read_capped,
+    skip_empty_cookies,
+    unbind,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.anyio
@@ -88,3 +99,117 @@ def test_httpx_is_capped_below_the_next_minor_version() -> None:
     assert cap, f"httpx has no upper bound: {spec!r}"
     major, minor = (int(x) for x in httpx.__version__.split(".")[:2])
     assert (major, minor) < (int(cap[1]), int(cap[2]))
+
+
+# -- Sender and the lean aiohttp transport -------------------------------------------
+
+ANSWER = {
+    "id": "c1",
+    "model": "m",
+    "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+
+
+@contextlib.asynccontextmanager
+async def _server(
+    seen: list[web.Request], headers: dict[str, str] | None = None, body: bytes | None = None
+) -> AsyncIterator[str]:
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append(request)
+        if body is not None:
+            return web.Response(body=body, content_type="application/json", headers=headers)
+        return web.json_response(ANSWER, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()
+
+
+def test_the_client_keeps_what_sender_reads_where_it_reads_it() -> None:
+    """Sender reads the client's transport, its proxy mounts and its default encoding."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(200))
+    client = httpx.AsyncClient(transport=transport)
+    assert client._transport is transport
+    assert client._transport_for_url(httpx.URL("http://gw.test/v1")) is transport
+    assert client._default_encoding == "utf-8"
+    assert Sender(client, [httpx.URL("http://gw.test/v1")]).direct
+
+
+@pytest.mark.parametrize("why", ["auth", "hook", "mount"])
+def test_sender_takes_httpx_own_path_when_send_would_do_more(why: str) -> None:
+    transport = httpx.MockTransport(lambda request: httpx.Response(200))
+    kwargs: dict[str, Any] = {"transport": transport}
+    if why == "auth":
+        kwargs["auth"] = ("user", "pass")
+    elif why == "hook":
+        kwargs["event_hooks"] = {"request": [lambda request: None]}
+    else:  # another transport for this host (as a proxy would be mounted)
+        kwargs["mounts"] = {"http://gw.test": httpx.MockTransport(lambda r: httpx.Response(200))}
+    client = httpx.AsyncClient(**kwargs)
+    assert not Sender(client, [httpx.URL("http://gw.test/v1/chat/completions")]).direct
+
+
+async def test_chat_requests_skip_async_client_send_and_keep_their_headers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The default transport's requests go straight to aiohttp, with the same headers
+    httpx would send (the key, the content type, the length), and the answer is read."""
+
+    async def no_send(*args: object, **kwargs: object) -> httpx.Response:
+        raise AssertionError("AsyncClient.send was used")
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", no_send)
+    seen: list[web.Request] = []
+    async with _server(seen) as url:
+        client = ChatClient([url], "sk-test-key", Connection())
+        try:
+            reply = await client.complete({"model": "m", "messages": []})
+        finally:
+            await client.aclose()
+    assert reply.answer.content == "hi" and reply.answer.usage.total_tokens == 4
+    headers = seen[0].headers
+    assert headers["authorization"] == "Bearer sk-test-key"
+    assert headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == seen[0].content_length > 0
+    assert headers["host"].startswith("127.0.0.1:")
+    assert "user-agent" in headers and "accept-encoding" in headers
+
+
+async def test_a_cookie_set_by_the_gateway_goes_back_on_the_lean_path() -> None:
+    seen: list[web.Request] = []
+    async with _server(seen, headers={"set-cookie": "affinity=node7; Path=/"}) as url:
+        client = ChatClient([url], "sk-test-key", Connection())
+        try:
+            for _ in range(2):
+                await client.complete({"model": "m", "messages": []})
+        finally:
+            await client.aclose()
+    assert "cookie" not in seen[0].headers
+    assert seen[1].headers["cookie"] == "affinity=node7"
+
+
+async def test_read_capped_reads_the_lean_stream_whole_and_stops_past_the_cap() -> None:
+    body = b'{"x": "' + b"a" * 100_000 + b'"}'
+    seen: list[web.Request] = []
+    async with _server(seen, body=body) as url:
+        limits = httpx.Limits(max_connections=4)
+        async with httpx.AsyncClient(transport=lean_aiohttp_transport(limits)) as client:
+            sender = Sender(client, [httpx.URL(url)])
+            for cap, expected in ((len(body), body), (len(body) - 1, None)):
+                request = sender.build(httpx.URL(f"{url}/chat/completions"), b"{}")
+                response = await sender.send(request)
+                assert await read_capped(response, cap) == expected
+                await response.aclose()
+            plain = httpx.Response(200, content=b"{}")
+            with pytest.raises(LookupError):
+                await read_capped(plain, 10)

@@ -354,3 +354,34 @@ async def test_start_empty_without_rates_changes_nothing(clock: FakeClock) -> No
     times = await admit_times(limiter, clock, 100)
 
     assert times[-1] == start and limiter.rpm is None
+
+
+async def test_a_free_slot_with_no_bucket_is_taken_without_the_gate(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only --concurrency, a slot free, nobody queued: admitted on the spot (the gate
+    and its checkpoint cost ~1% of the event loop per request); a full cap, a pause or
+    a bucket still go through the gate, first come, first served."""
+    limiter = RateLimiter(Limits(2), clock=clock, sleep=clock.sleep)
+    gate_used: list[bool] = []
+    real = type(limiter._gate).__aenter__
+
+    async def spy(self: object) -> None:
+        gate_used.append(True)
+        await real(self)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(limiter._gate), "__aenter__", spy)
+    first, second = await limiter.acquire(), await limiter.acquire()
+    assert limiter.in_flight == 2 and not gate_used
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(limiter.acquire)  # the cap is reached: it queues at the gate
+        await wait_all_tasks_blocked()
+        assert gate_used and limiter.in_flight == 2
+        limiter.release(first)
+    assert limiter.in_flight == 2
+    limiter.release(second)
+    limiter.paused_until = clock.now + 5.0  # a pause: the gate again, and the wait
+    gate_used.clear()
+    permit = await limiter.acquire()
+    assert gate_used and clock.now >= limiter.paused_until
+    limiter.release(permit)

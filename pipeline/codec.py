@@ -1,0 +1,104 @@
+"""JSON out on the hot path: orjson where it writes what the standard library means.
+
+Every request encodes a body and journals a result row. With the standard library a
+journal line alone (35 columns, two datetimes through a ``default`` callback) cost
+more CPU than the rest of the writer; orjson writes the same in a twentieth of the
+time (bench/RESULTS.md). orjson differs from ``json`` in a few corners, and each is
+sent to ``json`` instead, so what is sent and stored means exactly what the standard
+library would have written:
+
+- a float that is not finite (``json`` writes ``NaN``, orjson ``null``) or an Enum
+  is looked for first, and the value goes to ``json``; datetimes and dataclasses go
+  to the caller's ``default``, as with ``json``;
+- an int past 64 bits, a key that is not a string, a lone surrogate or nesting past
+  orjson's limit make orjson raise, and ``json`` then does what it always did
+  (raise, or write it);
+- whitespace differs (orjson writes none); every JSON reader reads both the same.
+
+Answers are still decoded by ``json``: orjson reads a short answer hardly faster once
+its corners (integers past 64 bits become floats) are guarded. Request fingerprints
+(``request.request_hash``) stay on ``json`` too: their bytes must never change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+import orjson
+
+_STDLIB = json.JSONEncoder(ensure_ascii=False)
+_LINE = (
+    orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+
+
+_PLAIN = frozenset({str, int, bool, type(None), datetime})  # nothing to look into
+
+
+def _finite(value: Any) -> bool:
+    """False when a float that is not finite (or an Enum) is anywhere in ``value``.
+
+    Written for speed (it runs on every body and journal line): exact types first,
+    no generator; subclasses and unknown types take the slow, general path.
+    """
+    kind = type(value)
+    if kind is float:
+        return bool(value - value == 0.0)  # inf - inf and nan - nan are nan
+    if kind is dict:
+        items: Iterable[Any] = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    elif kind in _PLAIN:
+        return True
+    else:
+        return _finite_other(value)
+    for item in items:
+        kind = type(item)
+        if kind in _PLAIN:
+            continue
+        if kind is float:
+            if item - item != 0.0:
+                return False
+        elif not _finite(item):
+            return False
+    return True
+
+
+def _finite_other(value: Any) -> bool:
+    if isinstance(value, Enum):
+        return False  # orjson writes its value, json its str(): let json do it
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def dumps(value: Any) -> bytes:
+    """``json.dumps(value, ensure_ascii=False).encode("utf-8")``, but fast: a request body."""
+    if _finite(value):
+        try:
+            return orjson.dumps(value)
+        except TypeError:  # orjson.JSONEncodeError: see the module docstring
+            pass
+    return _STDLIB.encode(value).encode("utf-8")
+
+
+def dumps_line(value: Any, default: Callable[[Any], Any]) -> bytes:
+    """``json.dumps(value, ensure_ascii=False, default=default)`` plus a newline, as UTF-8:
+    a journal line. ``default`` is called for what JSON has no type for, datetimes and
+    dataclasses included (orjson would write those its own way)."""
+    if _finite(value):
+        try:
+            return orjson.dumps(value, default=default, option=_LINE)
+        except TypeError:
+            pass
+    text = json.dumps(value, ensure_ascii=False, default=default)
+    return (text + "\n").encode("utf-8")
