@@ -226,7 +226,7 @@ class ChatClient:
         unbind(response)
         if response.status_code >= 400:
             raise parse_error(response.status_code, raw, response.headers, self.redactor.text)
-        answer = parse_completion(raw)
+        answer = parse_completion(raw, self.redactor.text if self.redactor else None)
         if self.redactor:
             _scrub_answer(answer, self.redactor)
         return Reply(answer, base, response.status_code, response.headers, 0.0)
@@ -260,6 +260,7 @@ class ChatClient:
         cap = self.max_response_bytes
         assembler = StreamAssembler(
             redact=self.redactor.data if self.redactor else None,
+            redact_text=self.redactor.text if self.redactor else None,
             max_line_bytes=min(MAX_SSE_LINE_BYTES, cap),
         )
         async with self._http.stream("POST", self._urls[base], content=content) as response:

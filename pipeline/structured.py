@@ -202,3 +202,23 @@ class StructuredOutput:
             entry = out.setdefault(base_url, {"refused": dict(self._refused.get(base_url, {}))})
             entry[kind] = self.mode(base_url, kind)
         return out
+
+
+def merge_reports(
+    into: dict[str, dict[str, Any]], report: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Add one ``StructuredOutput.report`` to ``into`` (runners that each learned on
+    their own, e.g. one per Ray split): refusals add up, and each kind's mode is the
+    furthest any of them was moved to. Returns ``into``."""
+    for base_url, entry in report.items():
+        if not isinstance(entry, Mapping):
+            continue
+        merged = into.setdefault(base_url, {"refused": {}})
+        counts = merged["refused"]
+        for mode, count in (entry.get("refused") or {}).items():
+            counts[mode] = counts.get(mode, 0) + int(count)
+        for kind in ("json_schema", "json_object"):
+            mode = entry.get(kind)
+            if mode in MODES:
+                merged[kind] = mode if kind not in merged else _later(merged[kind], mode)
+    return into

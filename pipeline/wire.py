@@ -122,14 +122,17 @@ def _loads(text: bytes | str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def parse_completion(body: bytes | str) -> Answer:
-    """Parse a non-streamed chat.completion body. A cut or malformed body is retryable."""
+def parse_completion(body: bytes | str, redact: Callable[[str], str] | None = None) -> Answer:
+    """Parse a non-streamed chat.completion body. A cut or malformed body is retryable.
+
+    ``redact`` (the client's key scrubber) runs on the texts of an error inside the 200
+    (an HTML page, an ``error`` object) before its message is cut short."""
     try:
         data = _loads(body)
     except ValueError as exc:  # UnicodeDecodeError is a ValueError
         raw = body.encode("utf-8", "replace") if isinstance(body, str) else body
         if raw.lstrip()[:1] == b"<":  # a proxy's page (a login or an error) sent as a 200
-            reason = _body_text(raw, {})
+            reason = _body_text(raw, {}, redact)
             raise TransportError(
                 "malformed_response", f"response body is not JSON: {reason}"
             ) from None
@@ -137,7 +140,7 @@ def parse_completion(body: bytes | str) -> Answer:
     if not isinstance(data, dict):
         raise TransportError("malformed_response", "response body is not a JSON object")
     if isinstance(data.get("error"), Mapping):
-        raise error_from_body(200, data, {})
+        raise error_from_body(200, data if redact is None else scrub_strings(data, redact), {})
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
         raise TransportError("malformed_response", "response has no choices")
@@ -231,19 +234,22 @@ def parse_error(
     The status decides what happens (retry, give up on the row, stop the run); the body
     only gives a short readable message, so no body, however hostile, can raise here
     or put more than ``MAX_ERROR_MESSAGE`` characters into the results. ``redact``
-    (the client's key scrubber) runs on the decoded texts before they are cut short, so
-    a key rebuilt by a JSON escape is never left half in a message.
+    (the client's key scrubber) runs on every decoded text before any of it is cut
+    short, so a key rebuilt by a JSON escape or an HTML character reference is never
+    left half in a message.
     """
     fields: _ErrorFields | None = None
     if not body.strip():
         fields = _ErrorFields(message="empty response body")
     else:
         try:
-            fields = _error_fields(_loads(body))
+            data = _loads(body)
         except ValueError:
-            fields = None
+            pass
+        else:
+            fields = _error_fields(data if redact is None else scrub_strings(data, redact))
         if fields is None:
-            fields = _ErrorFields(message=_body_text(body, headers))
+            fields = _ErrorFields(message=_body_text(body, headers, redact))
     if redact is not None:
         for name in ("message", "type", "param", "fallback", "code"):
             value = getattr(fields, name)
@@ -381,23 +387,58 @@ def _compact(value: Any) -> str:
     return text[: MAX_ERROR_MESSAGE + 1]
 
 
-def _body_text(body: bytes, headers: Mapping[str, str]) -> str:
+def scrub_strings(data: Any, redact: Callable[[str], str]) -> Any:
+    """Parsed JSON with ``redact`` applied to every string in it, keys included.
+
+    Decoding can rebuild a key the raw bytes did not show (a ``\\u`` escape), and the
+    messages built from an error are cut short; scrubbing every decoded string first
+    means no cut can leave part of a key behind. The containers are fresh from the
+    decoder, so they are changed in place; iterative, so nesting costs no stack.
+    """
+    if isinstance(data, str):
+        return redact(data)
+    stack: list[Any] = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            for i, value in enumerate(node):
+                if isinstance(value, str):
+                    node[i] = redact(value)
+                elif isinstance(value, (list, dict)):
+                    stack.append(value)
+        elif isinstance(node, dict):
+            items = list(node.items())
+            node.clear()
+            for key, value in items:
+                if isinstance(value, str):
+                    value = redact(value)
+                elif isinstance(value, (list, dict)):
+                    stack.append(value)
+                node[redact(key) if isinstance(key, str) else key] = value
+    return data
+
+
+def _body_text(
+    body: bytes, headers: Mapping[str, str], redact: Callable[[str], str] | None = None
+) -> str:
     """A non-JSON body as a short message: an HTML page by its title (or first heading),
-    anything else by its first characters, whitespace collapsed."""
+    anything else by its first characters, whitespace collapsed. ``redact`` runs on
+    the decoded text (HTML character references unescaped) before it is cut."""
     text = body[: _HTML_SCAN * 4].decode("utf-8", "replace")
     content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
     head = text[:_HTML_SCAN].translate(_ASCII_LOWER)  # same length: indexes into text
     if "html" in content_type.lower() or any(
         tag in head for tag in ("<html", "<!doctype html", "<title", "<body", "<h1")
     ):
-        title = _html_title(text[:_HTML_SCAN], head)
+        title = _html_title(text[:_HTML_SCAN], head, redact)
         if title:
             return f"{title} (an HTML page, not an API answer)"
         return f"an HTML page of {len(body):,} bytes, not an API answer"
-    return _clean(" ".join(text[: MAX_PAGE_MESSAGE * 4].split()), MAX_PAGE_MESSAGE)
+    shown = " ".join(text[: MAX_PAGE_MESSAGE * 4].split())
+    return _clean(shown if redact is None else redact(shown), MAX_PAGE_MESSAGE)
 
 
-def _html_title(text: str, lowered: str) -> str:
+def _html_title(text: str, lowered: str, redact: Callable[[str], str] | None = None) -> str:
     """The text of the page's ``<title>``, else its first ``<h1>``/``<h2>``: found with
     plain string searches, so a hostile page costs linear time."""
     for tag in ("title", "h1", "h2"):
@@ -409,8 +450,8 @@ def _html_title(text: str, lowered: str) -> str:
             continue
         close = lowered.find(f"</{tag}", open_end)
         inner = text[open_end + 1 : close if close != -1 else open_end + 1 + MAX_PAGE_MESSAGE * 4]
-        words = html.unescape(_strip_tags(inner[: MAX_PAGE_MESSAGE * 4])).split()
-        title = _clean(" ".join(words), MAX_PAGE_MESSAGE)
+        words = " ".join(html.unescape(_strip_tags(inner[: MAX_PAGE_MESSAGE * 4])).split())
+        title = _clean(words if redact is None else redact(words), MAX_PAGE_MESSAGE)
         if title:
             return title
     return ""
@@ -482,16 +523,19 @@ class StreamAssembler:
     ``feed_bytes`` takes the socket's bytes: each complete line goes through
     ``redact`` (the client's key scrubber) before it is decoded or parsed, and a line
     that grows past ``max_line_bytes`` without ending fails the stream as
-    ``response_too_large`` rather than growing the process without bound.
+    ``response_too_large`` rather than growing the process without bound. An error
+    event's decoded texts go through ``redact_text`` before its message is cut.
     """
 
     def __init__(
         self,
         *,
         redact: Callable[[bytes], bytes] | None = None,
+        redact_text: Callable[[str], str] | None = None,
         max_line_bytes: int = MAX_SSE_LINE_BYTES,
     ) -> None:
         self._redact = redact
+        self._redact_text = redact_text
         self._max_line = max_line_bytes
         self._pending = bytearray()  # the start of a line whose end has not come yet
         self._content: list[str] = []
@@ -574,6 +618,8 @@ class StreamAssembler:
             # (llama.cpp's server sends {"error": {"code": 400, ...}}), else a 500.
             code = chunk["error"].get("code")
             status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+            if self._redact_text is not None:
+                chunk = scrub_strings(chunk, self._redact_text)
             raise error_from_body(status, chunk, {})
         self._chunk(chunk)
 

@@ -506,3 +506,27 @@ def test_the_jobs_spend_includes_writers_that_did_not_finish(clock: FakeClock) -
     clock.now += DEAD_AFTER + 1
     coord.heartbeat("alive", {"spent_usd": 0.75})  # "dead" goes quiet for good
     assert coord.finished()["spent_usd"] == pytest.approx(1.0 + 0.75 + 0.25)
+
+
+# ------------------------------------------------------------------ structured output
+
+
+def test_the_structured_modes_each_split_used_reach_the_driver_merged(clock: FakeClock) -> None:
+    """Each Ray split learns the endpoint's structured mode on its own; the run's
+    manifest and end-of-run notes need what all of them did, not nothing."""
+    coord = make(clock)
+    url = "http://gw.test/v1"
+    coord.register("a")
+    coord.register("b")
+    coord.register("c")
+
+    coord.finish("a", {"ok": 3, "structured": {url: {"refused": {"json_schema": 1},
+                                                     "json_schema": "json_object"}}})  # fmt: skip
+    coord.finish("b", {"ok": 2, "structured": {url: {"refused": {"json_schema": 1,
+                                                                 "json_object": 1},
+                                                     "json_schema": "prompt"}}})  # fmt: skip
+    coord.finish("c", {"ok": 1, "structured": {}})
+
+    assert coord.finished()["structured"] == {
+        url: {"refused": {"json_schema": 2, "json_object": 1}, "json_schema": "prompt"}
+    }

@@ -441,3 +441,60 @@ def test_a_key_rebuilt_by_json_escapes_is_redacted_before_the_message_is_cut() -
 
     assert "sk-test" not in error.message
     assert len(error.message) <= MAX_ERROR_MESSAGE
+
+
+# A key a decoder rebuilds (JSON \u escapes, HTML character references) near the point
+# where a message is cut: the scrubber must see it whole, before any cut.
+_KEY = "sk-test-0123456789abcdef0123456789"
+_JSON_KEY = "".join(f"\\u{ord(c):04x}" for c in _KEY)
+_HTML_KEY = "".join(f"&#{ord(c)};" for c in _KEY)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # FastAPI's list of validation errors: each msg is cut at MAX_ERROR_MESSAGE
+        '{"detail": [{"msg": "' + "y" * 985 + _JSON_KEY + '"}]}',
+        # an item with no msg is shown as compact JSON, cut too
+        '{"detail": [{"input": "' + "y" * 980 + _JSON_KEY + '"}]}',
+        # a FastAPI detail object with no message
+        '{"detail": {"input": "' + "y" * 970 + _JSON_KEY + '"}}',
+        # an HTML page's title is cut at MAX_PAGE_MESSAGE
+        "<html><head><title>" + "x" * 270 + " " + _HTML_KEY + "</title></head></html>",
+    ],
+    ids=["detail_list_msg", "detail_list_item", "detail_object", "html_title"],
+)
+def test_a_key_rebuilt_by_decoding_is_redacted_before_any_part_of_the_message_is_cut(
+    body: str,
+) -> None:
+    error = parse_error(422, body.encode(), {}, Redactor(_KEY).text)
+
+    assert "sk-test" not in str(error) and "0123456789" not in str(error)
+    assert len(error.message) <= MAX_ERROR_MESSAGE
+
+
+def test_a_key_rebuilt_in_a_stream_error_event_is_redacted_before_it_is_cut() -> None:
+    redactor = Redactor(_KEY)
+    assembler = StreamAssembler(redact=redactor.data, redact_text=redactor.text)
+    event = '{"error": {"code": 400, "message": "' + "z" * 985 + _JSON_KEY + '"}}'
+
+    with pytest.raises(ApiError) as caught:
+        assembler.feed_bytes(f"data: {event}\n\n".encode())
+
+    assert "sk-test" not in str(caught.value) and "0123456789" not in str(caught.value)
+    assert caught.value.http_status == 400
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<html><head><title>" + "x" * 270 + " " + _HTML_KEY + "</title></head></html>",
+        '{"error": {"message": "' + "z" * 985 + _JSON_KEY + '"}}',
+    ],
+    ids=["html_page", "error_object"],
+)
+def test_a_key_rebuilt_in_an_error_inside_a_200_is_redacted_before_it_is_cut(body: str) -> None:
+    with pytest.raises((ApiError, TransportError)) as caught:
+        parse_completion(body.encode(), Redactor(_KEY).text)
+
+    assert "sk-test" not in str(caught.value) and "0123456789" not in str(caught.value)

@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline.limiter import MIN_EVIDENCE, OUTCOME_WINDOW, OVERLOAD_CUT, OVERLOAD_SHARE
 from pipeline.progress import COUNTS
+from pipeline.structured import merge_reports
 
 HEARTBEAT_SECONDS = 0.5  # how often a worker reports and takes its share
 DEAD_AFTER = 10.0  # seconds without a heartbeat after which a worker's share is freed
@@ -101,6 +102,8 @@ class Coordinator:
         self._largest_completion = 0
         self._dead: dict[str, _Worker] = {}  # presumed dead: their grants count as spent
         self._finished_writers: list[str] = []
+        # Per base URL, the structured-output modes the finished splits used (merged).
+        self._structured: dict[str, dict[str, Any]] = {}
 
     # -- the key: handed over in memory (one method call), never in the workers' creation
     # arguments, their environment or a log -------------------------------------------
@@ -182,7 +185,7 @@ class Coordinator:
             self._stop = str(counts["fatal"])
         return self.share()
 
-    def finish(self, name: str, counts: dict[str, float]) -> None:
+    def finish(self, name: str, counts: dict[str, Any]) -> None:
         """A split is done: its counts become final, its ``spent_usd`` is booked and the
         rest of its grant goes back."""
         self.heartbeat(name, counts)
@@ -190,6 +193,9 @@ class Coordinator:
         for key in COUNTS:
             self._finished[key] += counts.get(key, 0)
         self._spent_finished += counts.get("spent_usd", 0.0)
+        structured = counts.get("structured")
+        if isinstance(structured, dict):
+            merge_reports(self._structured, structured)
         self._finished_writers.append(name)
         self.splits_left = max(0, self.splits_left - 1)
 
@@ -264,6 +270,7 @@ class Coordinator:
         return {
             "counts": dict(self._finished),
             "writers": list(self._finished_writers),
+            "structured": self._structured,
             # What is known to be spent: finished splits, plus what writers that have
             # not finished (alive, dead or stopped) last reported.
             "spent_usd": self._spent_finished

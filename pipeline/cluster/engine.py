@@ -91,6 +91,7 @@ def _counts(runner: Runner) -> dict[str, Any]:
     counts["answers"] = t.finished + t.superseded + t.retries
     counts["spent_usd"] = runner.budget.spent if runner.budget else 0.0
     counts["largest_completion"] = runner.budget.largest_completion if runner.budget else 0
+    counts["structured"] = runner.structured.report()  # the modes this split used
     if runner.result.fatal and not runner.result.signal:
         counts["fatal"] = runner.result.fatal
     return counts
@@ -369,6 +370,7 @@ def run_on_ray(
     finally:
         ray.kill(coordinator)
     tally.cost_usd = finished["spent_usd"]
+    result.structured = finished["structured"]
     result.pending = int(finished["counts"]["pending"])
     if failure is not None:
         result.internal = failure  # not a condition of the job's: exit 5, never 1 or 3
