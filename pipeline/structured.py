@@ -60,6 +60,11 @@ _REFUSAL_WORDS = (
 )
 
 
+# OpenAI (and servers that copy it) name a row's malformed schema this way: the mode is
+# fine, so one bad row must not move every later row to a weaker mode.
+_ROW_SCHEMA_WORDS = ("invalid schema", "schema is invalid", "invalid json schema")
+
+
 def check_mode(mode: str, where: str) -> str:
     """``mode`` if it is one of MODES; ValueError naming ``where`` otherwise."""
     if mode not in MODES:
@@ -78,6 +83,8 @@ def refuses_structured(error: RequestError) -> bool:
     if not isinstance(error, ApiError) or error.http_status not in _REFUSAL_STATUSES:
         return False
     text = f"{error.message} {error.param or ''} {error.error_type}".lower()
+    if any(word in text for word in _ROW_SCHEMA_WORDS):
+        return False  # the server takes the mode; this row's own schema is what it refused
     return any(word in text for word in _REFUSAL_WORDS)
 
 

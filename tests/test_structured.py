@@ -103,6 +103,18 @@ def test_rows_without_json_are_never_reshaped() -> None:
             True,
         ),
         (400, {"error": {"message": "failed to parse grammar"}}, True),
+        # one row's own malformed schema (OpenAI's wording): the row's error, not the mode's
+        (
+            400,
+            {
+                "error": {
+                    "message": "Invalid schema for response_format 'x': 'enum' must be a list",
+                    "param": "response_format",
+                    "type": "invalid_request_error",
+                }
+            },
+            False,
+        ),
         (400, {"error": {"message": "the request exceeds the available context size"}}, False),
         (503, {"error": {"message": "response_format queue full"}}, False),
         (429, {"error": {"message": "json_schema rate limit"}}, False),
