@@ -164,6 +164,15 @@ def build_runner(
     )
 
 
+def input_files(opts: RunOptions) -> list[Path]:
+    """The run's input files, expanded (folders, globs; hidden files skipped) and each
+    checked readable: a pre-flight step, so a missing file is exit 2 with nothing sent."""
+    files = expand_sources(list(opts.sources), out=opts.out, say=warn_on_stderr(opts.log_format))
+    for path in files:
+        check_readable(path)
+    return files
+
+
 def file_source(files: list[Path], max_line_bytes: int) -> RowSource:
     """Rows of whole input files, counted in the background for the ETA."""
 
@@ -216,11 +225,7 @@ class LocalEngine:
 
     def inputs(self, opts: RunOptions) -> tuple[RunOptions, list[str]]:
         self._loop = event_loop_options()
-        self._files = expand_sources(
-            list(opts.sources), out=opts.out, say=warn_on_stderr(opts.log_format)
-        )
-        for path in self._files:
-            check_readable(path)
+        self._files = input_files(opts)
         return opts, [str(f) for f in self._files]
 
     def connect(self, opts: RunOptions) -> AbstractContextManager[None]:

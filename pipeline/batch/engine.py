@@ -48,7 +48,7 @@ from pipeline.resume import load_outcomes
 from pipeline.runner import RunResult
 from pipeline.selection import RowSelector
 from pipeline.sink import recover_journals
-from pipeline.source import check_readable, expand_sources, read_rows, warn_on_stderr
+from pipeline.source import read_rows
 
 # Polling an open batch: every 5 s at first (a small or simulated batch ends in
 # seconds), doubling to once a minute (a real one takes minutes to hours; polling
@@ -108,11 +108,9 @@ class BatchEngine:
 
     def inputs(self, opts: RunOptions) -> tuple[RunOptions, list[str]]:
         check_batch_provider(opts)
-        self._files = expand_sources(
-            list(opts.sources), out=opts.out, say=warn_on_stderr(opts.log_format)
-        )
-        for path in self._files:
-            check_readable(path)
+        from pipeline.local import input_files  # (local imports this engine's collector)
+
+        self._files = input_files(opts)
         return opts, [str(f) for f in self._files]
 
     def connect(self, opts: RunOptions) -> AbstractContextManager[None]:
