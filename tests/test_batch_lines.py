@@ -192,6 +192,36 @@ def test_ids_from_the_provider_or_the_ledger_never_become_paths() -> None:
     assert odd["status"] == "unknown" and odd["output_file_id"] is None
 
 
+def test_a_batch_object_of_any_shape_is_checked_not_fatal() -> None:
+    """A status that is an object (unhashable) or counts of the wrong type once stopped
+    every run on the OUT with an internal error (exit 5), and ``pipeline batches`` too."""
+    from pipeline.batch.api import _batch
+    from pipeline.batch.listing import _row, _table
+
+    odd = _batch(
+        {
+            "id": "b1",
+            "status": {"x": 1},
+            "request_counts": {"total": True, "completed": -4, "failed": "lots"},
+        }
+    )
+    assert odd["status"] == "unknown" and odd["request_counts"] == {}
+    for status in ([1], 7, None):
+        assert _batch({"id": "b1", "status": status})["status"] == "unknown"
+    assert _batch({"id": "b1", "request_counts": [1, 2]})["request_counts"] == {}
+    counts = {"total": 3, "completed": 2, "failed": 1, "x": 9}
+    assert _batch({"id": "b1", "request_counts": counts})["request_counts"] == {
+        "total": 3, "completed": 2, "failed": 1
+    }  # fmt: skip
+    from pipeline.batch.ledger import OPEN, Chunk
+
+    chunk = Chunk("c1", rows=3, state=OPEN, batch_id="b1")
+    live = _batch({"id": "b1", "status": "in_progress", "request_counts": {"completed": "lots"}})
+    from pipeline.batch.listing import Listed
+
+    assert "in_progress" in _table([_row(Listed(chunk, live), 0.0, {})])
+
+
 def test_a_ledger_naming_paths_is_not_followed(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "out")
     victim = tmp_path / "victim.jsonl"
