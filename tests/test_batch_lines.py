@@ -92,6 +92,33 @@ def test_a_damaged_ledger_is_read_not_fatal(tmp_path_factory: Any, garbage: list
     assert chunks["c1"].rows == 3
 
 
+def test_a_lone_surrogate_in_an_answer_is_stored_not_fatal(tmp_path: Path) -> None:
+    """``\\ud800`` in an output line's body parses to a str UTF-8 cannot encode: it once
+    crashed the collection (exit 5) on every run, so the OUT's rows stayed held forever."""
+    body = {
+        "id": "\\udc00id",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "X"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+    raw = json.dumps({"custom_id": "r1", "response": {"status_code": 200, "body": body}})
+    raw = raw.replace('"X"', '"bad \\ud800 text"').replace('"\\\\udc00id"', '"\\udc00id"')
+    custom_id, data = custom_id_of(raw.encode())
+    assert custom_id == "r1"
+    outcome = read_line(
+        data, JOB, CTX, batch_id="b1", base_url="u", started_at=WHEN, redactor=Redactor("k")
+    )
+    assert outcome.row is not None and outcome.row["status"] == "ok"
+    assert outcome.row["prompt_tokens"] == 3 and outcome.row["completion_tokens"] == 2
+    from pipeline.schema import storable
+
+    stored = storable(outcome.row)
+    assert str(stored["content"]).encode("utf-8").startswith(b"bad ")
+
+
 def test_a_line_with_4xx_is_an_error_row_with_the_servers_message() -> None:
     line = {
         "custom_id": "r1",
