@@ -518,3 +518,44 @@ def test_max_cost_submits_only_the_rows_whose_worst_case_fits(tmp_path: Path) ->
     bad = options(tmp_path, source, max_cost=1.0, pricing=tmp_path / "missing.csv")
     with pytest.raises(UsageError):
         execute(bad, transport=fake.transport())
+
+
+def test_rows_collected_by_another_process_are_never_neither_done_nor_held(
+    tmp_path: Path,
+) -> None:
+    """A shard's ``--wait`` loop collects every batch of the OUT, a sibling shard's too,
+    and keeps polling for hours. Once a batch is marked collected its rows are no longer
+    held, so they must already be in a Parquet part: rows only in the collecting
+    process's open journal are invisible to the sibling, whose next run (or its own
+    ``--finish-sync``) would send and bill them again."""
+    import anyio
+
+    from pipeline.batch.api import BatchApi
+    from pipeline.batch.collect import Collector, RowWriter, held_ids
+    from pipeline.outcome import RunContext
+    from pipeline.progress import Progress, Tally
+    from pipeline.resume import load_outcomes
+
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", 30)
+    assert execute(options(tmp_path, source, wait=False), transport=fake.transport()).exit_code == 0
+    out = tmp_path / "out"
+    ledger = Ledger(out)
+    fake.finish = True
+    api = BatchApi(BASE, None, transport=fake.transport())
+    writer = RowWriter(out, "other-shard-batch", Tally(), 100_000)  # still open afterwards
+    collector = Collector(ledger, api, RunContext("r", "p"), writer, Progress(Tally(), quiet=True))
+
+    async def go() -> None:
+        try:
+            await collector.collect()
+        finally:
+            await api.aclose()
+
+    anyio.run(go)
+    assert collector.report.rows == 30
+    done, held = load_outcomes(out), held_ids(ledger)
+    lost = [f"r{i}" for i in range(30) if f"r{i}" not in done.ok and f"r{i}" not in held]
+    writer.close()
+    assert lost == []

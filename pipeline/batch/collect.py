@@ -385,7 +385,11 @@ class Collector:
         if missing:
             failed = _batch_error(batch)
             pending[failed or MISSING] += missing
-        self.writer.commit()  # every row durable before the chunk is closed
+        # Every row in a Parquet part before the chunk is closed: once "collected" its
+        # rows are no longer held, and another process (a sibling shard, this run's
+        # own --finish-sync) reads only parts, not this process's open journal; rows
+        # left there would be neither done nor held, and sent (billed) again.
+        self.writer.close()
         crash_point("collected-rows")
         result = {"status": batch.get("status"), "rows": rows, "pending": dict(pending)}
         self.ledger.append(
