@@ -559,3 +559,36 @@ def test_rows_collected_by_another_process_are_never_neither_done_nor_held(
     lost = [f"r{i}" for i in range(30) if f"r{i}" not in done.ok and f"r{i}" not in held]
     writer.close()
     assert lost == []
+
+
+def test_held_ids_are_read_before_the_results_when_selecting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the results first, then the held ids, leaves a window: a sibling shard
+    that closes a batch in between makes its rows neither done nor held, and this run
+    sends them again. Held first closes it (a batch's rows reach a part before it is
+    marked collected)."""
+    import pipeline.batch.engine as engine
+
+    order: list[str] = []
+    real_held, real_load = engine.held_ids, engine.load_outcomes
+
+    def held(*a: Any, **k: Any) -> Any:
+        order.append("held")
+        return real_held(*a, **k)
+
+    def load(*a: Any, **k: Any) -> Any:
+        order.append("results")
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(engine, "held_ids", held)
+    monkeypatch.setattr(engine, "load_outcomes", load)
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", 5)
+    run = execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    assert run.exit_code == 0
+    opts = options(tmp_path, source, wait=False, finish_sync=True)
+    assert execute(opts, transport=fake.transport()).exit_code == 0
+    assert order and order[0] == "held"
+    assert all(order[i] == "held" for i in range(0, len(order), 2)), order

@@ -247,13 +247,17 @@ class BatchEngine:
         job, result = self._job, self._result
         assert job is not None and result is not None and self._writer is not None
         opts = job.opts
+        # Held first, results second: a batch another process (a sibling shard) closes
+        # in between has its rows in a part before it is marked collected, so each row
+        # is seen as held or as done, never as neither (which would send it again).
+        held = held_ids(ledger)
         outcomes = load_outcomes(Path(opts.out))
         # Rows this run has just collected are done now, but they are this run's outcomes,
         # not rows "already done" before it: the summary counts each row once.
         collected = result.tally.status["ok"] + (
             0 if opts.retry_failed else result.tally.status["error"]
         )
-        selector = RowSelector(opts.row_selection(), outcomes, held_ids(ledger))
+        selector = RowSelector(opts.row_selection(), outcomes, held)
         ready: list[ClosedChunk] = []
         ledger.ensure()
         token = collector.token
@@ -428,6 +432,7 @@ class BatchEngine:
         assert job is not None and result is not None and result.fatal is None
         opts = job.opts
         client = make_client(opts, job.base_urls, job.api_key, transport=self._transport)
+        held = held_ids(ledger)  # before the results: see _submit
         runner = build_runner(
             opts,
             run_id=job.run_id,
@@ -438,7 +443,7 @@ class BatchEngine:
             progress=Progress(Tally(), quiet=True),
             sleep=self._sleep,
             clock=self._clock,
-            held=held_ids(ledger),
+            held=held,
         )
         sync = await runner.run()
         t, s = result.tally, sync.tally
