@@ -592,3 +592,41 @@ def test_held_ids_are_read_before_the_results_when_selecting(
     assert execute(opts, transport=fake.transport()).exit_code == 0
     assert order and order[0] == "held"
     assert all(order[i] == "held" for i in range(0, len(order), 2)), order
+
+
+def test_a_lost_create_is_found_even_when_the_gateway_lists_oldest_first(
+    tmp_path: Path,
+) -> None:
+    """A gateway that lists batches oldest first (OpenAI lists newest first; proxies
+    need not) once made reconcile stop at the first old batch, abandon a chunk whose
+    batch exists, and so submit (bill) its rows a second time."""
+    import anyio
+
+    from pipeline.batch.api import BatchApi
+    from pipeline.batch.collect import Collector, RowWriter
+    from pipeline.outcome import RunContext
+    from pipeline.progress import Progress, Tally
+
+    out = tmp_path / "out"
+    ledger = Ledger(out)
+    token = ledger.token()
+    ledger.append("chunk", "dead-0001", run="dead", rows=1, model="m")
+    ledger.append("create", "dead-0001", file_id="file-1")
+    ours = {
+        "id": "batch-ours",
+        "status": "in_progress",
+        "created_at": int(time.time()),
+        "metadata": {"pipeline_out": token, "pipeline_chunk": "dead-0001"},
+    }
+    old = {"id": "batch-old", "status": "completed", "created_at": 1, "metadata": {}}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/batches"
+        return httpx.Response(200, json={"data": [old, ours], "has_more": False})
+
+    api = BatchApi(BASE, None, transport=httpx.MockTransport(handle))
+    writer = RowWriter(out, "x", Tally(), 100)
+    collector = Collector(ledger, api, RunContext("r", "p"), writer, Progress(Tally(), quiet=True))
+    anyio.run(collector.reconcile)
+    (chunk,) = ledger.chunks().values()
+    assert chunk.state == "open" and chunk.batch_id == "batch-ours"

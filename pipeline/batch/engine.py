@@ -362,7 +362,6 @@ class BatchEngine:
             result.fatal = f"uploading a batch file failed: {exc}"
             return
         metadata = {"pipeline_out": token, "pipeline_run": job.run_id, "pipeline_chunk": name}
-        written = time.time()
         ledger.append("create", name, file_id=file_id)
 
         async def find() -> Any:
@@ -372,10 +371,7 @@ class BatchEngine:
                     meta = {}
                 if meta.get("pipeline_out") == token and meta.get("pipeline_chunk") == name:
                     return batch
-                created = batch.get("created_at")
-                if isinstance(created, int | float) and created < written - 3600:
-                    return None
-            return None
+            return None  # the whole list: a proxy may not list newest first
 
         try:
             batch = await api.create_batch(file_id, metadata, find)
