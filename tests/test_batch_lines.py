@@ -249,6 +249,41 @@ def test_a_batch_object_of_any_shape_is_checked_not_fatal() -> None:
     assert "in_progress" in _table([_row(Listed(chunk, live), 0.0, {})])
 
 
+def test_a_key_rebuilt_by_json_escapes_in_a_batch_object_is_scrubbed(tmp_path: Path) -> None:
+    """The raw bytes show no key (``\\u0073k-...``), parsing rebuilds it: the batch's
+    error code went to stderr, the ledger and the manifest as the reason rows went
+    back to pending."""
+    import anyio
+
+    from pipeline.batch.api import BatchApi
+
+    key = "sk-secret-123456"
+    escaped = "\\u0073" + key[1:]
+    raw = (
+        '{"id": "b1", "status": "failed", "errors": {"data": [{"code": "bad ESC",'
+        ' "message": "ESC"}]}, "metadata": {"ESC": "ESC"}}'
+    ).replace("ESC", escaped)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=raw.encode())
+
+    api = BatchApi("http://h/v1", key, transport=httpx.MockTransport(handle))
+
+    async def go() -> dict[str, Any]:
+        try:
+            return await api.retrieve("b1")
+        finally:
+            await api.aclose()
+
+    assert key not in raw
+    batch = anyio.run(go)
+    assert key not in json.dumps(batch)
+    assert batch["errors"]["data"][0]["code"] == "bad [REDACTED]"
+    from pipeline.batch.collect import _batch_error
+
+    assert key not in str(_batch_error(batch))
+
+
 def test_a_ledger_naming_paths_is_not_followed(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "out")
     victim = tmp_path / "victim.jsonl"

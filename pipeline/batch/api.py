@@ -294,6 +294,11 @@ def _batch(data: Any, redactor: Redactor | None = None) -> dict[str, Any]:
     batch = dict(data)
     if redactor is not None and redactor.text(batch["id"]) != batch["id"]:
         raise WireError("malformed_response", "the batch id carries the key")
+    if redactor is not None and redactor:
+        # The raw bytes were scrubbed, but a ``\\u`` escape rebuilds the key on
+        # parsing; an error code or a metadata value reaches stderr, the ledger and
+        # the manifest, so every string of the object is scrubbed once more.
+        batch = _scrubbed(batch, redactor)
     status = batch.get("status")
     if not isinstance(status, str) or status not in STATUSES:  # a dict is unhashable
         batch["status"] = "unknown"
@@ -310,6 +315,19 @@ def _batch(data: Any, redactor: Redactor | None = None) -> dict[str, Any]:
         if batch.get(key) is not None and safe_id(batch[key]) is None:
             batch[key] = None
     return batch
+
+
+def _scrubbed(value: Any, redactor: Redactor, depth: int = 0) -> Any:
+    """``value`` (parsed JSON) with the key taken out of every string, keys included."""
+    if isinstance(value, str):
+        return redactor.text(value)
+    if depth > 50:  # json.loads bounds nesting; this bounds the walk all the same
+        return None
+    if isinstance(value, Mapping):
+        return {redactor.text(str(k)): _scrubbed(v, redactor, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v, redactor, depth + 1) for v in value]
+    return value
 
 
 def is_api_error(exc: BaseException, *statuses: int) -> bool:
