@@ -518,3 +518,115 @@ def test_max_cost_submits_only_the_rows_whose_worst_case_fits(tmp_path: Path) ->
     bad = options(tmp_path, source, max_cost=1.0, pricing=tmp_path / "missing.csv")
     with pytest.raises(UsageError):
         execute(bad, transport=fake.transport())
+
+
+def test_rows_collected_by_another_process_are_never_neither_done_nor_held(
+    tmp_path: Path,
+) -> None:
+    """A shard's ``--wait`` loop collects every batch of the OUT, a sibling shard's too,
+    and keeps polling for hours. Once a batch is marked collected its rows are no longer
+    held, so they must already be in a Parquet part: rows only in the collecting
+    process's open journal are invisible to the sibling, whose next run (or its own
+    ``--finish-sync``) would send and bill them again."""
+    import anyio
+
+    from pipeline.batch.api import BatchApi
+    from pipeline.batch.collect import Collector, RowWriter, held_ids
+    from pipeline.outcome import RunContext
+    from pipeline.progress import Progress, Tally
+    from pipeline.resume import load_outcomes
+
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", 30)
+    assert execute(options(tmp_path, source, wait=False), transport=fake.transport()).exit_code == 0
+    out = tmp_path / "out"
+    ledger = Ledger(out)
+    fake.finish = True
+    api = BatchApi(BASE, None, transport=fake.transport())
+    writer = RowWriter(out, "other-shard-batch", Tally(), 100_000)  # still open afterwards
+    collector = Collector(ledger, api, RunContext("r", "p"), writer, Progress(Tally(), quiet=True))
+
+    async def go() -> None:
+        try:
+            await collector.collect()
+        finally:
+            await api.aclose()
+
+    anyio.run(go)
+    assert collector.report.rows == 30
+    done, held = load_outcomes(out), held_ids(ledger)
+    lost = [f"r{i}" for i in range(30) if f"r{i}" not in done.ok and f"r{i}" not in held]
+    writer.close()
+    assert lost == []
+
+
+def test_held_ids_are_read_before_the_results_when_selecting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the results first, then the held ids, leaves a window: a sibling shard
+    that closes a batch in between makes its rows neither done nor held, and this run
+    sends them again. Held first closes it (a batch's rows reach a part before it is
+    marked collected)."""
+    import pipeline.batch.engine as engine
+
+    order: list[str] = []
+    real_held, real_load = engine.held_ids, engine.load_outcomes
+
+    def held(*a: Any, **k: Any) -> Any:
+        order.append("held")
+        return real_held(*a, **k)
+
+    def load(*a: Any, **k: Any) -> Any:
+        order.append("results")
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(engine, "held_ids", held)
+    monkeypatch.setattr(engine, "load_outcomes", load)
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", 5)
+    run = execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    assert run.exit_code == 0
+    opts = options(tmp_path, source, wait=False, finish_sync=True)
+    assert execute(opts, transport=fake.transport()).exit_code == 0
+    assert order and order[0] == "held"
+    assert all(order[i] == "held" for i in range(0, len(order), 2)), order
+
+
+def test_a_lost_create_is_found_even_when_the_gateway_lists_oldest_first(
+    tmp_path: Path,
+) -> None:
+    """A gateway that lists batches oldest first (OpenAI lists newest first; proxies
+    need not) once made reconcile stop at the first old batch, abandon a chunk whose
+    batch exists, and so submit (bill) its rows a second time."""
+    import anyio
+
+    from pipeline.batch.api import BatchApi
+    from pipeline.batch.collect import Collector, RowWriter
+    from pipeline.outcome import RunContext
+    from pipeline.progress import Progress, Tally
+
+    out = tmp_path / "out"
+    ledger = Ledger(out)
+    token = ledger.token()
+    ledger.append("chunk", "dead-0001", run="dead", rows=1, model="m")
+    ledger.append("create", "dead-0001", file_id="file-1")
+    ours = {
+        "id": "batch-ours",
+        "status": "in_progress",
+        "created_at": int(time.time()),
+        "metadata": {"pipeline_out": token, "pipeline_chunk": "dead-0001"},
+    }
+    old = {"id": "batch-old", "status": "completed", "created_at": 1, "metadata": {}}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/batches"
+        return httpx.Response(200, json={"data": [old, ours], "has_more": False})
+
+    api = BatchApi(BASE, None, transport=httpx.MockTransport(handle))
+    writer = RowWriter(out, "x", Tally(), 100)
+    collector = Collector(ledger, api, RunContext("r", "p"), writer, Progress(Tally(), quiet=True))
+    anyio.run(collector.reconcile)
+    (chunk,) = ledger.chunks().values()
+    assert chunk.state == "open" and chunk.batch_id == "batch-ours"

@@ -92,6 +92,33 @@ def test_a_damaged_ledger_is_read_not_fatal(tmp_path_factory: Any, garbage: list
     assert chunks["c1"].rows == 3
 
 
+def test_a_lone_surrogate_in_an_answer_is_stored_not_fatal(tmp_path: Path) -> None:
+    """``\\ud800`` in an output line's body parses to a str UTF-8 cannot encode: it once
+    crashed the collection (exit 5) on every run, so the OUT's rows stayed held forever."""
+    body = {
+        "id": "\\udc00id",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "X"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+    raw = json.dumps({"custom_id": "r1", "response": {"status_code": 200, "body": body}})
+    raw = raw.replace('"X"', '"bad \\ud800 text"').replace('"\\\\udc00id"', '"\\udc00id"')
+    custom_id, data = custom_id_of(raw.encode())
+    assert custom_id == "r1"
+    outcome = read_line(
+        data, JOB, CTX, batch_id="b1", base_url="u", started_at=WHEN, redactor=Redactor("k")
+    )
+    assert outcome.row is not None and outcome.row["status"] == "ok"
+    assert outcome.row["prompt_tokens"] == 3 and outcome.row["completion_tokens"] == 2
+    from pipeline.schema import storable
+
+    stored = storable(outcome.row)
+    assert str(stored["content"]).encode("utf-8").startswith(b"bad ")
+
+
 def test_a_line_with_4xx_is_an_error_row_with_the_servers_message() -> None:
     line = {
         "custom_id": "r1",
@@ -190,6 +217,71 @@ def test_ids_from_the_provider_or_the_ledger_never_become_paths() -> None:
         _batch({"id": "batch_sk-secret"}, Redactor("sk-secret"))
     odd = _batch({"id": "b1", "status": "<script>", "output_file_id": "../../x"})
     assert odd["status"] == "unknown" and odd["output_file_id"] is None
+
+
+def test_a_batch_object_of_any_shape_is_checked_not_fatal() -> None:
+    """A status that is an object (unhashable) or counts of the wrong type once stopped
+    every run on the OUT with an internal error (exit 5), and ``pipeline batches`` too."""
+    from pipeline.batch.api import _batch
+    from pipeline.batch.listing import _row, _table
+
+    odd = _batch(
+        {
+            "id": "b1",
+            "status": {"x": 1},
+            "request_counts": {"total": True, "completed": -4, "failed": "lots"},
+        }
+    )
+    assert odd["status"] == "unknown" and odd["request_counts"] == {}
+    for status in ([1], 7, None):
+        assert _batch({"id": "b1", "status": status})["status"] == "unknown"
+    assert _batch({"id": "b1", "request_counts": [1, 2]})["request_counts"] == {}
+    counts = {"total": 3, "completed": 2, "failed": 1, "x": 9}
+    assert _batch({"id": "b1", "request_counts": counts})["request_counts"] == {
+        "total": 3, "completed": 2, "failed": 1
+    }  # fmt: skip
+    from pipeline.batch.ledger import OPEN, Chunk
+
+    chunk = Chunk("c1", rows=3, state=OPEN, batch_id="b1")
+    live = _batch({"id": "b1", "status": "in_progress", "request_counts": {"completed": "lots"}})
+    from pipeline.batch.listing import Listed
+
+    assert "in_progress" in _table([_row(Listed(chunk, live), 0.0, {})])
+
+
+def test_a_key_rebuilt_by_json_escapes_in_a_batch_object_is_scrubbed(tmp_path: Path) -> None:
+    """The raw bytes show no key (``\\u0073k-...``), parsing rebuilds it: the batch's
+    error code went to stderr, the ledger and the manifest as the reason rows went
+    back to pending."""
+    import anyio
+
+    from pipeline.batch.api import BatchApi
+
+    key = "sk-secret-123456"
+    escaped = "\\u0073" + key[1:]
+    raw = (
+        '{"id": "b1", "status": "failed", "errors": {"data": [{"code": "bad ESC",'
+        ' "message": "ESC"}]}, "metadata": {"ESC": "ESC"}}'
+    ).replace("ESC", escaped)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=raw.encode())
+
+    api = BatchApi("http://h/v1", key, transport=httpx.MockTransport(handle))
+
+    async def go() -> dict[str, Any]:
+        try:
+            return await api.retrieve("b1")
+        finally:
+            await api.aclose()
+
+    assert key not in raw
+    batch = anyio.run(go)
+    assert key not in json.dumps(batch)
+    assert batch["errors"]["data"][0]["code"] == "bad [REDACTED]"
+    from pipeline.batch.collect import _batch_error
+
+    assert key not in str(_batch_error(batch))
 
 
 def test_a_ledger_naming_paths_is_not_followed(tmp_path: Path) -> None:

@@ -286,18 +286,48 @@ STATUSES = frozenset(
 
 def _batch(data: Any, redactor: Redactor | None = None) -> dict[str, Any]:
     """A batch object, checked before it is used: a plain id that carries no key, a
-    known status (else ``unknown``), file ids that are plain too (else dropped)."""
+    known status (else ``unknown``), file ids that are plain too (else dropped), and
+    ``request_counts`` holding only non-negative integer counts: whatever shape the
+    server sends, neither collecting nor ``pipeline batches`` may trip over it."""
     if not isinstance(data, Mapping) or safe_id(data.get("id")) is None:
         raise WireError("malformed_response", "the answer is not a batch object")
     batch = dict(data)
     if redactor is not None and redactor.text(batch["id"]) != batch["id"]:
         raise WireError("malformed_response", "the batch id carries the key")
-    if batch.get("status") not in STATUSES:
+    if redactor is not None and redactor:
+        # The raw bytes were scrubbed, but a ``\\u`` escape rebuilds the key on
+        # parsing; an error code or a metadata value reaches stderr, the ledger and
+        # the manifest, so every string of the object is scrubbed once more.
+        batch = _scrubbed(batch, redactor)
+    status = batch.get("status")
+    if not isinstance(status, str) or status not in STATUSES:  # a dict is unhashable
         batch["status"] = "unknown"
+    counts = batch.get("request_counts")
+    batch["request_counts"] = {
+        k: v
+        for k, v in (counts.items() if isinstance(counts, Mapping) else ())
+        if k in ("total", "completed", "failed")
+        and isinstance(v, int)
+        and not isinstance(v, bool)
+        and 0 <= v < 2**53
+    }
     for key in ("output_file_id", "error_file_id", "input_file_id"):
         if batch.get(key) is not None and safe_id(batch[key]) is None:
             batch[key] = None
     return batch
+
+
+def _scrubbed(value: Any, redactor: Redactor, depth: int = 0) -> Any:
+    """``value`` (parsed JSON) with the key taken out of every string, keys included."""
+    if isinstance(value, str):
+        return redactor.text(value)
+    if depth > 50:  # json.loads bounds nesting; this bounds the walk all the same
+        return None
+    if isinstance(value, Mapping):
+        return {redactor.text(str(k)): _scrubbed(v, redactor, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v, redactor, depth + 1) for v in value]
+    return value
 
 
 def is_api_error(exc: BaseException, *statuses: int) -> bool:

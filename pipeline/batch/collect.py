@@ -235,7 +235,9 @@ class Collector:
         if not unsure:
             return
         wanted = {c.chunk: c for c in unsure}
-        oldest = min(c.written_at for c in unsure) - 3600.0
+        # The whole list (the API bounds it in pages), never stopping at an old batch:
+        # OpenAI lists newest first, a proxy need not, and abandoning a chunk whose
+        # batch exists would submit, and bill, its rows twice.
         async for batch in self.api.batches():
             match = self._match(batch, wanted)
             if match is not None:
@@ -244,9 +246,6 @@ class Collector:
                 del wanted[match.chunk]
                 if not wanted:
                     break
-            created = batch.get("created_at")
-            if isinstance(created, int | float) and created < oldest:
-                break  # newest first: older batches cannot be ours
         for chunk in wanted.values():
             self._abandon(chunk, "the provider has no batch for it (the create never arrived)")
 
@@ -385,7 +384,11 @@ class Collector:
         if missing:
             failed = _batch_error(batch)
             pending[failed or MISSING] += missing
-        self.writer.commit()  # every row durable before the chunk is closed
+        # Every row in a Parquet part before the chunk is closed: once "collected" its
+        # rows are no longer held, and another process (a sibling shard, this run's
+        # own --finish-sync) reads only parts, not this process's open journal; rows
+        # left there would be neither done nor held, and sent (billed) again.
+        self.writer.close()
         crash_point("collected-rows")
         result = {"status": batch.get("status"), "rows": rows, "pending": dict(pending)}
         self.ledger.append(

@@ -245,13 +245,17 @@ class BatchEngine:
         job, result = self._job, self._result
         assert job is not None and result is not None and self._writer is not None
         opts = job.opts
+        # Held first, results second: a batch another process (a sibling shard) closes
+        # in between has its rows in a part before it is marked collected, so each row
+        # is seen as held or as done, never as neither (which would send it again).
+        held = held_ids(ledger)
         outcomes = load_outcomes(Path(opts.out))
         # Rows this run has just collected are done now, but they are this run's outcomes,
         # not rows "already done" before it: the summary counts each row once.
         collected = result.tally.status["ok"] + (
             0 if opts.retry_failed else result.tally.status["error"]
         )
-        selector = RowSelector(opts.row_selection(), outcomes, held_ids(ledger))
+        selector = RowSelector(opts.row_selection(), outcomes, held)
         ready: list[ClosedChunk] = []
         ledger.ensure()
         token = collector.token
@@ -356,7 +360,6 @@ class BatchEngine:
             result.fatal = f"uploading a batch file failed: {exc}"
             return
         metadata = {"pipeline_out": token, "pipeline_run": job.run_id, "pipeline_chunk": name}
-        written = time.time()
         ledger.append("create", name, file_id=file_id)
 
         async def find() -> Any:
@@ -366,10 +369,7 @@ class BatchEngine:
                     meta = {}
                 if meta.get("pipeline_out") == token and meta.get("pipeline_chunk") == name:
                     return batch
-                created = batch.get("created_at")
-                if isinstance(created, int | float) and created < written - 3600:
-                    return None
-            return None
+            return None  # the whole list: a proxy may not list newest first
 
         try:
             batch = await api.create_batch(file_id, metadata, find)
@@ -426,6 +426,7 @@ class BatchEngine:
         assert job is not None and result is not None and result.fatal is None
         opts = job.opts
         client = make_client(opts, job.base_urls, job.api_key, transport=self._transport)
+        held = held_ids(ledger)  # before the results: see _submit
         runner = build_runner(
             opts,
             run_id=job.run_id,
@@ -436,7 +437,7 @@ class BatchEngine:
             progress=Progress(Tally(), quiet=True),
             sleep=self._sleep,
             clock=self._clock,
-            held=held_ids(ledger),
+            held=held,
         )
         sync = await runner.run()
         t, s = result.tally, sync.tally

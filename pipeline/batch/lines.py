@@ -82,7 +82,10 @@ def read_line(
     if isinstance(status, bool) or not isinstance(status, int):
         status = 0
     body = response.get("body")
-    raw = json.dumps(body, ensure_ascii=False).encode("utf-8")
+    # ASCII escapes, as the server's bytes may have had them: a lone surrogate
+    # (``"\\ud800"``) parses to a str that UTF-8 cannot encode, and must reach the
+    # synchronous parser as it would from the wire, not crash the collection.
+    raw = json.dumps(body).encode("ascii")
     if 200 <= status < 300:
         try:
             answer = parse_completion(raw)
