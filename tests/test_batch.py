@@ -41,6 +41,7 @@ class FakeBatches:
         self.creates = 0
         self.sync_prompts: list[str] = []  # prompts answered by /v1/chat/completions
         self.calls: list[str] = []
+        self.retried_line = False  # a 500 line for the first row before its answer
         self._n = 0
 
     def _id(self, prefix: str) -> str:
@@ -144,6 +145,9 @@ class FakeBatches:
                 response = {"status_code": 400, "body": body}
                 err.append({"custom_id": cid, "response": response, "error": None})
                 continue
+            if self.retried_line and n == 0:
+                failed = {"status_code": 500, "body": {"error": {"message": "try again"}}}
+                out.append({"custom_id": cid, "response": failed, "error": None})
             self.billed[cid] = self.billed.get(cid, 0) + 1
             labeled = '{"label": "positive"}' if "response_format" in line["body"] else None
             answer = self._answer(cid, line["body"]["model"], labeled)
@@ -630,3 +634,19 @@ def test_a_lost_create_is_found_even_when_the_gateway_lists_oldest_first(
     anyio.run(collector.reconcile)
     (chunk,) = ledger.chunks().values()
     assert chunk.state == "open" and chunk.batch_id == "batch-ours"
+
+
+def test_a_later_billed_answer_for_a_row_wins_over_an_earlier_retryable_line(
+    tmp_path: Path,
+) -> None:
+    """A provider (or a proxy) that writes a 5xx line and then the row's answer: the
+    billed answer is kept, not thrown away and bought again by a resubmission."""
+    fake = FakeBatches()
+    fake.retried_line = True
+    source = write_rows(tmp_path / "rows.jsonl", 3)
+    result = execute(options(tmp_path, source), transport=fake.transport(), sleep=no_sleep)
+    rows = results(tmp_path / "out")
+    assert result.exit_code == 0
+    assert sorted(r["id"] for r in rows if r["status"] == "ok") == sorted(fake.billed)
+    assert len(rows) == 3 and fake.creates == 1
+    assert set(fake.billed.values()) == {1}, "a row billed twice"

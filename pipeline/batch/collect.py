@@ -345,16 +345,18 @@ class Collector:
                 jobs[entry["id"]] = entry
         started = _when(batch.get("created_at")) or _when(chunk.written_at) or datetime.now(UTC)
         answered: set[str] = set()
+        # Rows a line sent back to pending (a 5xx, an expiry): a later line for the same
+        # id may still carry its billed answer, which must win over a resubmission.
+        waiting: dict[str, str] = {}
         pending: Counter[str] = Counter()
         rows = 0
         for path in files:
             for raw in _lines(path):
                 custom_id, data = custom_id_of(raw)
                 about = jobs.get(custom_id) if custom_id is not None else None
-                if about is None or custom_id in answered:
+                if custom_id is None or about is None or custom_id in answered:
                     self.report.skipped_lines += 1
                     continue
-                answered.add(custom_id)  # type: ignore[arg-type]
                 job: Job = job_from_row_line(about)
                 outcome = read_line(
                     data,
@@ -365,22 +367,31 @@ class Collector:
                     started_at=started,
                     redactor=self.api.redactor,
                 )
-                shared = followers.pop(custom_id, [])  # type: ignore[arg-type]
-                if outcome.row is not None:
-                    if custom_id not in done:  # a collection cut short wrote it already
-                        self.writer.write(outcome.row)
-                        rows += 1
-                    if outcome.row["status"] == "ok":
-                        for twin in shared:
-                            if twin["id"] not in done:
-                                self.writer.write(share(outcome.row, job_from_row_line(twin)))
-                                rows += 1
-                        shared = []
-                elif outcome.pending is not None:
-                    pending[outcome.pending] += 1
+                if outcome.row is None:
+                    if outcome.pending is not None:
+                        waiting[custom_id] = outcome.pending
+                    continue
+                answered.add(custom_id)
+                waiting.pop(custom_id, None)
+                shared = followers.pop(custom_id, [])
+                if custom_id not in done:  # a collection cut short wrote it already
+                    self.writer.write(outcome.row)
+                    rows += 1
+                if outcome.row["status"] == "ok":
+                    for twin in shared:
+                        if twin["id"] not in done:
+                            self.writer.write(share(outcome.row, job_from_row_line(twin)))
+                            rows += 1
+                    shared = []
                 if shared:  # a twin that got no answer: each row goes again on its own
                     pending["its identical request got no answer"] += len(shared)
-        missing = len(jobs) - len(answered) + sum(len(f) for f in followers.values())
+        for custom_id, why in waiting.items():
+            pending[why] += 1
+            shared = followers.pop(custom_id, [])
+            if shared:
+                pending["its identical request got no answer"] += len(shared)
+        missing = len(jobs) - len(answered) - len(waiting)
+        missing += sum(len(f) for f in followers.values())
         if missing:
             failed = _batch_error(batch)
             pending[failed or MISSING] += missing
