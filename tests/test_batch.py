@@ -318,7 +318,7 @@ def test_batches_lists_and_cancels_then_the_next_run_collects_what_finished(
     text, _ = list_batches(opts, transport=fake.transport(), now=time.time() + 3700)
     (batch_id,) = fake.batches
     assert batch_id in text and "validating" in text and "1h" in text
-    assert "1 open batches holding 40 rows" in text
+    assert "1 not yet collected, holding 40 rows" in text
 
     text, notes = list_batches(opts, cancel=True, transport=fake.transport())
     assert fake.batches[batch_id]["status"] == "cancelled"
@@ -338,7 +338,7 @@ def test_batches_lists_and_cancels_then_the_next_run_collects_what_finished(
     manifest = json.loads((out / "runs" / f"{result.run_id}.json").read_text())
     assert manifest["engine"]["back_to_pending"] == {"batch_cancelled": 20}
     text, _ = list_batches(batch_options(out), transport=fake.transport())
-    assert "collected (cancelled)" in text and "0 open batches" in text
+    assert "collected (cancelled)" in text and "0 not yet collected" in text
 
 
 def test_sync_run_collects_first_and_skips_held_rows(tmp_path: Path) -> None:

@@ -194,5 +194,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
         )
     open_rows = sum(r["rows"] for r in rows if r["open"])
     open_batches = sum(1 for r in rows if r["open"])
-    lines.append(f"{open_batches} open batches holding {open_rows:,} rows; {len(rows)} in all")
+    lines.append(
+        f"{open_batches} not yet collected, holding {open_rows:,} rows "
+        f"(the next pipeline run collects those that have ended); {len(rows)} in all"
+    )
     return "\n".join(lines)
