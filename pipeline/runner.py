@@ -71,6 +71,11 @@ from pipeline.tiers import (
 )
 
 GRACE_SECONDS = 30.0  # after a first signal, how long in-flight requests may take
+# Answers a worker may hand on before the writer has journaled them. A kill -9 loses
+# these as well as the requests in flight (the server billed them; a re-run buys them
+# again), so the buffer is small: a writer that falls behind (a loaded machine, a
+# slow disk) holds the workers back instead of piling up answers only memory knows.
+RESULTS_WAITING = 64
 
 
 class _Stopped(Exception):
@@ -249,7 +254,7 @@ class Runner:
             max_buffer_size=max(64, self.settings.workers)
         )
         results_tx, results_rx = anyio.create_memory_object_stream[dict[str, Any]](
-            max_buffer_size=4096
+            max_buffer_size=RESULTS_WAITING
         )
         try:
             async with anyio.create_task_group() as tg:
