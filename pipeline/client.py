@@ -197,7 +197,7 @@ class ChatClient:
                 self.endpoints.succeeded(base)
             exc.base_url = base
             if self.redactor:
-                _scrub(exc, self.redactor)
+                scrub_error(exc, self.redactor)
             raise
         self.endpoints.succeeded(base)
         reply.latency_ms = (self._clock() - started) * 1000.0
@@ -228,7 +228,7 @@ class ChatClient:
             raise parse_error(response.status_code, raw, response.headers, self.redactor.text)
         answer = parse_completion(raw, self.redactor.text if self.redactor else None)
         if self.redactor:
-            _scrub_answer(answer, self.redactor)
+            scrub_answer(answer, self.redactor)
         return Reply(answer, base, response.status_code, response.headers, 0.0)
 
     async def _read_body(self, response: httpx.Response) -> bytes:
@@ -285,7 +285,7 @@ class ChatClient:
         unbind(response)  # closed by now: the ``async with`` has exited
         answer = assembler.finish()
         if self.redactor:
-            _scrub_answer(answer, self.redactor)
+            scrub_answer(answer, self.redactor)
         return Reply(answer, base, status, headers, 0.0)
 
 
@@ -390,7 +390,7 @@ def _is_aiohttp(exc: BaseException, name: str) -> bool:
     return cls is not None and isinstance(exc, cls)
 
 
-def _scrub(exc: RequestError, redactor: Redactor) -> None:
+def scrub_error(exc: RequestError, redactor: Redactor) -> None:
     """The key out of every text a failed request carries (error column, logs, manifest).
 
     The raw bytes were scrubbed before parsing; decoding (a JSON escape) could still
@@ -409,8 +409,9 @@ def _scrub(exc: RequestError, redactor: Redactor) -> None:
         exc.fallback_suggestion = redactor.optional(exc.fallback_suggestion)
 
 
-def _scrub_answer(answer: Answer, redactor: Redactor) -> None:
-    """The parsed answer's texts, checked once more (see ``_scrub``)."""
+def scrub_answer(answer: Answer, redactor: Redactor) -> None:
+    """The parsed answer's texts, checked once more (see ``scrub_error``); also for
+    answers that came in a Batch-API output file."""
     answer.content = redactor.optional(answer.content)
     answer.reasoning_content = redactor.optional(answer.reasoning_content)
     answer.response_id = redactor.optional(answer.response_id)

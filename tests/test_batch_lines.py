@@ -323,3 +323,47 @@ def test_a_download_past_the_cap_is_refused_and_leaves_no_file(tmp_path: Path) -
     with pytest.raises(TransportError, match="passed 5,000 bytes"):
         anyio.run(go)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_key_rebuilt_by_json_escapes_in_an_output_line_never_reaches_the_row() -> None:
+    """Output files are scrubbed as bytes; a ``\\u`` escape rebuilds the key on parsing.
+    The row keeps no part of it: not in tool calls, not in an error message cut short."""
+    key = "sk-live-0123456789abcdef"
+    escaped = "".join(f"\\u{ord(c):04x}" for c in key)
+    redactor = Redactor(key)
+
+    def line(status: int, body_text: str) -> dict[str, Any]:
+        body = json.loads(body_text)  # the decoder rebuilds the key from its escapes
+        return {"custom_id": "r1", "response": {"status_code": status, "body": body}}
+
+    call = (
+        '{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "'
+        + escaped
+        + '"}}'
+    )
+    answer = (
+        '{"choices": [{"message": {"content": "x", "tool_calls": ['
+        + call
+        + ']}, "finish_reason": "tool_calls"}], "usage": {"prompt_tokens": 1, '
+        + '"completion_tokens": 1}}'
+    )
+    padded = (
+        '{"error": {"message": "'
+        + "y" * 985
+        + " "
+        + escaped
+        + '", "type": "invalid_request_error"}}'
+    )
+    for status, text in ((200, answer), (400, padded)):
+        outcome = read_line(
+            line(status, text),
+            JOB,
+            CTX,
+            batch_id="b",
+            base_url="u",
+            started_at=WHEN,
+            redactor=redactor,
+        )
+        assert outcome.row is not None
+        stored = json.dumps(outcome.row, default=str)
+        assert key not in stored and key[:12] not in stored, (status, stored[-300:])

@@ -27,13 +27,13 @@ import anyio
 import httpx
 
 from pipeline.batch.ledger import safe_id
-from pipeline.client import normalize_base_url
+from pipeline.client import normalize_base_url, scrub_error
 from pipeline.errors import ApiError, ConfigurationError, Kind, RequestError, StopError
 from pipeline.errors import TransportError as WireError
 from pipeline.manifest import fsync_dir
 from pipeline.redact import Redactor
 from pipeline.retry import retrying
-from pipeline.wire import parse_error
+from pipeline.wire import parse_error, scrub_strings
 
 MAX_JSON_BYTES = 8 * 2**20  # a batch or file object, or a page of them
 DEFAULT_MAX_DOWNLOAD_BYTES = 10 * 2**30  # one output or error file (50,000 long answers)
@@ -211,8 +211,8 @@ class BatchApi:
             chunks.append(chunk)
         raw = self.redactor.data(b"".join(chunks))
         if response.status_code >= 400:
-            error = parse_error(response.status_code, raw, response.headers)
-            error.message = self.redactor.text(error.message)
+            error = parse_error(response.status_code, raw, response.headers, self.redactor.text)
+            scrub_error(error, self.redactor)
             raise error
         return raw
 
@@ -298,7 +298,7 @@ def _batch(data: Any, redactor: Redactor | None = None) -> dict[str, Any]:
         # The raw bytes were scrubbed, but a ``\\u`` escape rebuilds the key on
         # parsing; an error code or a metadata value reaches stderr, the ledger and
         # the manifest, so every string of the object is scrubbed once more.
-        batch = _scrubbed(batch, redactor)
+        batch = scrub_strings(batch, redactor.text)
     status = batch.get("status")
     if not isinstance(status, str) or status not in STATUSES:  # a dict is unhashable
         batch["status"] = "unknown"
@@ -315,19 +315,6 @@ def _batch(data: Any, redactor: Redactor | None = None) -> dict[str, Any]:
         if batch.get(key) is not None and safe_id(batch[key]) is None:
             batch[key] = None
     return batch
-
-
-def _scrubbed(value: Any, redactor: Redactor, depth: int = 0) -> Any:
-    """``value`` (parsed JSON) with the key taken out of every string, keys included."""
-    if isinstance(value, str):
-        return redactor.text(value)
-    if depth > 50:  # json.loads bounds nesting; this bounds the walk all the same
-        return None
-    if isinstance(value, Mapping):
-        return {redactor.text(str(k)): _scrubbed(v, redactor, depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrubbed(v, redactor, depth + 1) for v in value]
-    return value
 
 
 def is_api_error(exc: BaseException, *statuses: int) -> bool:

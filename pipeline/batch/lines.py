@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pipeline.client import scrub_answer, scrub_error
 from pipeline.errors import ApiError, Kind, RequestError
 from pipeline.jsoncheck import check_answer, wants_json
 from pipeline.outcome import RunContext, error_row, invalid_json_row, json_text, label_of, ok_row
@@ -88,13 +89,11 @@ def read_line(
     raw = json.dumps(body).encode("ascii")
     if 200 <= status < 300:
         try:
-            answer = parse_completion(raw)
+            answer = parse_completion(raw, redactor.text)
         except RequestError as exc:
+            scrub_error(exc, redactor)
             return LineOutcome(cid, row=_error(ctx, job, exc, batch_id, base_url, started_at))
-        for name in ("content", "reasoning_content", "response_id", "response_model"):
-            value = getattr(answer, name)
-            if isinstance(value, str):
-                setattr(answer, name, redactor.text(value))
+        scrub_answer(answer, redactor)  # the client's own rule for every text it keeps
         row = ok_row(
             ctx,
             job,
@@ -117,8 +116,8 @@ def read_line(
             else:
                 row = invalid_json_row(row, problem, final=True)
         return LineOutcome(cid, row=row)
-    error = parse_error(status or 500, raw if body is not None else b"", {})
-    error.message = redactor.text(error.message)
+    error = parse_error(status or 500, raw if body is not None else b"", {}, redactor.text)
+    scrub_error(error, redactor)
     if error.kind is Kind.PERMANENT:
         return LineOutcome(cid, row=_error(ctx, job, error, batch_id, base_url, started_at))
     return LineOutcome(cid, pending=f"HTTP {error.http_status} {redactor.text(error.error_type)}")
