@@ -152,6 +152,7 @@ class ChatClient:
         self._clock = clock
         # Parsed once: httpx parses a URL given as text again on every request.
         self._urls = {u: httpx.URL(f"{u}/chat/completions") for u in self.endpoints.urls}
+        self._url_texts = {u: str(url) for u, url in self._urls.items()}
         self._http = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
@@ -216,20 +217,43 @@ class ChatClient:
 
     async def _send_json(self, base: str, body: dict[str, Any]) -> Reply:
         content = codec.dumps(body)
-        request = self._sender.build(self._urls[base], content)
+        url = self._urls[base]
+        if self._sender.can_post:
+            # The default transport's short way: no httpx request or response objects.
+            posted = await self._sender.post(
+                self._url_texts[base], content, self.max_response_bytes
+            )
+            return self._reply(base, url, posted.status, posted.headers, posted.body)
+        request = self._sender.build(url, content)
         response = await self._sender.send(request)
         try:
-            _refuse_redirect(response, self.redactor)
-            raw = self.redactor.data(await self._read_body(response))
+            _refuse_redirect(response.status_code, response.headers, url, self.redactor)
+            raw = await self._read_body(response)
         finally:
             await response.aclose()
         unbind(response)
-        if response.status_code >= 400:
-            raise parse_error(response.status_code, raw, response.headers, self.redactor.text)
+        return self._reply(base, url, response.status_code, response.headers, raw)
+
+    def _reply(
+        self,
+        base: str,
+        url: httpx.URL,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes | None,
+    ) -> Reply:
+        """The answer to one JSON request, or the RequestError it amounts to.
+        ``body`` None: it passed ``max_response_bytes`` and was not read."""
+        _refuse_redirect(status, headers, url, self.redactor)
+        if body is None:
+            raise _too_large(self.max_response_bytes)
+        raw = self.redactor.data(body)
+        if status >= 400:
+            raise parse_error(status, raw, headers, self.redactor.text)
         answer = parse_completion(raw, self.redactor.text if self.redactor else None)
         if self.redactor:
             scrub_answer(answer, self.redactor)
-        return Reply(answer, base, response.status_code, response.headers, 0.0)
+        return Reply(answer, base, status, headers, 0.0)
 
     async def _read_body(self, response: httpx.Response) -> bytes:
         """The whole (decoded) body, read in chunks against the size cap."""
@@ -263,8 +287,9 @@ class ChatClient:
             redact_text=self.redactor.text if self.redactor else None,
             max_line_bytes=min(MAX_SSE_LINE_BYTES, cap),
         )
-        async with self._http.stream("POST", self._urls[base], content=content) as response:
-            _refuse_redirect(response, self.redactor)
+        url = self._urls[base]
+        async with self._http.stream("POST", url, content=content) as response:
+            _refuse_redirect(response.status_code, response.headers, url, self.redactor)
             if response.status_code >= 400:
                 raw = self.redactor.data(await self._read_body(response))
                 raise parse_error(response.status_code, raw, response.headers, self.redactor.text)
@@ -316,18 +341,19 @@ def _too_large(cap: int) -> TransportError:
     )
 
 
-def _refuse_redirect(response: httpx.Response, redactor: Redactor) -> None:
+def _refuse_redirect(
+    status: int, headers: Mapping[str, str], url: httpx.URL, redactor: Redactor
+) -> None:
     """A 3xx is a configuration problem: the base URL is not where the API lives.
 
     It is never followed (the key would go to a host the user did not name) and never
     retried (every row would get the same answer): the run stops, naming the target.
     """
-    status = response.status_code
     if 300 <= status < 400:
-        target = redactor.text(response.headers.get("location", "")[:500]) or "nowhere"
+        target = redactor.text(headers.get("location", "")[:500]) or "nowhere"
         raise ConfigurationError(
             "redirect",
-            f"HTTP {status}: the server redirects {response.request.url} to {target}",
+            f"HTTP {status}: the server redirects {url} to {target}",
             http_status=status,
         )
 

@@ -16,6 +16,9 @@ minor release is taken only after those tests pass with it.
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -91,12 +94,16 @@ class Sender:
         self._lean = self.direct and isinstance(transport, _LeanTransport)
         self._headers = httpx.Headers(client.headers)
         self._extensions: dict[str, Any] = {"timeout": client.timeout.as_dict()}
+        self._post: Post | None = None
         if self._lean:
             from multidict import CIMultiDict, CIMultiDictProxy
 
             # The same headers as aiohttp takes them, so it does not convert them again.
             prepared = CIMultiDictProxy(CIMultiDict(self._headers.multi_items()))
             self._extensions[_AIOHTTP_HEADERS] = prepared
+            assert isinstance(transport, _LeanTransport)
+            if getattr(transport, "proxy", None) is None:
+                self._post = transport.poster(self._headers, client.timeout.as_dict())
 
     def build(self, url: httpx.URL, content: bytes) -> httpx.Request:
         if not self._lean or self._cookies.jar:
@@ -108,6 +115,28 @@ class Sender:
             stream=httpx.ByteStream(content),
             extensions=self._extensions,
         )
+
+    @property
+    def can_post(self) -> bool:
+        """Whether ``post`` may be used now: the lean transport, no proxy, and no cookie
+        to send (a jar that holds one sends it the httpx way, through ``build``)."""
+        return self._post is not None and not self._cookies.jar
+
+    async def post(self, url: str, content: bytes, cap: int) -> Posted:
+        """POST ``content`` and read the answer whole (``Posted``), without httpx's
+        request and response objects: see ``lean_aiohttp_transport``. A cookie the
+        server sets still reaches the jar, and is sent back on later requests."""
+        assert self._post is not None
+        posted = await self._post(url, content, cap)
+        headers = posted.headers
+        if "set-cookie" in headers or "set-cookie2" in headers:
+            response = httpx.Response(
+                posted.status,
+                headers=list(headers.items()),
+                request=httpx.Request("POST", url),
+            )
+            self._cookies.extract_cookies(response)
+        return posted
 
     async def send(self, request: httpx.Request) -> httpx.Response:
         if not self.direct:
@@ -122,9 +151,62 @@ class Sender:
 _AIOHTTP_HEADERS = "pipeline.aiohttp_headers"  # a request extension only Sender sets
 
 
+@dataclass(slots=True)
+class Posted:
+    """One answer as ``Sender.post`` reads it: status, headers (a case-insensitive
+    mapping; the first value of a repeated header) and the decoded body, or None when
+    the body passed the size cap (the rest is never read)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes | None
+
+
+Post = Callable[[str, bytes, int], Awaitable[Posted]]
+
+# What ``Sender.post`` asks for and decodes itself: the two codings the standard
+# library inflates with a cap on the output, so a small compressed answer cannot
+# expand into gigabytes. Any other coding in an answer was not asked for.
+POST_ACCEPT_ENCODING = "gzip, deflate"
+
+
 class _LeanTransport(httpx.AsyncBaseTransport):
     """Marks the transport ``lean_aiohttp_transport`` makes (its class is built there,
     where aiohttp is imported)."""
+
+    def poster(self, headers: httpx.Headers, timeout: dict[str, Any]) -> Post:
+        raise NotImplementedError
+
+
+def inflate(body: bytes, coding: str, cap: int) -> bytes | None:
+    """``body`` decoded from ``coding`` (identity, gzip or deflate), or None once the
+    decoded bytes pass ``cap``. Raises ``httpx.DecodingError`` for a coding not asked
+    for (``POST_ACCEPT_ENCODING``) or bytes that do not decode."""
+    coding = coding.strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding in ("gzip", "x-gzip"):
+        attempts = [zlib.MAX_WBITS | 16]
+    elif coding == "deflate":
+        # zlib-wrapped as the standard says; some servers send a raw deflate stream.
+        attempts = [zlib.MAX_WBITS, -zlib.MAX_WBITS]
+    else:
+        raise httpx.DecodingError(
+            f"the answer's content-encoding {coding[:40]!r} was not asked for"
+        )
+    problem = ""
+    for wbits in attempts:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, cap + 1)
+        except zlib.error as exc:
+            problem = str(exc)
+            continue
+        if len(out) > cap or inflater.unconsumed_tail:
+            return None
+        return out
+    # Raised here, not in the handler, so the zlib error is not chained as the cause.
+    raise httpx.DecodingError(f"the {coding} answer does not decode ({problem})")
 
 
 def lean_aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
@@ -135,23 +217,78 @@ def lean_aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
     from httpx_aiohttp import AiohttpTransport
     from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
 
+    async def _read_whole(content: Any, cap: int) -> bytes | None:
+        """The whole body, or None once it passes ``cap`` bytes (the rest unread)."""
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > cap:
+                return None
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     class CappedStream(AiohttpResponseStream):
         async def read_capped(self, cap: int) -> bytes | None:
             """The whole body, or None once it passes ``cap`` bytes (the rest unread)."""
-            content = self._aiohttp_response.content
-            chunks: list[bytes] = []
-            size = 0
             with map_aiohttp_exceptions():
-                while chunk := await content.readany():
-                    size += len(chunk)
-                    if size > cap:
-                        return None
-                    chunks.append(chunk)
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return await _read_whole(self._aiohttp_response.content, cap)
 
     timeouts: dict[tuple[Any, Any, Any], ClientTimeout] = {}
 
+    def client_timeout(timeout: dict[str, Any]) -> ClientTimeout:
+        key = (timeout.get("connect"), timeout.get("read"), timeout.get("pool"))
+        made = timeouts.get(key)
+        if made is None:
+            made = timeouts[key] = ClientTimeout(
+                sock_connect=key[0], sock_read=key[1], connect=key[2]
+            )
+        return made
+
     class LeanTransport(AiohttpTransport, _LeanTransport):
+        def poster(self, headers: httpx.Headers, timeout: dict[str, Any]) -> Post:
+            """``Sender.post``'s request: aiohttp's own, with no httpx model object.
+
+            The headers are the client's, prepared once, asking only for the codings
+            ``inflate`` reads under a cap. The answer is read in one loop against the
+            cap and decoded here; aiohttp's exceptions are mapped as for any other
+            request, so a failure is named the same way on both paths.
+            """
+            from multidict import CIMultiDict, CIMultiDictProxy
+
+            prepared = CIMultiDict(headers.multi_items())
+            prepared["accept-encoding"] = POST_ACCEPT_ENCODING
+            fixed = CIMultiDictProxy(prepared)
+            when = client_timeout(timeout)
+
+            async def post(url: str, content: bytes, cap: int) -> Posted:
+                if not isinstance(self.client, ClientSession):
+                    self.client = self.get_client()
+                with map_aiohttp_exceptions():
+                    answer = await self.client.request(
+                        "POST",
+                        url,
+                        headers=fixed,
+                        data=content,
+                        allow_redirects=False,
+                        auto_decompress=False,
+                        compress=False,
+                        timeout=when,
+                    )
+                    try:
+                        headers = answer.headers
+                        declared = headers.get("content-length", "")
+                        body = None
+                        if not (declared.isdigit() and int(declared) > cap):
+                            body = await _read_whole(answer.content, cap)
+                    finally:
+                        answer.release()  # back to the pool, or closed if not read whole
+                if body is not None:
+                    body = inflate(body, headers.get("content-encoding", ""), cap)
+                return Posted(answer.status, headers, body)
+
+            return post
+
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
             # AiohttpTransport.handle_async_request for a request with a body in memory
             # and no proxy, the timeout object made once per timeout setting.
@@ -161,13 +298,7 @@ def lean_aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
                 return response
             if not isinstance(self.client, ClientSession):
                 self.client = self.get_client()
-            timeout = request.extensions.get("timeout", {})
-            key = (timeout.get("connect"), timeout.get("read"), timeout.get("pool"))
-            client_timeout = timeouts.get(key)
-            if client_timeout is None:
-                client_timeout = timeouts[key] = ClientTimeout(
-                    sock_connect=key[0], sock_read=key[1], connect=key[2]
-                )
+            when = client_timeout(request.extensions.get("timeout", {}))
             with map_aiohttp_exceptions():
                 answer = await self.client.request(
                     method=request.method,
@@ -177,7 +308,7 @@ def lean_aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
                     allow_redirects=False,
                     auto_decompress=False,
                     compress=False,
-                    timeout=client_timeout,
+                    timeout=when,
                     server_hostname=request.extensions.get("sni_hostname"),
                 ).__aenter__()
             extensions = {"http_version": b"HTTP/1.1"}

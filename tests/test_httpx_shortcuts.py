@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import gzip
+import json
 import re
 import tomllib
 import weakref
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,11 +19,16 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.client import ChatClient, Connection
+from pipeline.errors import TransportError
 from pipeline.httpx_shortcuts import (
+    POST_ACCEPT_ENCODING,
     Sender,
     SkipEmptyCookies,
+    inflate,
     lean_aiohttp_transport,
     read_capped,
     skip_empty_cookies,
@@ -213,3 +221,95 @@ async def test_read_capped_reads_the_lean_stream_whole_and_stops_past_the_cap() 
             plain = httpx.Response(200, content=b"{}")
             with pytest.raises(LookupError):
                 await read_capped(plain, 10)
+
+
+# -- Sender.post: answers read and decoded without httpx's model objects ---------------
+
+
+def _deflate_raw(data: bytes) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+@pytest.mark.parametrize(
+    ("coding", "pack"),
+    [
+        ("identity", lambda b: b),
+        ("gzip", gzip.compress),
+        ("x-gzip", gzip.compress),
+        ("deflate", zlib.compress),  # zlib-wrapped, as the standard says
+        ("deflate", _deflate_raw),  # a raw deflate stream, as some servers send
+        ("GZip ", gzip.compress),
+    ],
+)
+async def test_a_compressed_answer_is_decoded_on_the_short_way(
+    monkeypatch: pytest.MonkeyPatch, coding: str, pack: Any
+) -> None:
+    async def no_send(*args: object, **kwargs: object) -> httpx.Response:
+        raise AssertionError("the request took httpx's path")
+
+    monkeypatch.setattr(Sender, "send", no_send)
+    seen: list[web.Request] = []
+    body = pack(json.dumps(ANSWER).encode())
+    async with _server(seen, headers={"content-encoding": coding}, body=body) as url:
+        client = ChatClient([url], "sk-test-key", Connection())
+        try:
+            reply = await client.complete({"model": "m", "messages": []})
+        finally:
+            await client.aclose()
+    assert reply.answer.content == "hi" and reply.answer.usage.total_tokens == 4
+    assert seen[0].headers["accept-encoding"] == POST_ACCEPT_ENCODING
+
+
+async def test_a_small_compressed_answer_that_inflates_past_the_cap_is_dropped() -> None:
+    """1 MiB of zeros gzips to ~1 KB: the cap applies to what it inflates to, so a
+    compressed bomb is refused without ever being held whole in memory."""
+    bomb = gzip.compress(b"0" * 2**20)
+    assert len(bomb) < 5_000
+    seen: list[web.Request] = []
+    async with _server(seen, headers={"content-encoding": "gzip"}, body=bomb) as url:
+        client = ChatClient([url], None, Connection(max_response_bytes=2**19))
+        try:
+            with pytest.raises(TransportError) as caught:
+                await client.complete({"model": "m", "messages": []})
+        finally:
+            await client.aclose()
+    assert caught.value.error_type == "response_too_large"
+
+
+@pytest.mark.parametrize(
+    ("coding", "body"),
+    [("br", b"\x1b\x00"), ("gzip", b"not gzip at all"), ("gzip, gzip", b"{}")],
+)
+async def test_an_answer_in_a_coding_not_asked_for_or_broken_is_a_protocol_error(
+    coding: str, body: bytes
+) -> None:
+    seen: list[web.Request] = []
+    async with _server(seen, headers={"content-encoding": coding}, body=body) as url:
+        client = ChatClient([url], None, Connection())
+        try:
+            with pytest.raises(TransportError) as caught:
+                await client.complete({"model": "m", "messages": []})
+        finally:
+            await client.aclose()
+    assert caught.value.error_type == "protocol_error"
+    assert "content-encoding" in str(caught.value) or "decode" in str(caught.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=2_000), cap=st.integers(0, 4_000))
+def test_inflate_never_returns_more_than_the_cap_or_raises_anything_else(
+    data: bytes, cap: int
+) -> None:
+    for coding in ("gzip", "deflate", "identity"):
+        for body in (data, gzip.compress(data), zlib.compress(data)):
+            try:
+                out = inflate(body, coding, cap)
+            except httpx.DecodingError:
+                continue
+            if coding == "identity":
+                assert out is body
+            elif out is not None:
+                assert len(out) <= cap
+                if body is not data:
+                    assert out == data
