@@ -1,7 +1,7 @@
 """The run: read rows, send them under the limiter with retries, write every outcome.
 
-Three kinds of task share two bounded streams, so memory stays flat whatever the
-input size::
+Three kinds of task share two bounded channels (``pipeline.channel``), so memory
+stays flat whatever the input size::
 
     reader (thread) ──jobs──► N workers ──results──► writer (journal, Parquet)
 
@@ -25,9 +25,9 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.to_thread
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.budget import Budget, BudgetExceeded, Reservation
+from pipeline.channel import Channel
 from pipeline.client import ChatClient, Reply
 from pipeline.dedupe import Dedupe
 from pipeline.errors import (
@@ -250,23 +250,25 @@ class Runner:
     # -- the run --------------------------------------------------------------------
 
     async def run(self) -> RunResult:
-        jobs_tx, jobs_rx = anyio.create_memory_object_stream[Job](
-            max_buffer_size=max(64, self.settings.workers)
-        )
-        results_tx, results_rx = anyio.create_memory_object_stream[dict[str, Any]](
-            max_buffer_size=RESULTS_WAITING
-        )
+        jobs: Channel[Job] = Channel(max(64, self.settings.workers))
+        results: Channel[dict[str, Any]] = Channel(RESULTS_WAITING)
         try:
             async with anyio.create_task_group() as tg:
                 if self.settings.handle_signals:
                     tg.start_soon(self._watch_signals, tg.cancel_scope)
                 tg.start_soon(self._count_total)
                 async with anyio.create_task_group() as work:
-                    work.start_soon(self._writer, results_rx)
-                    async with results_tx, jobs_rx:
-                        for _ in range(self.settings.workers):
-                            work.start_soon(self._worker, jobs_rx.clone(), results_tx.clone())
-                        await self._reader(jobs_tx, results_tx.clone())
+                    work.start_soon(self._writer, results)
+                    try:
+                        async with anyio.create_task_group() as senders:
+                            for _ in range(self.settings.workers):
+                                senders.start_soon(self._worker, jobs, results)
+                            try:
+                                await self._reader(jobs, results)
+                            finally:
+                                jobs.close()  # the workers finish what is queued
+                    finally:
+                        results.close()  # the writer ends once it has every row
                 tg.cancel_scope.cancel()  # stop the signal watcher and the counter
         finally:
             with anyio.CancelScope(shield=True):
@@ -312,61 +314,51 @@ class Runner:
             yield batch
         self.tally.skipped = self.selector.counts.done
 
-    async def _reader(
-        self,
-        jobs_tx: MemoryObjectSendStream[Job],
-        results_tx: MemoryObjectSendStream[dict[str, Any]],
-    ) -> None:
-        async with jobs_tx, results_tx:
-            batches = self._batches()
-            while not self.stopping:
-                batch = await anyio.to_thread.run_sync(next, batches, None)
-                if batch is None:
+    async def _reader(self, jobs: Channel[Job], results: Channel[dict[str, Any]]) -> None:
+        batches = self._batches()
+        while not self.stopping:
+            batch = await anyio.to_thread.run_sync(next, batches, None)
+            if batch is None:
+                break
+            for item in batch:
+                if self.stopping:
                     break
-                for item in batch:
-                    if self.stopping:
-                        break
-                    if isinstance(item, Rejected):
-                        await results_tx.send(invalid_row(self.ctx, item))
-                    else:
-                        await jobs_tx.send(item)
+                if isinstance(item, Rejected):
+                    await results.put(invalid_row(self.ctx, item))
+                else:
+                    await jobs.put(item)
 
     # -- sending --------------------------------------------------------------------
 
-    async def _worker(
-        self,
-        jobs_rx: MemoryObjectReceiveStream[Job],
-        results_tx: MemoryObjectSendStream[dict[str, Any]],
-    ) -> None:
-        async with jobs_rx, results_tx:
-            async for job in jobs_rx:
-                if self.stopping:
-                    self.result.pending += 1
-                    continue
-                try:
-                    rows = await self._dispatch(job, results_tx)
-                except Exception as exc:  # a bug or an unforeseen input: this row's
-                    # outcome, not the run's (answers already paid for are in
-                    # _process's own guard). Cancellation is not an Exception.
-                    rows = [internal_row(self.ctx, job, exc, attempts=0, started_at=utcnow())]
-                    await results_tx.send(rows[0])
-                if rows is None:
-                    self.result.pending += 1
+    async def _worker(self, jobs: Channel[Job], results: Channel[dict[str, Any]]) -> None:
+        async for job in jobs:
+            if self.stopping:
+                self.result.pending += 1
+                continue
+            try:
+                rows = await self._dispatch(job, results)
+            except Exception as exc:  # a bug or an unforeseen input: this row's
+                # outcome, not the run's (answers already paid for are in
+                # _process's own guard). Cancellation is not an Exception.
+                rows = [internal_row(self.ctx, job, exc, attempts=0, started_at=utcnow())]
+                await results.put(rows[0])
+            if rows is None:
+                self.result.pending += 1
 
     async def _dispatch(
-        self, job: Job, results_tx: MemoryObjectSendStream[dict[str, Any]]
+        self, job: Job, results: Channel[dict[str, Any]]
     ) -> list[dict[str, Any]] | None:
         """Send a job, or share the answer of an identical request already sent."""
         if self.dedupe is None:
-            rows = await self._process(job, results_tx)
+            rows = await self._process(job, results)
         else:
-            rows = await self.dedupe.run(job, lambda: self._process(job, results_tx))
+            rows = await self.dedupe.run(job, lambda: self._process(job, results))
         if rows:
-            await results_tx.send(rows[-1])
+            await results.put(rows[-1])
         return rows
 
     async def _process(
-        self, job: Job, results_tx: MemoryObjectSendStream[dict[str, Any]]
+        self, job: Job, results: Channel[dict[str, Any]]
     ) -> list[dict[str, Any]] | None:
         """Send one job with retries; returns its final row (last), or None if the run
         stopped first. Billed answers that broke the asked-for JSON are sent to the
@@ -405,7 +397,7 @@ class Runner:
             rejected = invalid_json_row(row, problem, final=final)
             if final:
                 return [rejected]
-            await results_tx.send(rejected)
+            await results.put(rejected)
             if self.stopping:
                 return None  # asked again by the next run: the rejection is not the outcome
 
@@ -600,50 +592,33 @@ class Runner:
 
     # -- writing --------------------------------------------------------------------
 
-    async def _writer(self, results_rx: MemoryObjectReceiveStream[dict[str, Any]]) -> None:
-        async with results_rx:
-            try:
-                # Parts are compacted in a task of their own: journaling never waits on
-                # Parquet, so a kill -9 during compaction loses no more than in flight.
-                async with anyio.create_task_group() as compactions:
-                    await self._write_loop(results_rx, compactions)
-            finally:
-                # Cancelled (second signal, grace over): keep every answer that arrived.
-                while True:
-                    try:
-                        self._write(results_rx.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                        break
-                self._flush()
+    async def _writer(self, results: Channel[dict[str, Any]]) -> None:
+        try:
+            # Parts are compacted in a task of their own: journaling never waits on
+            # Parquet, so a kill -9 during compaction loses no more than in flight.
+            async with anyio.create_task_group() as compactions:
+                await self._write_loop(results, compactions)
+        finally:
+            # Cancelled (second signal, grace over): keep every answer that arrived.
+            for row in results.drain():
+                self._write(row)
+            self._flush()
 
     async def _write_loop(
-        self,
-        results_rx: MemoryObjectReceiveStream[dict[str, Any]],
-        compactions: anyio.abc.TaskGroup,
+        self, results: Channel[dict[str, Any]], compactions: anyio.abc.TaskGroup
     ) -> None:
         while True:
             # Rows journaled but not yet fsynced wait at most the sink's sync window,
             # even when no other answer comes to trigger the group commit.
-            wait = self.sink.sync_wait()
-            row: dict[str, Any] | None = None
-            try:
-                if wait is None:
-                    row = await results_rx.receive()
-                else:
-                    with anyio.move_on_after(wait):
-                        row = await results_rx.receive()
-            except anyio.EndOfStream:
-                break
-            if row is None:  # the window passed with nothing new: commit what waits
-                await self._sync()
+            if not await results.wait(self.sink.sync_wait()):
+                await self._sync()  # the window passed with nothing new: commit
                 continue
-            self._write(row)
-            # Drain whatever else is ready, then flush once: a small group per flush.
-            while True:
-                try:
-                    self._write(results_rx.receive_nowait())
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
+            # Everything ready is written, then flushed once: a small group per flush.
+            rows = results.drain()
+            if not rows:
+                break  # closed, and every row written
+            for row in rows:
+                self._write(row)
             self._flush()
             if self.sink.sync_due:
                 await self._sync()
