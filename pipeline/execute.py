@@ -105,6 +105,7 @@ def _run_locked(engine: Engine, job: JobContext) -> RunResult:
     except BaseException:
         engine.so_far()  # closes what prepare opened
         raise
+    cpu_started = time.process_time()
     try:
         result, about_engine = engine.run()
         if about_engine is not None:
@@ -112,10 +113,12 @@ def _run_locked(engine: Engine, job: JobContext) -> RunResult:
     except BaseException as exc:  # noqa: BLE001 - every ending is recorded, then judged
         result = engine.so_far() or RunResult(job.run_id, out, Tally(), started)
         result.finished = result.finished or time.monotonic()
+        result.cpu_seconds = time.process_time() - cpu_started
         _record_crash(result, exc, manifest, job.api_key)
         if not isinstance(exc, Exception | KeyboardInterrupt):
             _finish_manifest(out, manifest, result)
             raise  # SystemExit and the like: recorded, not swallowed
+    result.cpu_seconds = time.process_time() - cpu_started
     _finish_manifest(out, manifest, result)
     for note in diagnose(result.tally, result.structured):
         job.progress.notice(note.event())
@@ -165,6 +168,10 @@ def _finish_manifest(out: Path, manifest: dict[str, Any], result: RunResult) -> 
         status=status,
         finished_at=datetime.now(UTC).isoformat(),
         wall_seconds=round(result.wall_seconds, 3),
+        # CPU (user + system, every thread) this process spent sending and writing:
+        # with the row counts, the CPU each request cost, start-up left out. Under
+        # Ray or in shards, each process counts its own; Ray workers are not counted.
+        cpu_seconds=round(result.cpu_seconds, 3) if result.cpu_seconds is not None else None,
         exit_code=code,
         counts={
             "ok": t.status["ok"],

@@ -106,6 +106,7 @@ class RunResult:
     internal: str | None = None  # "<Class>: <message>" of an unexpected error (exit 5)
     unsaved: int = 0  # answers maybe lost to a broken OUT (at most): sent again on re-run
     in_batches: int = 0  # rows inside open provider batches (--mode batch): a later run collects
+    cpu_seconds: float | None = None  # this process's CPU while the engine ran (the manifest)
     # Per base URL asked for JSON: the structured-output mode used (StructuredOutput.report)
     structured: dict[str, dict[str, Any]] = field(default_factory=dict)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ def test_mixed_350_rows_over_http(tmp_path: Path, sim_server: tuple[Simulator, s
     assert by_id["pq-7"]["source_line"] == 8
     manifest = json.loads(next((out / "runs").glob("*.json")).read_text())
     assert manifest["counts"]["ok"] == len(ids) and manifest["exit_code"] == 0
+    # The CPU the run cost (for CPU per request), never more than the process used.
+    assert 0 < manifest["cpu_seconds"] <= time.process_time()
 
 
 def test_rerun_sends_nothing_already_ok(tmp_path: Path) -> None:
