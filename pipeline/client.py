@@ -185,7 +185,15 @@ class ChatClient:
         try:
             try:
                 async with _deadline(self.deadline):
-                    reply = await self._attempt(base, body)
+                    try:  # one attempt: whatever the transport or parser raises is named
+                        if self.stream:
+                            reply = await self._send_stream(base, body)
+                        else:
+                            reply = await self._send_json(base, body)
+                    except RequestError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - a server must never crash the run
+                        raise _classify(exc, self.redactor, streaming=self.stream) from None
             except TimeoutError:
                 raise TransportError(
                     "timeout",
@@ -203,17 +211,6 @@ class ChatClient:
         self.endpoints.succeeded(base)
         reply.latency_ms = (self._clock() - started) * 1000.0
         return reply
-
-    async def _attempt(self, base: str, body: dict[str, Any]) -> Reply:
-        """One attempt; anything the transport or the parser raises becomes a RequestError."""
-        try:
-            if self.stream:
-                return await self._send_stream(base, body)
-            return await self._send_json(base, body)
-        except RequestError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a server must never crash the run
-            raise _classify(exc, self.redactor, streaming=self.stream) from None
 
     async def _send_json(self, base: str, body: dict[str, Any]) -> Reply:
         content = codec.dumps(body)

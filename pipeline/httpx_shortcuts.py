@@ -264,7 +264,7 @@ def lean_aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
             async def post(url: str, content: bytes, cap: int) -> Posted:
                 if not isinstance(self.client, ClientSession):
                     self.client = self.get_client()
-                with map_aiohttp_exceptions():
+                try:
                     answer = await self.client.request(
                         "POST",
                         url,
@@ -283,6 +283,11 @@ def lean_aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
                             body = await _read_whole(answer.content, cap)
                     finally:
                         answer.release()  # back to the pool, or closed if not read whole
+                except Exception as exc:
+                    # Named as httpx-aiohttp names it on httpx's path (entered only on
+                    # failure: a context manager per request was measurable CPU).
+                    with map_aiohttp_exceptions():
+                        raise exc
                 if body is not None:
                     body = inflate(body, headers.get("content-encoding", ""), cap)
                 return Posted(answer.status, headers, body)

@@ -59,7 +59,7 @@ from pipeline.schema import storable
 from pipeline.selection import RowSelector
 from pipeline.sink import ResultSink, SinkError, write_part
 from pipeline.source import SourceRow
-from pipeline.structured import StructuredOutput
+from pipeline.structured import StructuredOutput, wants_structured
 from pipeline.tiers import (
     FLEX_REFUSALS_FACTOR,
     FlexExhausted,
@@ -369,7 +369,10 @@ class Runner:
         json_failures = 0
         while True:
             try:
-                reply, tries = await self._send_with_retries(job)
+                if is_flex(job.body):
+                    reply, tries = await self._send_with_retries(job)
+                else:  # the common case, one coroutine less on every request
+                    reply, tries = await self._send_retrying(job)
             except _Stopped:
                 return None
             except _Failed as failed:
@@ -505,7 +508,10 @@ class Runner:
                 self.limiter.release(permit, answered=False)
                 raise
         try:
-            reply = await self.structured.complete(self.client, job.body)
+            if wants_structured(job.body):
+                reply = await self.structured.complete(self.client, job.body)
+            else:  # nothing to shape: one coroutine less on every request
+                reply = await self.client.complete(job.body)
         except RequestError as exc:
             if exc.error_type == "stream_cut":
                 self.tally.stream_cuts += 1

@@ -94,6 +94,12 @@ def _kind(body: Mapping[str, Any]) -> str | None:
     return kind if kind in ("json_schema", "json_object") else None
 
 
+def wants_structured(body: Mapping[str, Any]) -> bool:
+    """Whether ``StructuredOutput.complete`` has anything to do for ``body`` (it asks
+    for JSON); without, the client is called directly."""
+    return _kind(body) is not None
+
+
 def instruction(schema: Mapping[str, Any] | None) -> str:
     """What the system message says when the server does not enforce the schema."""
     text = "Answer with one JSON object and nothing else: no prose, no code fence."
