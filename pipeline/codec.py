@@ -15,9 +15,10 @@ library would have written:
   (raise, or write it);
 - whitespace differs (orjson writes none); every JSON reader reads both the same.
 
-Answers are still decoded by ``json``: orjson reads a short answer hardly faster once
-its corners (integers past 64 bits become floats) are guarded. Request fingerprints
-(``request.request_hash``) stay on ``json`` too: their bytes must never change.
+Answers are decoded in ``wire._loads``: by orjson only when a cheap scan of the bytes
+shows none of its silent corners (an integer past 64 bits becomes a float there), by
+``json`` otherwise. Request fingerprints (``request.request_hash``) stay on ``json``:
+their bytes must never change.
 """
 
 from __future__ import annotations

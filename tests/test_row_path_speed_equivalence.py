@@ -501,6 +501,72 @@ def test_loads_corner_bodies(raw: bytes) -> None:
     assert _same(_outcome(lambda: wire._loads(raw)), _outcome(lambda: ref_loads(raw)))
 
 
+@st.composite
+def number_literals(draw: st.DrawFn) -> str:
+    """A JSON number as a server might write it: up to 25 digits, a fraction, an
+    exponent (to 400: past a double's range), or something almost a number."""
+    digits = draw(st.text(alphabet="0123456789", min_size=1, max_size=25))
+    text = draw(st.sampled_from(["", "-"])) + digits
+    if draw(st.booleans()):
+        text += "." + draw(st.text(alphabet="0123456789", min_size=0, max_size=20))
+    if draw(st.booleans()):
+        text += draw(st.sampled_from("eE")) + draw(st.sampled_from(["", "+", "-"]))
+        text += str(draw(st.integers(0, 400)))
+    return draw(st.sampled_from([text, text, text, "NaN", "-Infinity", "1e400", "-0"]))
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(number_literals(), min_size=1, max_size=4), st.sampled_from(["{}", "[]", "{[]}"]))
+def test_loads_reads_every_number_as_json_does(numbers: list[str], shape: str) -> None:
+    if shape == "{}":
+        text = "{" + ",".join(f'"k{i}":{n}' for i, n in enumerate(numbers)) + "}"
+    elif shape == "[]":
+        text = "[" + ",".join(numbers) + "]"
+    else:
+        text = '{"usage":[' + ",".join(numbers) + '],"id":"c"}'
+    raw = text.encode()
+    assert _same(_outcome(lambda: wire._loads(raw)), _outcome(lambda: ref_loads(raw)))
+
+
+@pytest.mark.parametrize("depth", [1, 100, 254, 255, 256, 257, 600, 990, 1023, 1024, 1025, 5000])
+@pytest.mark.parametrize("kind", ["[]", "{}"])
+def test_loads_deep_nesting_as_json_does(depth: int, kind: str) -> None:
+    if kind == "[]":
+        raw = b"[" * depth + b"1" + b"]" * depth
+    else:
+        raw = b'{"a":' * depth + b"1" + b"}" * depth
+    got, expected = _outcome(lambda: wire._loads(raw)), _outcome(lambda: ref_loads(raw))
+    assert got[0] == expected[0]
+    if got[0] == "error":
+        assert got == expected
+        return
+    got_value, expected_value = got[1], expected[1]
+    for _ in range(depth):  # walked, not compared recursively: the stack would not do
+        assert type(got_value) is type(expected_value) and len(got_value) == 1
+        got_value = got_value[0] if kind == "[]" else got_value["a"]
+        expected_value = expected_value[0] if kind == "[]" else expected_value["a"]
+    assert got_value == expected_value == 1
+
+
+def test_a_plain_answer_goes_to_orjson_and_a_long_number_to_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import orjson
+
+    seen: list[bytes] = []
+    real = orjson.loads
+
+    def spy(raw: bytes) -> Any:
+        seen.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(orjson, "loads", spy)
+    assert wire._loads(b'{"n": 12}') == {"n": 12} and seen == [b'{"n": 12}']
+    seen.clear()
+    big = wire._loads(b'{"n": 123456789012345678901234567890}')["n"]
+    assert big == 123456789012345678901234567890 and type(big) is int and seen == []
+
+
 def test_a_utf8_answer_skips_the_encoding_guess(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(raw: bytes) -> str:
         raise AssertionError("json.loads guessed the encoding of a plain UTF-8 body")
