@@ -260,7 +260,7 @@ class ResultSink:
         self._unflushed += 1
         try:
             journal = self._journal or self._open_segment()
-            journal.write(codec.dumps_line(row, _encode))
+            journal.write(codec.dumps_line_isoformat(row, _encode))
         except OSError as exc:
             raise self._break(exc) from exc
         if not self._unsynced:

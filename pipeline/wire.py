@@ -12,12 +12,16 @@ from __future__ import annotations
 import email.utils
 import html
 import json
+import json.scanner
 import math
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
+
+import orjson
 
 from pipeline.errors import ApiError, TransportError
 
@@ -45,6 +49,8 @@ _MAX_TOKENS = 2**62  # a count past this is no count a server could have billed
 def _int(value: Any) -> int | None:
     """A token count as the server sent it, or None (unknown, flagged) when it is not
     a count: negative, fractional, absurdly large, or not a number at all."""
+    if type(value) is int:  # what a decoder gives for a count: the common case first
+        return value if 0 <= value < _MAX_TOKENS else None
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, float) and value.is_integer() and abs(value) < _MAX_TOKENS:
@@ -54,12 +60,18 @@ def _int(value: Any) -> int | None:
     return None
 
 
-def _details(block: Mapping[str, Any], *names: str) -> Mapping[str, Any]:
-    for name in names:
-        value = block.get(name)
-        if isinstance(value, Mapping):
-            return value
-    return {}
+_NO_DETAILS: Mapping[str, Any] = MappingProxyType({})
+
+
+def _details(block: Mapping[str, Any], first: str, second: str) -> Mapping[str, Any]:
+    """The first of two detail blocks that is an object (an empty one when neither is)."""
+    value = block.get(first)
+    if type(value) is dict or isinstance(value, Mapping):  # exact dict: no ABC check
+        return value
+    value = block.get(second)
+    if type(value) is dict or isinstance(value, Mapping):
+        return value
+    return _NO_DETAILS
 
 
 def parse_usage(block: Any) -> Usage:
@@ -69,15 +81,16 @@ def parse_usage(block: Any) -> Usage:
     ``prompt_tokens``/``completion_tokens``, while Responses-style servers send only the
     former; so the standard field wins whenever it is present.
     """
-    if not isinstance(block, Mapping):
+    if type(block) is not dict and not isinstance(block, Mapping):
         return Usage()
-    prompt = _int(block.get("prompt_tokens"))
+    get = block.get
+    prompt = _int(get("prompt_tokens"))
     if prompt is None:
-        prompt = _int(block.get("input_tokens"))
-    completion = _int(block.get("completion_tokens"))
+        prompt = _int(get("input_tokens"))
+    completion = _int(get("completion_tokens"))
     if completion is None:
-        completion = _int(block.get("output_tokens"))
-    total = _int(block.get("total_tokens"))
+        completion = _int(get("output_tokens"))
+    total = _int(get("total_tokens"))
     if total is None and prompt is not None and completion is not None:
         total = prompt + completion
     p_details = _details(block, "prompt_tokens_details", "input_tokens_details")
@@ -86,13 +99,13 @@ def parse_usage(block: Any) -> Usage:
     audio_out = _int(c_details.get("audio_tokens"))
     audio = None if audio_in is None and audio_out is None else (audio_in or 0) + (audio_out or 0)
     return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=total,
-        cached_tokens=_int(p_details.get("cached_tokens")),
-        reasoning_tokens=_int(c_details.get("reasoning_tokens")),
-        image_tokens=_int(p_details.get("image_tokens")),
-        audio_tokens=audio,
+        prompt,
+        completion,
+        total,
+        _int(p_details.get("cached_tokens")),
+        _int(c_details.get("reasoning_tokens")),
+        _int(p_details.get("image_tokens")),
+        audio,
     )
 
 
@@ -110,13 +123,69 @@ class Answer:
     service_tier: str | None = None  # the tier the server says it used; None: it said none
 
 
+_DECODER = json.JSONDecoder()  # what json.loads uses when given no options
+# The scanner that decoder reads with (typeshed types make_scanner as the class itself).
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]
+# First bytes for which json.loads would not read bytes as UTF-8: a NUL (UTF-16/32
+# without a BOM) or the first byte of a UTF-8, UTF-16 or UTF-32 byte order mark.
+_NOT_UTF8_START = frozenset((0x00, 0xEF, 0xFE, 0xFF))
+# Every ASCII digit as 1, every other byte as 0: a run of 19 ones marks a number
+# (or any digits) that orjson might not read as json does.
+_DIGIT_MAP = bytes(1 if 0x30 <= b <= 0x39 else 0 for b in range(256))
+_LONG_DIGITS = b"\x01" * 19
+# orjson reads nesting up to 1,024 deep, json until the interpreter's stack runs out
+# (about 1,000 levels less the caller's own frames): a body with fewer brackets than
+# this cannot nest deep enough to tell them apart.
+_ORJSON_MAX_BRACKETS = 256
+
+
+def _orjson_reads_as_json(text: bytes) -> bool:
+    """True when orjson either reads ``text`` as ``json`` would or raises (see ``_loads``)."""
+    brackets = text.count(b"[") + text.count(b"{")
+    return brackets < _ORJSON_MAX_BRACKETS and _LONG_DIGITS not in text.translate(_DIGIT_MAP)
+
+
 def _loads(text: bytes | str) -> Any:
     """``json.loads`` for untrusted text: anything it cannot read raises ValueError.
 
     A body nested deeper than the interpreter's stack (``[[[[...``) makes the
     decoder raise RecursionError; it is a malformed body like any other.
+
+    Every answer is decoded here, so it is written for speed, with ``json.loads``'s
+    values and errors exactly:
+
+    - bytes whose first two bytes are neither NUL nor the start of a byte order mark
+      are the case where ``json.loads``' encoding guess (Python code that cost about
+      as much as decoding a short answer) always says UTF-8;
+    - such a body is first given to orjson (several times faster). Where orjson and
+      ``json`` differ, orjson raises (NaN and Infinity, lone surrogates, a byte order
+      mark, nesting past 1,024, anything malformed) and ``json`` then decodes the body
+      as it always did; the one silent difference, an integer past 64 bits that
+      orjson reads as a float, needs 19 digits in a row, so a body with such a run
+      anywhere (even in a string) skips orjson (one C pass over the bytes); so does
+      one with 256 brackets or more, which could nest deeper than ``json`` can
+      follow (it raises RecursionError where orjson would read on);
+    - otherwise the body is decoded as UTF-8 (``surrogatepass``, as ``json.loads``
+      does) and read by the same decoder, whose scanner reads an object with nothing
+      after it directly. Everything else goes through ``json.loads`` itself.
     """
     try:
+        if type(text) is bytes and len(text) > 1 and text[1] and text[0] not in _NOT_UTF8_START:
+            if _orjson_reads_as_json(text):
+                try:
+                    return orjson.loads(text)
+                except ValueError:  # orjson.JSONDecodeError: json decides below
+                    pass
+            decoded = text.decode("utf-8", "surrogatepass")
+            if decoded[0] == "{":
+                try:
+                    value, end = _SCAN(decoded, 0)
+                except (StopIteration, ValueError):
+                    pass  # the decoder below raises its own error for it
+                else:
+                    if end == len(decoded):
+                        return value
+            return _DECODER.decode(decoded)
         return json.loads(text)
     except RecursionError:
         raise ValueError("nested too deeply") from None
@@ -139,14 +208,15 @@ def parse_completion(body: bytes | str, redact: Callable[[str], str] | None = No
         raise TransportError("malformed_response", f"response body is not JSON ({exc})") from None
     if not isinstance(data, dict):
         raise TransportError("malformed_response", "response body is not a JSON object")
-    if isinstance(data.get("error"), Mapping):
+    error = data.get("error")
+    if error is not None and isinstance(error, Mapping):
         raise error_from_body(200, data if redact is None else scrub_strings(data, redact), {})
     choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+    if not isinstance(choices, list) or not choices or not _is_mapping(choices[0]):
         raise TransportError("malformed_response", "response has no choices")
     choice = choices[0]
     raw_message = choice.get("message")
-    message: Mapping[str, Any] = raw_message if isinstance(raw_message, Mapping) else {}
+    message: Mapping[str, Any] = raw_message if _is_mapping(raw_message) else _NO_DETAILS
     tool_calls = message.get("tool_calls")
     return Answer(
         response_id=_str(data.get("id")),
@@ -164,10 +234,16 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _is_mapping(value: Any) -> bool:
+    """``isinstance(value, Mapping)``, without the ABC machinery for a plain dict."""
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 # A tier is a short name (default, flex, priority, scale, ...): anything else a server
 # puts there is not stored as given, but as this marker, which no price row names.
 _TIER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 UNRECOGNIZED_TIER = "unrecognized"
+_COMMON_TIERS = frozenset({"default", "auto", "flex", "priority", "scale", "standard"})
 
 
 def service_tier(value: Any) -> str | None:
@@ -181,6 +257,8 @@ def service_tier(value: Any) -> str | None:
     """
     if not isinstance(value, str):
         return None
+    if value in _COMMON_TIERS:  # names the pattern accepts, checked without it
+        return value
     return value if _TIER_RE.fullmatch(value) else UNRECOGNIZED_TIER
 
 
