@@ -18,7 +18,7 @@ import click
 from pipeline import __version__
 from pipeline.config import RunOptions, load_job_file, merge
 from pipeline.errors import Exit, LockedError, PipelineError, StopError, UsageError, exit_help
-from pipeline.gc_tuning import fewer_full_collections
+from pipeline.gc_tuning import fewer_full_collections, skip_collection_at_exit
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -588,4 +588,7 @@ def providers(providers_file: Path | None) -> None:
 
 
 def main() -> None:
-    cli(prog_name="pipeline")
+    try:
+        cli(prog_name="pipeline")
+    finally:
+        skip_collection_at_exit()  # the process ends here: see gc_tuning

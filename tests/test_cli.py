@@ -281,3 +281,21 @@ def test_sim_on_a_port_in_use_is_bad_usage_not_a_bug() -> None:
         port = taken.getsockname()[1]
         code, _, err = invoke("sim", "--port", str(port))
     assert code == 2 and f"127.0.0.1:{port}" in err and "internal error" not in err
+
+
+def test_the_command_line_freezes_the_heap_before_the_process_exits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``main`` hands every live object to ``gc.freeze`` once the command is done, so
+    interpreter shutdown does not walk them all again (0.3-0.4 s at the end of a
+    6k-row run); the exit code is the command's own."""
+    import gc
+
+    from pipeline import cli
+
+    frozen: list[bool] = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    monkeypatch.setattr(sys, "argv", ["pipeline", "providers"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 0 and frozen == [True]
