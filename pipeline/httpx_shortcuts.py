@@ -37,6 +37,11 @@ class SkipEmptyCookies(httpx.Cookies):
         headers = response.headers
         if "set-cookie" in headers or "set-cookie2" in headers:
             super().extract_cookies(response)
+            # A cookie past ASCII cannot be sent back (httpx encodes a Cookie header
+            # as ASCII): kept, it would make every later request fail before it left.
+            for cookie in list(self.jar):
+                if not (cookie.name + (cookie.value or "")).isascii():
+                    self.jar.clear(cookie.domain, cookie.path, cookie.name)
 
 
 def skip_empty_cookies(client: httpx.AsyncClient) -> None:
@@ -132,7 +137,7 @@ class Sender:
         if "set-cookie" in headers or "set-cookie2" in headers:
             response = httpx.Response(
                 posted.status,
-                headers=list(headers.items()),
+                headers=posted.raw_headers,
                 request=httpx.Request("POST", url),
             )
             self._cookies.extract_cookies(response)
@@ -155,11 +160,15 @@ _AIOHTTP_HEADERS = "pipeline.aiohttp_headers"  # a request extension only Sender
 class Posted:
     """One answer as ``Sender.post`` reads it: status, headers (a case-insensitive
     mapping; the first value of a repeated header) and the decoded body, or None when
-    the body passed the size cap (the rest is never read)."""
+    the body passed the size cap (the rest is never read). ``raw_headers``: the
+    headers as sent, bytes, for the cookie jar (a value past ASCII, which aiohttp
+    decodes and httpx will not encode again, must not turn a billed answer into an
+    error)."""
 
     status: int
     headers: Mapping[str, str]
     body: bytes | None
+    raw_headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 Post = Callable[[str, bytes, int], Awaitable[Posted]]
@@ -290,7 +299,7 @@ def lean_aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
                         raise exc
                 if body is not None:
                     body = inflate(body, headers.get("content-encoding", ""), cap)
-                return Posted(answer.status, headers, body)
+                return Posted(answer.status, headers, body, answer.raw_headers)
 
             return post
 
