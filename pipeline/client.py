@@ -34,6 +34,7 @@ from pipeline.errors import (
 from pipeline.failover import Endpoints
 from pipeline.httpx_shortcuts import (
     Sender,
+    environment_proxy_mounts,
     lean_aiohttp_transport,
     read_capped,
     skip_empty_cookies,
@@ -140,8 +141,10 @@ class ChatClient:
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
+        mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
         if transport is None and http_transport == "aiohttp":
             transport = _aiohttp_transport(limits)
+            mounts = environment_proxy_mounts(limits)  # as httpx's own transport has
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self.redactor = Redactor(api_key)
@@ -158,6 +161,7 @@ class ChatClient:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
             limits=limits,
             transport=transport,
+            mounts=mounts,
         )
         skip_empty_cookies(self._http)
         self._sender = Sender(self._http, list(self._urls.values()))

@@ -49,6 +49,29 @@ def skip_empty_cookies(client: httpx.AsyncClient) -> None:
     client._cookies = SkipEmptyCookies()  # the setter would copy it into a plain Cookies
 
 
+def environment_proxy_mounts(
+    limits: httpx.Limits,
+) -> dict[str, httpx.AsyncBaseTransport | None]:
+    """The mounts httpx itself makes for ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``
+    (and ``NO_PROXY``), for a client given its own transport.
+
+    httpx reads the proxy variables only when it picks the transport itself; a client
+    built with ``transport=`` (the aiohttp one) would send every request straight to
+    the host, past a proxy the user set (one that may be the only way out, or the
+    one their traffic must pass). Mounted, the proxied URLs take httpx's own path
+    through httpx's proxy transport (``Sender`` sees another transport and steps
+    aside); URLs the variables leave alone keep the client's transport.
+    """
+    from httpx._utils import get_environment_proxies
+
+    return {
+        pattern: None
+        if url is None
+        else httpx.AsyncHTTPTransport(limits=limits, proxy=httpx.Proxy(url))
+        for pattern, url in get_environment_proxies().items()
+    }
+
+
 _DRAINED = httpx.ByteStream(b"")
 
 

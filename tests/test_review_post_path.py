@@ -187,3 +187,54 @@ async def test_an_answer_with_a_cookie_and_non_ascii_header_bytes_is_read(extra:
             assert again.answer.content == "hi"
         finally:
             await client.aclose()
+
+
+@pytest.mark.parametrize("no_proxy", ["", "127.0.0.1"])
+async def test_the_default_transport_goes_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch, no_proxy: str
+) -> None:
+    """HTTP_PROXY set: the request goes to the proxy (as with ``--http-transport
+    httpx``), not straight to the host; NO_PROXY naming the host: straight there.
+    httpx reads the variables only when it picks the transport itself, so the
+    aiohttp transport sent every request past the proxy."""
+    seen: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readline())
+        await _read_request_rest(reader)
+        writer.write(_ok())
+        await writer.drain()
+        writer.close()
+
+    async def direct(_: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(_ok())
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with _raw_server(direct) as url:
+            for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+            monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")
+            if no_proxy:
+                monkeypatch.setenv("NO_PROXY", no_proxy)
+            client = ChatClient([url], "sk-test-key", Connection())
+            try:
+                reply = await client.complete({"model": "m", "messages": []})
+            finally:
+                await client.aclose()
+    finally:
+        server.close()
+    assert reply.answer.content == "hi"
+    if no_proxy:
+        assert seen == []
+    else:
+        assert seen == [f"POST {url}/chat/completions HTTP/1.1\r\n".encode()]
+
+
+async def _read_request_rest(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":", 1)[1]))
