@@ -40,7 +40,7 @@ from pipeline.httpx_shortcuts import (
     skip_empty_cookies,
     unbind,
 )
-from pipeline.redact import Redactor, refuse_url_secrets
+from pipeline.redact import Redactor, _is_loopback, refuse_url_secrets
 from pipeline.wire import (
     MAX_SSE_LINE_BYTES,
     Answer,
@@ -156,6 +156,12 @@ class ChatClient:
         # Parsed once: httpx parses a URL given as text again on every request.
         self._urls = {u: httpx.URL(f"{u}/chat/completions") for u in self.endpoints.urls}
         self._url_texts = {u: str(url) for u, url in self._urls.items()}
+        # A loopback gateway is never reached through a proxy from the environment
+        # (either transport): the proxy's loopback is another machine's, and a key sent
+        # over plain http "to this machine" would cross the network.
+        for url in self._urls.values():
+            if _is_loopback(url.host):
+                mounts[f"all://[{url.host}]" if ":" in url.host else f"all://{url.host}"] = None
         self._http = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
