@@ -106,10 +106,19 @@ class Channel(Generic[T]):
         return bool(self._items) or self._closed
 
     def drain(self) -> list[T]:
-        """Every item waiting now, oldest first (none: an empty list)."""
+        """Every item handed over now, oldest first (none: an empty list): those in
+        the channel, then those of puts waiting for room, whose puts then return.
+
+        The waiting puts' items are taken too, not just moved in: the writer's last
+        drain (the run cancelled) must leave nothing behind that a put reported as
+        delivered. Their items are in memory already; taking them adds none.
+        """
         items = list(self._items)
         self._items.clear()
-        self._wake_putters()
+        while self._putters:
+            waiting = self._putters.popleft()
+            items.append(waiting.item)
+            waiting.done.set()
         return items
 
     def close(self) -> None:

@@ -34,12 +34,13 @@ from pipeline.errors import (
 from pipeline.failover import Endpoints
 from pipeline.httpx_shortcuts import (
     Sender,
+    environment_proxy_mounts,
     lean_aiohttp_transport,
     read_capped,
     skip_empty_cookies,
     unbind,
 )
-from pipeline.redact import Redactor, refuse_url_secrets
+from pipeline.redact import Redactor, _is_loopback, refuse_url_secrets
 from pipeline.wire import (
     MAX_SSE_LINE_BYTES,
     Answer,
@@ -140,8 +141,10 @@ class ChatClient:
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
+        mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
         if transport is None and http_transport == "aiohttp":
             transport = _aiohttp_transport(limits)
+            mounts = environment_proxy_mounts(limits)  # as httpx's own transport has
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self.redactor = Redactor(api_key)
@@ -153,11 +156,18 @@ class ChatClient:
         # Parsed once: httpx parses a URL given as text again on every request.
         self._urls = {u: httpx.URL(f"{u}/chat/completions") for u in self.endpoints.urls}
         self._url_texts = {u: str(url) for u, url in self._urls.items()}
+        # A loopback gateway is never reached through a proxy from the environment
+        # (either transport): the proxy's loopback is another machine's, and a key sent
+        # over plain http "to this machine" would cross the network.
+        for url in self._urls.values():
+            if _is_loopback(url.host):
+                mounts[f"all://[{url.host}]" if ":" in url.host else f"all://{url.host}"] = None
         self._http = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
             limits=limits,
             transport=transport,
+            mounts=mounts,
         )
         skip_empty_cookies(self._http)
         self._sender = Sender(self._http, list(self._urls.values()))

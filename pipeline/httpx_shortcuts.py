@@ -37,11 +37,39 @@ class SkipEmptyCookies(httpx.Cookies):
         headers = response.headers
         if "set-cookie" in headers or "set-cookie2" in headers:
             super().extract_cookies(response)
+            # A cookie past ASCII cannot be sent back (httpx encodes a Cookie header
+            # as ASCII): kept, it would make every later request fail before it left.
+            for cookie in list(self.jar):
+                if not (cookie.name + (cookie.value or "")).isascii():
+                    self.jar.clear(cookie.domain, cookie.path, cookie.name)
 
 
 def skip_empty_cookies(client: httpx.AsyncClient) -> None:
     """Give ``client`` a fresh jar that skips answers without cookies."""
     client._cookies = SkipEmptyCookies()  # the setter would copy it into a plain Cookies
+
+
+def environment_proxy_mounts(
+    limits: httpx.Limits,
+) -> dict[str, httpx.AsyncBaseTransport | None]:
+    """The mounts httpx itself makes for ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``
+    (and ``NO_PROXY``), for a client given its own transport.
+
+    httpx reads the proxy variables only when it picks the transport itself; a client
+    built with ``transport=`` (the aiohttp one) would send every request straight to
+    the host, past a proxy the user set (one that may be the only way out, or the
+    one their traffic must pass). Mounted, the proxied URLs take httpx's own path
+    through httpx's proxy transport (``Sender`` sees another transport and steps
+    aside); URLs the variables leave alone keep the client's transport.
+    """
+    from httpx._utils import get_environment_proxies
+
+    return {
+        pattern: None
+        if url is None
+        else httpx.AsyncHTTPTransport(limits=limits, proxy=httpx.Proxy(url))
+        for pattern, url in get_environment_proxies().items()
+    }
 
 
 _DRAINED = httpx.ByteStream(b"")
@@ -132,7 +160,7 @@ class Sender:
         if "set-cookie" in headers or "set-cookie2" in headers:
             response = httpx.Response(
                 posted.status,
-                headers=list(headers.items()),
+                headers=posted.raw_headers,
                 request=httpx.Request("POST", url),
             )
             self._cookies.extract_cookies(response)
@@ -155,11 +183,15 @@ _AIOHTTP_HEADERS = "pipeline.aiohttp_headers"  # a request extension only Sender
 class Posted:
     """One answer as ``Sender.post`` reads it: status, headers (a case-insensitive
     mapping; the first value of a repeated header) and the decoded body, or None when
-    the body passed the size cap (the rest is never read)."""
+    the body passed the size cap (the rest is never read). ``raw_headers``: the
+    headers as sent, bytes, for the cookie jar (a value past ASCII, which aiohttp
+    decodes and httpx will not encode again, must not turn a billed answer into an
+    error)."""
 
     status: int
     headers: Mapping[str, str]
     body: bytes | None
+    raw_headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 Post = Callable[[str, bytes, int], Awaitable[Posted]]
@@ -290,7 +322,7 @@ def lean_aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
                         raise exc
                 if body is not None:
                     body = inflate(body, headers.get("content-encoding", ""), cap)
-                return Posted(answer.status, headers, body)
+                return Posted(answer.status, headers, body, answer.raw_headers)
 
             return post
 

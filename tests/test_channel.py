@@ -8,6 +8,7 @@ point of the channel: no trip round the event loop per row).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import anyio
 import pytest
@@ -225,3 +226,29 @@ def test_every_item_is_taken_exactly_once_whatever_is_cancelled(
             )
 
     anyio.run(main)
+
+
+async def test_drain_takes_the_items_of_waiting_puts_too() -> None:
+    """The writer's last drain (a second signal cancels the run) must take every row
+    a worker already handed over, those of puts waiting for room included: a drain
+    that moved them in without returning them told those workers their row was
+    delivered, and nobody ever read it (an answer paid for and never written)."""
+    channel: Channel[int] = Channel(2)
+    await channel.put(0)
+    await channel.put(1)
+    delivered: list[int] = []
+
+    async def put(item: int) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError):
+            await channel.put(item)
+            delivered.append(item)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(put, 2)
+        tg.start_soon(put, 3)
+        tg.start_soon(put, 4)
+        await anyio.wait_all_tasks_blocked()
+        drained = channel.drain()
+        channel.close()  # the run is over: what is still waiting is turned away
+    assert drained == [0, 1, 2, 3, 4]
+    assert len(channel) == 0 and sorted(delivered) == [2, 3, 4]
