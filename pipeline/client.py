@@ -40,7 +40,7 @@ from pipeline.httpx_shortcuts import (
     skip_empty_cookies,
     unbind,
 )
-from pipeline.redact import Redactor, _is_loopback, refuse_url_secrets
+from pipeline.redact import Redactor, is_loopback, refuse_url_secrets
 from pipeline.wire import (
     MAX_SSE_LINE_BYTES,
     Answer,
@@ -160,7 +160,7 @@ class ChatClient:
         # (either transport): the proxy's loopback is another machine's, and a key sent
         # over plain http "to this machine" would cross the network.
         for url in self._urls.values():
-            if _is_loopback(url.host):
+            if is_loopback(url.host):
                 mounts[f"all://[{url.host}]" if ":" in url.host else f"all://{url.host}"] = None
         self._http = httpx.AsyncClient(
             headers=headers,

@@ -1,13 +1,18 @@
-"""The two places this package reaches into httpx's private parts, fenced in one module.
+"""Where this package reaches into httpx's private parts, fenced in one module.
 
-Both save measurable time on the hot path (one request per row, thousands in
-flight) and both lean on httpx internals that a release may change:
+Each saves measurable time on the hot path (one request per row, thousands in
+flight) or makes httpx do for a client with its own transport what it does for its
+own, and each leans on httpx internals that a release may change:
 
 - ``AsyncClient._cookies``: the client's cookie jar. It is replaced by a jar that
   skips answers carrying no ``Set-Cookie``; the public ``cookies`` setter would copy
   it into a plain ``httpx.Cookies`` and lose the shortcut.
 - ``Response.stream``: replaced, once the body is read, by an empty stream, to cut
   the reference cycle httpx makes between a response and its stream.
+- ``AsyncClient._transport``, ``_transport_for_url`` and ``_default_encoding``: what
+  ``Sender`` reads to decide that ``AsyncClient.send`` would add nothing.
+- ``httpx._utils.get_environment_proxies``: the proxy routes httpx derives from
+  ``HTTP(S)_PROXY``/``ALL_PROXY``/``NO_PROXY``, for the aiohttp transport too.
 
 tests/test_httpx_shortcuts.py fails when httpx stops having what these rely on, and
 pyproject.toml caps httpx below its next minor version for the same reason: a new

@@ -88,7 +88,7 @@ def plain_http_warnings(urls: list[str], api_key: str | None) -> list[str]:
     warnings = []
     for url in urls:
         parts = urlsplit(url)
-        if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+        if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
             warnings.append(
                 f"{parts.scheme}://{parts.netloc}: the API key is sent over plain http:// "
                 "to a host that is not this machine; anyone on the way can read it "
@@ -97,7 +97,7 @@ def plain_http_warnings(urls: list[str], api_key: str | None) -> list[str]:
     return warnings
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host.lower() in ("localhost", "localhost."):
         return True
     try:

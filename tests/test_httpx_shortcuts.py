@@ -98,6 +98,19 @@ async def test_a_response_keeps_its_stream_in_a_plain_attribute_and_unbind_frees
         gc.enable()
 
 
+def test_httpx_still_derives_proxy_routes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """environment_proxy_mounts builds on httpx's own reading of the proxy variables."""
+    from httpx._utils import get_environment_proxies
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.test")
+    routes = get_environment_proxies()
+    assert routes["https://"] == "http://proxy.test:3128"
+    assert routes["all://*internal.test"] is None
+
+
 def test_httpx_is_capped_below_the_next_minor_version() -> None:
     """A new httpx minor release may move the private parts above: take it only on
     purpose, once these tests pass with it."""
