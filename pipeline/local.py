@@ -173,16 +173,11 @@ def input_files(opts: RunOptions) -> list[Path]:
     return files
 
 
-# Rows in the reader's first batch (the batches then double up to 1,000): enough to
-# fill a few requests while the next batch is read.
-FIRST_BATCH = 16
-
-
 def file_source(files: list[Path], max_line_bytes: int) -> RowSource:
     """Rows of whole input files, counted in the background for the ETA."""
 
     def batches() -> Iterator[list[SourceRow]]:
-        return read_rows(files, max_line_bytes=max_line_bytes, first_batch=FIRST_BATCH)
+        return read_rows(files, max_line_bytes=max_line_bytes)
 
     return RowSource(batches, lambda: count_rows(files))
 

@@ -557,14 +557,9 @@ def _parquet_row(batch: pa.RecordBatch, index: int) -> dict[str, Any] | str:
 
 
 def read_rows(
-    paths: list[Path],
-    batch_size: int = 1000,
-    *,
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-    first_batch: int | None = None,
+    paths: list[Path], batch_size: int = 1000, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 ) -> Iterator[list[SourceRow]]:
-    """Yield rows of every file in order, ``batch_size`` at a time (from
-    ``first_batch`` rows, doubling, when given: see ``in_batches``)."""
+    """Yield rows of every file in order, ``batch_size`` at a time."""
 
     def rows() -> Iterator[SourceRow]:
         for path in paths:
@@ -578,24 +573,18 @@ def read_rows(
             else:
                 yield from _jsonl_rows(path, max_line_bytes)
 
-    return in_batches(rows(), batch_size, first=first_batch)
+    return in_batches(rows(), batch_size)
 
 
-def in_batches(
-    rows: Iterable[SourceRow], size: int, *, first: int | None = None
-) -> Iterator[list[SourceRow]]:
+def in_batches(rows: Iterable[SourceRow], size: int) -> Iterator[list[SourceRow]]:
     """Rows in lists of ``size`` (the last may be shorter), for the reader thread to
-    hand over in one go. With ``first``, the lists start at ``first`` rows and double
-    up to ``size``: a run's first requests go out once a few rows are read, not a
-    thousand (~0.2 s sooner on a 2-core machine, when the first wave is 1,500 wide)."""
-    want = size if first is None else max(1, min(first, size))
+    hand over in one go."""
     batch: list[SourceRow] = []
     for row in rows:
         batch.append(row)
-        if len(batch) >= want:
+        if len(batch) >= size:
             yield batch
             batch = []
-            want = min(size, want * 2)
     if batch:
         yield batch
 
