@@ -271,16 +271,26 @@ floats = st.floats(allow_nan=True, allow_infinity=True)
 datetimes = st.datetimes(
     timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))]) | st.none()
 )
-odd_scalars = st.sampled_from(
-    [Count.SOME, Text("plain"), Text("\ud800"), Number(5), Number(2**64), Real(1.5), (1, "\ud800")]
-)
+# Drawn by index and mapped: Hypothesis replays its choices by their type, and a str
+# or int subclass given to sampled_from as a value made its replay fail (KeyError on
+# the subclass) in one CI run out of several.
+_ODD = [
+    Count.SOME,
+    Text("plain"),
+    Text("\ud800"),
+    Number(5),
+    Number(2**64),
+    Real(1.5),
+    (1, "\ud800"),
+]
+odd_scalars = st.integers(0, len(_ODD) - 1).map(_ODD.__getitem__)
 scalars = st.none() | st.booleans() | ints | floats | texts | datetimes | odd_scalars
 values = st.recursive(
     scalars,
     lambda inner: (
         st.lists(inner, max_size=4)
         | st.dictionaries(texts, inner, max_size=4)
-        | st.dictionaries(st.integers(-3, 3) | st.sampled_from([Text("k")]), inner, max_size=2)
+        | st.dictionaries(st.integers(-3, 3) | st.just("k").map(Text), inner, max_size=2)
         | st.builds(OrderedDict, st.dictionaries(texts, inner, max_size=2))
     ),
     max_leaves=12,
@@ -350,7 +360,15 @@ def test_a_row_with_nothing_to_fix_is_not_copied_and_one_with_something_is() -> 
 
 # --- answers -------------------------------------------------------------------------
 
-counts = st.none() | st.booleans() | ints | floats | texts | st.sampled_from([Count.SOME, "12"])
+_ODD_COUNTS: list[Any] = [Count.SOME, "12"]
+counts = (
+    st.none()
+    | st.booleans()
+    | ints
+    | floats
+    | texts
+    | st.integers(0, len(_ODD_COUNTS) - 1).map(_ODD_COUNTS.__getitem__)
+)
 usage_keys = st.sampled_from(
     [
         "prompt_tokens",
