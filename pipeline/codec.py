@@ -38,36 +38,10 @@ _LINE = (
 )
 
 
-_PLAIN = frozenset({str, int, bool, type(None), datetime})  # nothing to look into
-
-
 def _finite(value: Any) -> bool:
-    """False when a float that is not finite (or an Enum) is anywhere in ``value``.
-
-    Written for speed (it runs on every body and journal line): exact types first,
-    no generator; subclasses and unknown types take the slow, general path.
-    """
-    kind = type(value)
-    if kind is float:
-        return bool(value - value == 0.0)  # inf - inf and nan - nan are nan
-    if kind is dict:
-        items: Iterable[Any] = value.values()
-    elif kind is list or kind is tuple:
-        items = value
-    elif kind in _PLAIN:
-        return True
-    else:
-        return _finite_other(value)
-    for item in items:
-        kind = type(item)
-        if kind in _PLAIN:
-            continue
-        if kind is float:
-            if item - item != 0.0:
-                return False
-        elif not _finite(item):
-            return False
-    return True
+    """False when a float that is not finite (or an Enum) is anywhere in ``value``
+    (``_line_kind``'s walk, which runs on every body and journal line)."""
+    return _line_kind(value) != _NOT_FINITE
 
 
 def _finite_other(value: Any) -> bool:
