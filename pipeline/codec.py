@@ -126,21 +126,21 @@ def dumps_line_isoformat(value: Any, default: Callable[[Any], Any]) -> bytes:
         try:
             return orjson.dumps(value, option=_LINE_UTC)
         except TypeError:
-            pass
-    elif kind == _FINITE:
-        try:
-            return orjson.dumps(value, default=default, option=_LINE)
-        except TypeError:
-            pass
-    text = json.dumps(value, ensure_ascii=False, default=default)
-    return (text + "\n").encode("utf-8")
+            return _line(value, default, finite=False)
+    return _line(value, default, finite=kind == _FINITE)
 
 
 def dumps_line(value: Any, default: Callable[[Any], Any]) -> bytes:
     """``json.dumps(value, ensure_ascii=False, default=default)`` plus a newline, as UTF-8:
     a journal line. ``default`` is called for what JSON has no type for, datetimes and
     dataclasses included (orjson would write those its own way)."""
-    if _finite(value):
+    return _line(value, default, finite=_finite(value))
+
+
+def _line(value: Any, default: Callable[[Any], Any], *, finite: bool) -> bytes:
+    """A journal line: orjson when ``finite`` (``_finite`` said so) and it can, json
+    otherwise; the same bytes either way."""
+    if finite:
         try:
             return orjson.dumps(value, default=default, option=_LINE)
         except TypeError:

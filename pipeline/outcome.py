@@ -82,22 +82,11 @@ def ok_row(
 ) -> dict[str, Any]:
     """An answered row. ``parsed`` is the checked JSON answer when JSON was asked for.
 
-    Built as one literal (one per answer, so its cost counts): the same keys, in the
-    same order, as ``_base`` followed by the answer's columns, which is the order a
-    journal line is written in."""
-    usage = answer.usage
-    metadata = job.metadata
+    One literal (one per answer, so its cost counts): ``_base``'s columns, then the
+    answer's, in the order a journal line is written in."""
     tool_calls = answer.tool_calls
     return {
-        "run_id": ctx.run_id,
-        "id": job.id,
-        "status": "ok",
-        "provider": ctx.provider,
-        "metadata": None if metadata is None else json_text(metadata),
-        "source_file": job.source_file,
-        "source_line": job.source_line,
-        "request_hash": job.request_hash,
-        "carried": job.carried,
+        **_base(ctx, job, "ok"),
         "base_url": base_url,
         "model": job.model,
         "response_model": answer.response_model,
@@ -108,13 +97,7 @@ def ok_row(
         "tool_calls": None if tool_calls is None else json_text(tool_calls),
         "parsed": None if parsed is None else json_text(parsed),
         "label": None if parsed is None else label_of(parsed),
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "cached_tokens": usage.cached_tokens,
-        "reasoning_tokens": usage.reasoning_tokens,
-        "image_tokens": usage.image_tokens,
-        "audio_tokens": usage.audio_tokens,
+        **_usage_columns(answer.usage),
         "service_tier": answer.service_tier,
         "attempts": attempts,
         "http_status": http_status,

@@ -370,8 +370,8 @@ class Runner:
         while True:
             try:
                 if is_flex(job.body):
-                    reply, tries = await self._send_with_retries(job)
-                else:  # the common case, one coroutine less on every request
+                    reply, tries = await self._send_flex(job)
+                else:
                     reply, tries = await self._send_retrying(job)
             except _Stopped:
                 return None
@@ -429,15 +429,13 @@ class Runner:
             row.update(parsed=json_text(parsed), label=label_of(parsed))
         return row, problem
 
-    async def _send_with_retries(self, job: Job) -> tuple[Reply, int]:
-        """Send until answered: (reply, attempts). Raises _Stopped or _Failed.
+    async def _send_flex(self, job: Job) -> tuple[Reply, int]:
+        """Send a flex row until answered: (reply, attempts). Raises _Stopped or _Failed.
 
-        A flex row goes through ``pipeline.tiers.send_flex``, which counts its
-        capacity refusals (``FlexRefused``, raised past the retry loop below) and
-        falls back to the default tier after ``--flex-fallback`` of them.
+        It goes through ``pipeline.tiers.send_flex``, which counts its capacity
+        refusals (``FlexRefused``, raised past the retry loop of ``_send_retrying``)
+        and falls back to the default tier after ``--flex-fallback`` of them.
         """
-        if not is_flex(job.body):
-            return await self._send_retrying(job)
         limits = self.settings.attempts
         policy = FlexPolicy(
             fallback=limits.flex_fallback,
