@@ -14,6 +14,7 @@ them, and a task cancelled after being woken passes its wake-up on.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from typing import Any, Generic, TypeVar
 
@@ -24,14 +25,41 @@ T = TypeVar("T")
 _CLOSED_OUT: Any = object()  # a waiting put's item once close() turned it away
 
 
+class _Signal:
+    """A one-shot event for one waiting task: a bare asyncio future. Runs are on
+    asyncio (anyio's asyncio backend, uvloop included: ``local.event_loop_options``
+    offers nothing else), and an ``anyio.Event`` finds the running library, then
+    makes an ``asyncio.Event``, then a future in ``wait``: ~2% of the event loop at
+    zero latency, on every wait of the writer and the workers."""
+
+    __slots__ = ("_future", "_set")
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._set = False
+
+    def set(self) -> None:
+        # Set even when the waiter was cancelled first (its future with it): it must
+        # still see that it was woken, and pass the wake-up on (Channel._wait_for_item).
+        self._set = True
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self) -> None:
+        await self._future
+
+
 class _Waiting(Generic[T]):
-    """A put that waits for room: its item, and the event that says it went in."""
+    """A put that waits for room: its item, and the signal that says it went in."""
 
     __slots__ = ("item", "done")
 
     def __init__(self, item: T) -> None:
         self.item = item
-        self.done = anyio.Event()
+        self.done = _Signal()
 
 
 class Channel(Generic[T]):
@@ -55,7 +83,7 @@ class Channel(Generic[T]):
         self._items: deque[T] = deque()
         self._capacity = capacity
         self._low = capacity // 2
-        self._getters: deque[anyio.Event] = deque()
+        self._getters: deque[_Signal] = deque()
         self._putters: deque[_Waiting[T]] = deque()
         self._closed = False
 
@@ -141,7 +169,7 @@ class Channel(Generic[T]):
             raise StopAsyncIteration from None
 
     async def _wait_for_item(self) -> None:
-        event = anyio.Event()
+        event = _Signal()
         self._getters.append(event)
         try:
             await event.wait()

@@ -9,6 +9,7 @@ simulator (latency, rate limit, injected errors) for demos and rehearsals.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -214,8 +215,8 @@ def validate(opts: RunOptions) -> None:
         check_base_url(url)
     for name in ("rpm", "tpm", "max_cost", "timeout", "deadline", "max_response_mb"):
         value = getattr(opts, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        if value is not None and not (0 < value < math.inf):  # nan and inf fail too
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number")
     if opts.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
     if opts.engine not in ("local", "ray"):

@@ -156,6 +156,40 @@ async def test_a_cancelled_getter_loses_nothing_and_passes_its_wake_up_on() -> N
     assert len(channel) == 0 and not channel._getters
 
 
+async def test_a_getter_cancelled_then_woken_before_it_runs_passes_the_wake_up_on() -> None:
+    """The other order: cancelled first, then woken by a put before it runs. It must
+    see that it was woken (no error about its wake-up being gone) and hand the item's
+    wake-up to the next getter, or the item would wait with a getter asleep."""
+    channel: Channel[int] = Channel(8)
+    first = asyncio.ensure_future(channel.get())
+    await anyio.wait_all_tasks_blocked()
+    second = asyncio.ensure_future(channel.get())
+    await anyio.wait_all_tasks_blocked()
+    first.cancel()  # its wait is cancelled ...
+    await channel.put(1)  # ... and then it is picked to be woken, before it runs
+    with anyio.fail_after(5):  # a lost wake-up would leave the second asleep for good
+        assert await second == 1
+    assert first.cancelled()
+    assert len(channel) == 0 and not channel._getters
+
+
+async def test_a_put_cancelled_then_let_in_before_it_runs_delivers_once() -> None:
+    """A put waiting for room, cancelled, then let in (its item moved into the
+    channel) before it runs: the item is in exactly once, and the put does not try to
+    take back a place it no longer holds."""
+    channel: Channel[int] = Channel(2)
+    await channel.put(1)
+    await channel.put(2)
+    waiting = asyncio.ensure_future(channel.put(3))
+    await anyio.wait_all_tasks_blocked()
+    waiting.cancel()
+    assert await channel.get() == 1  # down to half: the waiting put's item goes in
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert channel.drain() == [2, 3]
+    assert not channel._putters
+
+
 async def test_a_getter_cancelled_while_waiting_leaves_no_event_behind() -> None:
     channel: Channel[int] = Channel(8)
     with anyio.move_on_after(0.01):

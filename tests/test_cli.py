@@ -299,3 +299,17 @@ def test_the_command_line_freezes_the_heap_before_the_process_exits(
     with pytest.raises(SystemExit) as ended:
         cli.main()
     assert ended.value.code == 0 and frozen == [True]
+
+
+@pytest.mark.parametrize("option", ["--deadline", "--timeout", "--max-response-mb", "--rpm"])
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_a_bound_that_is_not_a_positive_number_is_refused_before_anything_runs(
+    tmp_path: Path, rows: Path, option: str, value: str
+) -> None:
+    """``nan`` passed a ``<= 0`` check and ``inf`` bounds nothing: both would leave a
+    request with no working deadline (or a timer that cannot be set)."""
+    out = tmp_path / "out"
+    code, _, err = invoke("run", str(rows), "--out", str(out), option, value, "--quiet")
+    assert code == 2
+    assert f"{option} must be a positive number" in err
+    assert not out.exists()
