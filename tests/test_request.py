@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.request import (
     Job,
@@ -523,3 +525,91 @@ def test_estimate_counts_an_image_by_rule_not_by_its_base64_length(src: Path) ->
     assert with_image.est_prompt_tokens - plain.est_prompt_tokens == 765  # ...the guess does not
     assert plain.est_prompt_tokens == estimate_prompt_tokens(plain.body)
     assert plain.est_prompt_tokens < 50
+
+
+# -- request_hash: the bytes hashed never change ------------------------------------
+
+
+def _stdlib_hash(body: Any) -> str:
+    """What request_hash has always hashed (journals of earlier runs name rows by it)."""
+    import hashlib
+    import json
+
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)  # past 64 bits too
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | _any_text,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(_any_text | st.integers(-3, 3), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=st.dictionaries(_any_text, _json_values, max_size=6))
+def test_request_hash_hashes_exactly_what_json_dumps_writes(body: dict[Any, Any]) -> None:
+    """Every body, whichever encoder writes it: lone surrogates, control characters,
+    keys past the BMP, integers past 64 bits, floats, NaN, non-text keys. What json
+    cannot write (a lone surrogate it cannot encode, keys it cannot sort) still
+    raises as it did."""
+    try:
+        expected: str | BaseException = _stdlib_hash(body)
+    except (UnicodeEncodeError, TypeError, ValueError) as exc:
+        expected = exc
+    if isinstance(expected, BaseException):
+        with pytest.raises(type(expected)):
+            request_hash(body)
+    else:
+        assert request_hash(body) == expected
+
+
+def test_request_hash_of_a_typical_body_is_unchanged() -> None:
+    """A fixed body's fingerprint, as every earlier version computed it."""
+    body = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "Étiquette: «ok»\n"}]}
+    assert request_hash(body) == "0140b364b2cc4f8b9e9e45b67e4895758da2d7046207a5b828b31c5277422f29"
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        pytest.param(lambda: __import__("uuid").UUID(int=7), id="uuid"),
+        pytest.param(lambda: __import__("datetime").date(2026, 1, 2), id="date"),
+        pytest.param(lambda: __import__("decimal").Decimal("1.5"), id="decimal"),
+        pytest.param(lambda: b"bytes", id="bytes"),
+        pytest.param(lambda: (1, 2), id="tuple"),
+        pytest.param(lambda: 1.0e16, id="big float"),
+    ],
+)
+def test_values_json_has_no_text_for_are_refused_or_hashed_as_json_writes_them(
+    odd: Any,
+) -> None:
+    """orjson writes a UUID, a date and a tuple, json refuses the first two: a row
+    with one must fail as before, not get a hash json would never have given."""
+    body = {"model": "m", "x": odd()}
+    try:
+        expected: str | None = _stdlib_hash(body)
+    except TypeError:
+        expected = None
+    if expected is None:
+        with pytest.raises(TypeError):
+            request_hash(body)
+    else:
+        assert request_hash(body) == expected
+
+
+def test_of_several_bad_fields_the_first_in_the_known_order_is_named(src: Path) -> None:
+    """Whatever order the row's own columns come in, the same field is reported."""
+    bad = {"n": 0, "temperature": 9, "top_p": 5}
+    for data in (bad, dict(reversed(list(bad.items())))):
+        row = {"id": "a", "prompt": "hi", **data}
+        assert "field 'temperature' must be at most 2" in rejected(src, row).message
+    assert "field 'model' must be a string" in rejected(src, {"prompt": "hi", "model": 5}).message
