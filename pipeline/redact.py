@@ -10,27 +10,56 @@ without the key is returned as is, so the common case costs one scan.
 Decoding can rebuild a key that the raw bytes did not show (a JSON ``\\u`` escape),
 so the few strings that leave the client (answer text, error text) are checked once
 more after parsing; the same one-scan rule applies.
+
+A key is also looked for in the other forms servers and proxies echo it in
+(``secret_forms``): percent-encoded, as a URL or a form carries a key with ``+``,
+``/`` or ``=`` in it, and base64 (of the key, or of the whole ``Bearer`` value), as
+proxies that forward or log credentials write them. One scan more per form.
 """
 
 from __future__ import annotations
 
+import base64
 import ipaddress
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 REDACTED = "[REDACTED]"
+MIN_ENCODED_SECRET = 8
+
+
+def secret_forms(secret: str) -> set[str]:
+    """``secret`` and the encodings of it a server may echo instead: percent-encoded
+    (as a path or query, and as a form), and base64, standard and URL-safe, of the
+    secret and of ``Bearer <secret>``, without the ``=`` padding (which an echo may
+    drop; what is left of it after ``[REDACTED]`` says nothing).
+
+    A secret under ``MIN_ENCODED_SECRET`` characters (a placeholder key for a local
+    server) is looked for only as sent: its encodings would be short enough to turn
+    up in ordinary text, which would then be hidden for nothing.
+    """
+    if len(secret) < MIN_ENCODED_SECRET:
+        return {secret}
+    forms = {secret, quote(secret, safe=""), quote_plus(secret, safe="")}
+    for value in (secret, f"Bearer {secret}"):
+        raw = value.encode("utf-8")
+        forms.add(base64.b64encode(raw).decode("ascii").rstrip("="))
+        forms.add(base64.urlsafe_b64encode(raw).decode("ascii").rstrip("="))
+    return forms
 
 
 class Redactor:
     """Replace each of ``secrets`` with ``[REDACTED]`` in bytes and text.
 
-    Empty secrets are ignored (no key, nothing to hide). Longer secrets are replaced
-    first so a key that contains another one is never half-replaced.
+    Each secret is looked for in every form ``secret_forms`` names. Empty secrets are
+    ignored (no key, nothing to hide). Longer forms are replaced first so a key that
+    contains another one is never half-replaced.
     """
 
     __slots__ = ("_texts", "_bytes")
 
     def __init__(self, *secrets: str | None) -> None:
-        texts = sorted({s for s in secrets if s}, key=len, reverse=True)
+        forms = {form for s in secrets if s for form in secret_forms(s)}
+        texts = sorted(forms, key=len, reverse=True)
         self._texts = tuple(texts)
         self._bytes = tuple(s.encode("utf-8") for s in texts)
 

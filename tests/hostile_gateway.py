@@ -29,12 +29,14 @@ content as JSON ``\\u`` escapes, a 5xx with the key in a header and its text bod
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,8 @@ MODES = (
     "echo_content",
     "echo_escaped",
     "echo_header",
+    "echo_encoded",
+    "echo_encoded_content",
     "redirect",
     "nested_json",
     "by_prompt",
@@ -183,6 +187,28 @@ class HostileGateway:
         return web.Response(
             status=502, text=f"upstream refused {auth}", headers={"x-ratelimit-echo": auth}
         )
+
+    async def _mode_echo_encoded(
+        self, request: web.Request, *, auth: str, stream: bool
+    ) -> web.StreamResponse:
+        """A 400 naming the key percent-encoded, and base64 of the Authorization
+        value in its text and a header (a proxy that logs what it forwarded)."""
+        key = auth.removeprefix("Bearer ")
+        basic = base64.b64encode(auth.encode()).decode()
+        error = {
+            "message": f"bad key {urllib.parse.quote(key, safe='')} (forwarded as {basic})",
+            "type": "invalid_request_error",
+        }
+        return web.json_response({"error": error}, status=400, headers={"x-forwarded-auth": basic})
+
+    async def _mode_echo_encoded_content(
+        self, request: web.Request, *, auth: str, stream: bool
+    ) -> web.StreamResponse:
+        key = auth.removeprefix("Bearer ")
+        content = (
+            f"key={urllib.parse.quote_plus(key)}; b64={base64.b64encode(key.encode()).decode()}"
+        )
+        return await self._mode_ok(request, auth=auth, stream=stream, content=content)
 
     async def _mode_redirect(
         self, request: web.Request, *, auth: str, stream: bool

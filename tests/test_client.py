@@ -108,6 +108,34 @@ def _answering(*responses: httpx.Response, **options: Any) -> ChatClient:
     )
 
 
+def test_the_redactor_takes_the_key_out_in_the_forms_servers_echo_it_in() -> None:
+    """Percent-encoded (a URL or a form carrying a key with + / =), and base64 of the
+    key or of the Bearer value, standard or URL-safe, padded or not."""
+    import base64
+    from urllib.parse import quote, quote_plus
+
+    key = "az+Kq/9x=Zr~ 7Lm+/Wn"
+    redactor = Redactor(key)
+    b64 = base64.b64encode
+    echoes = [
+        quote(key, safe=""),
+        quote_plus(key),
+        b64(key.encode()).decode(),
+        b64(f"Bearer {key}".encode()).decode(),
+        base64.urlsafe_b64encode(f"Bearer {key}".encode()).decode().rstrip("="),
+    ]
+    for echo in echoes:
+        shown = redactor.text(f"invalid credentials: {echo}!")
+        assert echo not in shown and "[REDACTED]" in shown, echo
+        assert echo.encode() not in redactor.data(f"<{echo}>".encode())
+
+
+def test_a_short_placeholder_key_is_hidden_only_as_sent() -> None:
+    """The base64 of a two-letter key is two letters: hiding it would eat ordinary text."""
+    redactor = Redactor("ab")
+    assert redactor.text("YWI YWI= ab") == "YWI YWI= [REDACTED]"
+
+
 def test_the_redactor_takes_every_copy_of_every_secret_out() -> None:
     redactor = Redactor("sk-abc", "sk-abcdef", None, "")
     assert redactor.text("a sk-abcdef b sk-abc") == "a [REDACTED] b [REDACTED]"

@@ -301,6 +301,47 @@ def test_run_keeps_the_key_out_of_every_file_and_output(
     assert leaks == []
 
 
+def test_run_keeps_an_encoded_echo_of_the_key_out_of_every_file_and_output(
+    hostile_gateway: HostileGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key with ``+ / =`` (as base64-style keys have) echoed percent-encoded and as
+    base64, in an error, a header and an answer: no form of it is stored or shown."""
+    import base64
+    from urllib.parse import quote, quote_plus
+
+    key = "az+Kq/9xZr7Lm+/Wn0pQ=="
+    monkeypatch.setenv("HOSTILE_KEY", key)
+    hostile_gateway.mode = "by_prompt"
+    modes = ["echo_encoded", "echo_encoded_content"]
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"id": m, "prompt": m} for m in modes])
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(out, src, hostile_gateway.base_url, "--max-attempts", "1")
+    assert code == 1, stderr  # the 400 row failed; the run finished
+    rows = _rows(out)
+    assert rows["echo_encoded"]["error_type"] == "invalid_request_error"
+    assert "bad key [REDACTED] (forwarded as [REDACTED]" in rows["echo_encoded"]["error_message"]
+    # (base64's "=" padding is left: it says nothing of the key)
+    assert rows["echo_encoded_content"]["content"] == "key=[REDACTED]; b64=[REDACTED]=="
+    forms = {
+        key,
+        quote(key, safe=""),
+        quote_plus(key),
+        base64.b64encode(key.encode()).decode().rstrip("="),
+        base64.b64encode(f"Bearer {key}".encode()).decode().rstrip("="),
+    }
+    outputs = [stdout, stderr]
+    for args in (("sql", str(out), "SELECT * FROM results", "--format", "json"),):
+        code, text, err = invoke(*args)
+        assert code == 0, err
+        outputs += [text, err]
+    stored = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
+    stored += [json.dumps(pq.read_table(p).to_pylist(), default=str).encode()
+               for p in (out / "results").rglob("*.parquet")]  # fmt: skip
+    leaks = [f for f in forms for blob in stored if f.encode() in blob]
+    leaks += [f for f in forms for text in outputs if f in text]
+    assert leaks == []
+
+
 def test_run_bounds_every_attempt_and_retries_it(
     hostile_gateway: HostileGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
