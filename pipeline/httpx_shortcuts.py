@@ -36,17 +36,40 @@ class SkipEmptyCookies(httpx.Cookies):
     response stand-ins first: ~9% of the event loop's time at 1,500 in flight
     (bench/RESULTS.md). The jar only acts on ``Set-Cookie``/``Set-Cookie2`` headers,
     so a response without them is skipped; one with them is handled as before.
+
+    The jar is bounded: every cookie goes back on every request, so a server that sets
+    a new one with each answer would otherwise grow each request (and the jar) without
+    end. Past ``MAX_COOKIES`` cookies or ``MAX_COOKIE_BYTES`` of names and values (what
+    one request's ``Cookie`` header may carry; a browser keeps about as much for a
+    site), the cookies an answer adds are not kept; if the jar is still past the bound
+    (a kept cookie grew), it is emptied.
     """
 
     def extract_cookies(self, response: httpx.Response) -> None:
         headers = response.headers
         if "set-cookie" in headers or "set-cookie2" in headers:
+            before = {(c.domain, c.path, c.name) for c in self.jar}
             super().extract_cookies(response)
             # A cookie past ASCII cannot be sent back (httpx encodes a Cookie header
             # as ASCII): kept, it would make every later request fail before it left.
             for cookie in list(self.jar):
                 if not (cookie.name + (cookie.value or "")).isascii():
                     self.jar.clear(cookie.domain, cookie.path, cookie.name)
+            if self._over_bound():
+                for cookie in list(self.jar):
+                    if (cookie.domain, cookie.path, cookie.name) not in before:
+                        self.jar.clear(cookie.domain, cookie.path, cookie.name)
+                if self._over_bound():
+                    self.jar.clear()
+
+    def _over_bound(self) -> bool:
+        cookies = list(self.jar)
+        size = sum(len(c.name) + len(c.value or "") + 3 for c in cookies)  # "; " and "="
+        return len(cookies) > MAX_COOKIES or size > MAX_COOKIE_BYTES
+
+
+MAX_COOKIES = 50  # cookies kept for all gateways together
+MAX_COOKIE_BYTES = 8192  # of cookie names and values, as sent back in one request
 
 
 def skip_empty_cookies(client: httpx.AsyncClient) -> None:

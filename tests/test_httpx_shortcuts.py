@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from pipeline.client import ChatClient, Connection
 from pipeline.errors import TransportError
 from pipeline.httpx_shortcuts import (
+    MAX_COOKIE_BYTES,
+    MAX_COOKIES,
     POST_ACCEPT_ENCODING,
     Sender,
     SkipEmptyCookies,
@@ -78,6 +80,47 @@ async def test_a_cookie_still_reaches_the_jar_and_goes_back() -> None:
     await client.get("http://gw.test/v1/x")
     await client.aclose()
     assert sent[1].headers["cookie"] == "affinity=node7"
+
+
+@pytest.mark.parametrize("value_size", [10, 3000])
+async def test_a_server_setting_cookie_after_cookie_cannot_grow_each_request(
+    value_size: int,
+) -> None:
+    """A new cookie with every answer (or big ones): the jar stops taking them at its
+    bound, so the Cookie header sent stays bounded; the first ones are still sent."""
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        cookie = f"c{len(sent)}={'v' * value_size}; Path=/"
+        return httpx.Response(200, headers={"set-cookie": cookie})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    skip_empty_cookies(client)
+    for _ in range(300):
+        await client.get("http://gw.test/v1/x")
+    await client.aclose()
+    sizes = [len(r.headers.get("cookie", "")) for r in sent]
+    assert max(sizes) <= MAX_COOKIE_BYTES
+    assert len(client.cookies.jar) <= MAX_COOKIES
+    assert sent[-1].headers["cookie"].startswith("c1=")  # the first cookie is kept
+
+
+async def test_a_kept_cookie_that_grows_past_the_bound_empties_the_jar() -> None:
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        value = "v" * (10 if len(sent) == 1 else MAX_COOKIE_BYTES)
+        return httpx.Response(200, headers={"set-cookie": f"grow={value}; Path=/"})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    skip_empty_cookies(client)
+    for _ in range(3):
+        await client.get("http://gw.test/v1/x")
+    await client.aclose()
+    assert sent[1].headers["cookie"] == "grow=" + "v" * 10
+    assert "cookie" not in sent[2].headers and not client.cookies.jar
 
 
 async def test_a_response_keeps_its_stream_in_a_plain_attribute_and_unbind_frees_it() -> None:
