@@ -11,27 +11,32 @@ Decoding can rebuild a key that the raw bytes did not show (a JSON ``\\u`` escap
 so the few strings that leave the client (answer text, error text) are checked once
 more after parsing; the same one-scan rule applies.
 
-A key is also looked for in the other forms servers and proxies echo it in
-(``secret_forms``): percent-encoded, as a URL or a form carries a key with ``+``,
-``/`` or ``=`` in it, and base64 (of the key, or of the whole ``Bearer`` value), as
-proxies that forward or log credentials write them. One scan more per form.
+A key is also looked for in the other forms servers and proxies echo it in:
+base64 (``secret_forms``), as proxies that forward or log credentials write them,
+wherever the key sits inside the encoded text; and percent-encoded, as a URL or a
+form carries a key with ``+``, ``/`` or ``=`` in it, in any mix of encoded and plain
+characters and either case of hex digits (``percent_pattern``, run only on text that
+holds a ``%``). One scan more per form.
 """
 
 from __future__ import annotations
 
 import base64
 import ipaddress
-from urllib.parse import quote, quote_plus, urlsplit
+import re
+from urllib.parse import urlsplit
 
 REDACTED = "[REDACTED]"
 MIN_ENCODED_SECRET = 8
 
 
 def secret_forms(secret: str) -> set[str]:
-    """``secret`` and the encodings of it a server may echo instead: percent-encoded
-    (as a path or query, and as a form), and base64, standard and URL-safe, of the
-    secret and of ``Bearer <secret>``, without the ``=`` padding (which an echo may
-    drop; what is left of it after ``[REDACTED]`` says nothing).
+    """``secret`` and its base64 forms: the characters of the base64 text of any
+    bytes that hold the secret which depend on the secret's bytes alone, for each of
+    the three places it can start at within a 3-byte group, in the standard and the
+    URL-safe alphabet. (A character that also carries bits of a byte before or after
+    the secret changes with that byte, so it is left out: what is left of an echo
+    around ``[REDACTED]`` is at most two characters of the neighbours' bits.)
 
     A secret under ``MIN_ENCODED_SECRET`` characters (a placeholder key for a local
     server) is looked for only as sent: its encodings would be short enough to turn
@@ -39,12 +44,40 @@ def secret_forms(secret: str) -> set[str]:
     """
     if len(secret) < MIN_ENCODED_SECRET:
         return {secret}
-    forms = {secret, quote(secret, safe=""), quote_plus(secret, safe="")}
-    for value in (secret, f"Bearer {secret}"):
-        raw = value.encode("utf-8")
-        forms.add(base64.b64encode(raw).decode("ascii").rstrip("="))
-        forms.add(base64.urlsafe_b64encode(raw).decode("ascii").rstrip("="))
+    raw = secret.encode("utf-8")
+    forms = {secret}
+    for offset, first_clean in ((0, 0), (1, 2), (2, 3)):
+        bits = 8 * (offset + len(raw))
+        last_clean = bits // 6  # characters past this one carry the next byte's bits
+        encoded = base64.b64encode(bytes(offset) + raw)[first_clean:last_clean]
+        forms.add(encoded.decode("ascii"))
+        forms.add(encoded.translate(_URL_SAFE).decode("ascii"))
     return forms
+
+
+_URL_SAFE = bytes.maketrans(b"+/", b"-_")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def percent_pattern(secret: str) -> str | None:
+    """A regular expression for ``secret`` percent-encoded in any way: each character
+    a URL may encode as itself or as its ``%XX`` bytes (either case of hex), a space
+    also as ``+``. None when the secret has no such character (every encoding of it
+    is the secret itself) or is under ``MIN_ENCODED_SECRET`` characters."""
+    if len(secret) < MIN_ENCODED_SECRET or all(ch in _UNRESERVED for ch in secret):
+        return None
+    parts = []
+    for ch in secret:
+        if ch in _UNRESERVED:
+            parts.append(re.escape(ch))
+            continue
+        encoded = "".join(
+            "%" + "".join(f"[{d}{d.lower()}]" if d.isalpha() else d for d in f"{b:02X}")
+            for b in ch.encode("utf-8")
+        )
+        spellings = [re.escape(ch), encoded] + ([r"\+"] if ch == " " else [])
+        parts.append("(?:" + "|".join(spellings) + ")")
+    return "".join(parts)
 
 
 class Redactor:
@@ -55,13 +88,20 @@ class Redactor:
     contains another one is never half-replaced.
     """
 
-    __slots__ = ("_texts", "_bytes")
+    __slots__ = ("_texts", "_bytes", "_percent_text", "_percent_bytes")
 
     def __init__(self, *secrets: str | None) -> None:
         forms = {form for s in secrets if s for form in secret_forms(s)}
         texts = sorted(forms, key=len, reverse=True)
         self._texts = tuple(texts)
         self._bytes = tuple(s.encode("utf-8") for s in texts)
+        patterns = sorted(
+            {p for s in secrets if s and (p := percent_pattern(s))}, key=len, reverse=True
+        )
+        self._percent_text = re.compile("|".join(patterns)) if patterns else None
+        self._percent_bytes = (
+            re.compile("|".join(patterns).encode("utf-8")) if patterns else None
+        )
 
     def __bool__(self) -> bool:
         return bool(self._texts)
@@ -71,6 +111,8 @@ class Redactor:
         for secret in self._bytes:
             if secret in raw:
                 raw = raw.replace(secret, REDACTED.encode())
+        if self._percent_bytes is not None and b"%" in raw:
+            raw = self._percent_bytes.sub(REDACTED.encode(), raw)
         return raw
 
     def text(self, text: str) -> str:
@@ -78,6 +120,8 @@ class Redactor:
         for secret in self._texts:
             if secret in text:
                 text = text.replace(secret, REDACTED)
+        if self._percent_text is not None and "%" in text:
+            text = self._percent_text.sub(REDACTED, text)
         return text
 
     def optional(self, text: str | None) -> str | None:
