@@ -133,6 +133,7 @@ class ChatClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
+        notice: Callable[[str], None] | None = None,
     ) -> None:
         timeout, deadline = connection.timeout, connection.deadline
         max_connections, http_transport = connection.max_connections, connection.http_transport
@@ -169,7 +170,7 @@ class ChatClient:
             transport=transport,
             mounts=mounts,
         )
-        skip_empty_cookies(self._http)
+        skip_empty_cookies(self._http, on_drop=notice)
         self._sender = Sender(self._http, list(self._urls.values()))
 
     async def aclose(self) -> None:

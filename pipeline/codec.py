@@ -17,8 +17,9 @@ library would have written:
 
 Answers are decoded in ``wire._loads``: by orjson only when a cheap scan of the bytes
 shows none of its silent corners (an integer past 64 bits becomes a float there), by
-``json`` otherwise. Request fingerprints (``request.request_hash``) stay on ``json``:
-their bytes must never change.
+``json`` otherwise. Request fingerprints (``request.request_hash``) must never change
+their bytes: orjson writes them only for bodies where its text is ``json``'s byte for
+byte (no float, no subclass), ``json`` the rest.
 """
 
 from __future__ import annotations

@@ -205,6 +205,11 @@ def merge(base: RunOptions, overrides: dict[str, Any]) -> RunOptions:
     return dataclasses.replace(base, **given)
 
 
+# Bounds that must be a positive, finite number (a job file may give any TOML value).
+_POSITIVE = ("rpm", "tpm", "max_cost", "timeout", "deadline", "max_response_mb", "max_retry_time")
+_JOB_FILE_ONLY = frozenset({"max_retry_time"})
+
+
 def validate(opts: RunOptions) -> None:
     """Catch bad options before anything is read or sent (exit 2)."""
     if not opts.sources:
@@ -213,10 +218,16 @@ def validate(opts: RunOptions) -> None:
         raise UsageError("--concurrency must be at least 1")
     for url in opts.base_url:
         check_base_url(url)
-    for name in ("rpm", "tpm", "max_cost", "timeout", "deadline", "max_response_mb"):
+    for name in _POSITIVE:
         value = getattr(opts, name)
-        if value is not None and not (0 < value < math.inf):  # nan and inf fail too
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive number")
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not 0 < value < math.inf:  # nan and inf fail too
+            shown = (
+                f"{name} (job file)" if name in _JOB_FILE_ONLY else f"--{name.replace('_', '-')}"
+            )
+            raise UsageError(f"{shown} must be a positive number")
     if opts.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
     if opts.engine not in ("local", "ray"):

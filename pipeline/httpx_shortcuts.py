@@ -37,44 +37,89 @@ class SkipEmptyCookies(httpx.Cookies):
     (bench/RESULTS.md). The jar only acts on ``Set-Cookie``/``Set-Cookie2`` headers,
     so a response without them is skipped; one with them is handled as before.
 
-    The jar is bounded: every cookie goes back on every request, so a server that sets
-    a new one with each answer would otherwise grow each request (and the jar) without
-    end. Past ``MAX_COOKIES`` cookies or ``MAX_COOKIE_BYTES`` of names and values (what
-    one request's ``Cookie`` header may carry; a browser keeps about as much for a
-    site), the cookies an answer adds are not kept; if the jar is still past the bound
-    (a kept cookie grew), it is emptied.
+    The jar is bounded per domain: every cookie of a gateway goes back with every
+    request to it, so a server that sets a new one with each answer would otherwise
+    grow each request (and the jar) without end. Past ``MAX_COOKIES`` cookies or
+    ``MAX_COOKIE_BYTES`` of names and values for one domain (about what a browser
+    keeps for a site), the ones set longest ago go first, so a gateway's current
+    sticky-session cookie is kept and stale ones leave (a cookie too big to send at all
+    leaves first); another gateway's cookies are never touched. ``on_drop`` hears of
+    the first cookie dropped (once per jar).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Every cookie's (domain, path, name), the one set longest ago first.
+        self._order: dict[tuple[str, str, str], None] = {}
+        self.dropped = 0
+        self.on_drop: Callable[[str], None] | None = None
 
     def extract_cookies(self, response: httpx.Response) -> None:
         headers = response.headers
         if "set-cookie" in headers or "set-cookie2" in headers:
-            before = {(c.domain, c.path, c.name) for c in self.jar}
+            before = {(c.domain, c.path, c.name): c.value for c in self.jar}
             super().extract_cookies(response)
             # A cookie past ASCII cannot be sent back (httpx encodes a Cookie header
             # as ASCII): kept, it would make every later request fail before it left.
             for cookie in list(self.jar):
                 if not (cookie.name + (cookie.value or "")).isascii():
                     self.jar.clear(cookie.domain, cookie.path, cookie.name)
-            if self._over_bound():
-                for cookie in list(self.jar):
-                    if (cookie.domain, cookie.path, cookie.name) not in before:
-                        self.jar.clear(cookie.domain, cookie.path, cookie.name)
-                if self._over_bound():
-                    self.jar.clear()
+            self._bound(before)
 
-    def _over_bound(self) -> bool:
-        cookies = list(self.jar)
-        size = sum(len(c.name) + len(c.value or "") + 3 for c in cookies)  # "; " and "="
-        return len(cookies) > MAX_COOKIES or size > MAX_COOKIE_BYTES
+    def _bound(self, before: dict[tuple[str, str, str], str | None]) -> None:
+        now = {(c.domain, c.path, c.name): c for c in self.jar}
+        for key in [k for k in self._order if k not in now]:
+            del self._order[key]  # expired or deleted by the server
+        for key, cookie in now.items():
+            if key not in before or before[key] != cookie.value:  # set now: newest
+                self._order.pop(key, None)
+                self._order[key] = None
+        domains: dict[str, list[tuple[str, str, str]]] = {}
+        for key in list(self._order):
+            if _cookie_bytes(now[key]) > MAX_COOKIE_BYTES:  # can never be sent: first out
+                self.jar.clear(*key)
+                del self._order[key]
+                self._dropped()
+            else:
+                domains.setdefault(key[0], []).append(key)
+        for keys in domains.values():
+            count = len(keys)
+            size = sum(_cookie_bytes(now[k]) for k in keys)
+            for key in keys:  # the one set longest ago first
+                if count <= MAX_COOKIES and size <= MAX_COOKIE_BYTES:
+                    break
+                self.jar.clear(*key)
+                del self._order[key]
+                count -= 1
+                size -= _cookie_bytes(now[key])
+                self._dropped()
+
+    def _dropped(self) -> None:
+        self.dropped += 1
+        if self.dropped == 1 and self.on_drop is not None:
+            self.on_drop(  # (no server text in it: the domain is the server's to name)
+                "a gateway sets more cookies than are kept for it (at most "
+                f"{MAX_COOKIES} and {MAX_COOKIE_BYTES // 1024} KiB a domain): "
+                "the ones it set longest ago are dropped"
+            )
 
 
-MAX_COOKIES = 50  # cookies kept for all gateways together
-MAX_COOKIE_BYTES = 8192  # of cookie names and values, as sent back in one request
+def _cookie_bytes(cookie: Any) -> int:
+    return len(cookie.name) + len(cookie.value or "") + 3  # as sent: "name=value; "
 
 
-def skip_empty_cookies(client: httpx.AsyncClient) -> None:
-    """Give ``client`` a fresh jar that skips answers without cookies."""
-    client._cookies = SkipEmptyCookies()  # the setter would copy it into a plain Cookies
+MAX_COOKIES = 50  # cookies kept for one domain
+MAX_COOKIE_BYTES = 8192  # of one domain's cookie names and values, as sent back
+
+
+def skip_empty_cookies(
+    client: httpx.AsyncClient, on_drop: Callable[[str], None] | None = None
+) -> None:
+    """Give ``client`` a fresh jar that skips answers without cookies (``on_drop``:
+    told once when the jar first drops a cookie past its bound)."""
+    jar = SkipEmptyCookies()
+    jar.on_drop = on_drop
+    client._cookies = jar  # the setter would copy it into a plain Cookies
 
 
 def environment_proxy_mounts(

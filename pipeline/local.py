@@ -93,8 +93,10 @@ def make_client(
     api_key: str | None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> ChatClient:
-    return ChatClient(base_urls, api_key, connection_for(opts), transport=transport)
+    """The run's client; ``notice`` hears what the client has to tell the user."""
+    return ChatClient(base_urls, api_key, connection_for(opts), transport=transport, notice=notice)
 
 
 def build_runner(
@@ -243,7 +245,13 @@ class LocalEngine:
         from pipeline.batch.collect import collect_first  # rows of OUT's open batches: held
 
         held, self._batches = collect_first(job, transport)
-        client = make_client(opts, job.base_urls, job.api_key, transport=transport)
+        client = make_client(
+            opts,
+            job.base_urls,
+            job.api_key,
+            transport=transport,
+            notice=lambda text: job.progress.message(text, "warning"),
+        )
         self._runner = build_runner(
             opts,
             run_id=job.run_id,

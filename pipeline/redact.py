@@ -99,9 +99,7 @@ class Redactor:
             {p for s in secrets if s and (p := percent_pattern(s))}, key=len, reverse=True
         )
         self._percent_text = re.compile("|".join(patterns)) if patterns else None
-        self._percent_bytes = (
-            re.compile("|".join(patterns).encode("utf-8")) if patterns else None
-        )
+        self._percent_bytes = re.compile("|".join(patterns).encode("utf-8")) if patterns else None
 
     def __bool__(self) -> bool:
         return bool(self._texts)

@@ -60,6 +60,7 @@ MODES = (
     "echo_header",
     "echo_encoded",
     "echo_encoded_content",
+    "cookie_flood",
     "redirect",
     "nested_json",
     "by_prompt",
@@ -209,6 +210,15 @@ class HostileGateway:
             f"key={urllib.parse.quote_plus(key)}; b64={base64.b64encode(key.encode()).decode()}"
         )
         return await self._mode_ok(request, auth=auth, stream=stream, content=content)
+
+    async def _mode_cookie_flood(
+        self, request: web.Request, *, auth: str, stream: bool
+    ) -> web.StreamResponse:
+        """A good answer that sets three new 1 KiB cookies, every time."""
+        response = await self._mode_ok(request, auth=auth, stream=stream)
+        for i in range(3):
+            response.set_cookie(f"s{self.requests}_{i}", "v" * 1024)
+        return response
 
     async def _mode_redirect(
         self, request: web.Request, *, auth: str, stream: bool

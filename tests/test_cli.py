@@ -313,3 +313,26 @@ def test_a_bound_that_is_not_a_positive_number_is_refused_before_anything_runs(
     assert code == 2
     assert f"{option} must be a positive number" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ("max_retry_time = nan", "max_retry_time (job file)"),
+        ("max_retry_time = -1", "max_retry_time (job file)"),
+        ('timeout = "600"', "--timeout"),
+        ("deadline = true", "--deadline"),
+        ("rpm = inf", "--rpm"),
+    ],
+)
+def test_a_job_file_bound_that_is_not_a_positive_number_exits_2(
+    tmp_path: Path, rows: Path, line: str, named: str
+) -> None:
+    """``max_retry_time = nan`` would never stop a row retrying; a string where a number
+    belongs was a crash (exit 5) instead of a usage error."""
+    job = tmp_path / "job.toml"
+    job.write_text(f'source = ["{rows.name}"]\nout = "out"\n{line}\n')
+    code, _, err = invoke("run", str(job), "--quiet")
+    assert code == 2, err
+    assert f"{named} must be a positive number" in err
+    assert not (tmp_path / "out").exists()

@@ -347,6 +347,18 @@ def test_run_keeps_an_encoded_echo_of_the_key_out_of_every_file_and_output(
     assert leaks == []
 
 
+def test_a_gateway_flooding_cookies_costs_no_row_and_is_told_once(
+    hostile_gateway: HostileGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOSTILE_KEY", KEY)
+    hostile_gateway.mode = "cookie_flood"
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"id": i, "prompt": f"hi {i}"} for i in range(30)])
+    code, _, stderr = _run(tmp_path / "out", src, hostile_gateway.base_url)
+    assert code == 0, stderr
+    assert len(_rows(tmp_path / "out")) == 30
+    assert stderr.count("sets more cookies than are kept") == 1
+
+
 def test_run_bounds_every_attempt_and_retries_it(
     hostile_gateway: HostileGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,7 +12,7 @@ import re
 import tomllib
 import weakref
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +82,18 @@ async def test_a_cookie_still_reaches_the_jar_and_goes_back() -> None:
     assert sent[1].headers["cookie"] == "affinity=node7"
 
 
+def _cookie_client(answer: Callable[[httpx.Request], httpx.Response]) -> httpx.AsyncClient:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    skip_empty_cookies(client)
+    return client
+
+
 @pytest.mark.parametrize("value_size", [10, 3000])
 async def test_a_server_setting_cookie_after_cookie_cannot_grow_each_request(
     value_size: int,
 ) -> None:
-    """A new cookie with every answer (or big ones): the jar stops taking them at its
-    bound, so the Cookie header sent stays bounded; the first ones are still sent."""
+    """A new cookie with every answer (or big ones): the jar keeps the newest within
+    its bound, so the Cookie header sent stays bounded and the current one is sent."""
     sent: list[httpx.Request] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -95,32 +101,60 @@ async def test_a_server_setting_cookie_after_cookie_cannot_grow_each_request(
         cookie = f"c{len(sent)}={'v' * value_size}; Path=/"
         return httpx.Response(200, headers={"set-cookie": cookie})
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
-    skip_empty_cookies(client)
+    client = _cookie_client(answer)
+    notices: list[str] = []
+    client.cookies.on_drop = notices.append  # type: ignore[attr-defined]
     for _ in range(300):
         await client.get("http://gw.test/v1/x")
     await client.aclose()
     sizes = [len(r.headers.get("cookie", "")) for r in sent]
     assert max(sizes) <= MAX_COOKIE_BYTES
     assert len(client.cookies.jar) <= MAX_COOKIES
-    assert sent[-1].headers["cookie"].startswith("c1=")  # the first cookie is kept
+    assert "c299=" in sent[-1].headers["cookie"]  # the newest is kept ...
+    assert "c1=" not in sent[-1].headers["cookie"]  # ... the oldest went first
+    assert len(notices) == 1 and "dropped" in notices[0]  # told once
 
 
-async def test_a_kept_cookie_that_grows_past_the_bound_empties_the_jar() -> None:
+async def test_one_gateway_filling_its_jar_leaves_anothers_sticky_cookie_alone() -> None:
     sent: list[httpx.Request] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
         sent.append(request)
-        value = "v" * (10 if len(sent) == 1 else MAX_COOKIE_BYTES)
+        if request.url.host == "a.test":
+            cookies = [f"a{len(sent)}_{i}=x; Path=/" for i in range(5)]
+            return httpx.Response(200, headers=[("set-cookie", c) for c in cookies])
+        return httpx.Response(200, headers={"set-cookie": "AWSALB=node7; Path=/"})
+
+    client = _cookie_client(answer)
+    for _ in range(30):
+        await client.get("http://a.test/v1/x")
+    await client.get("http://b.test/v1/x")
+    await client.get("http://b.test/v1/x")
+    for _ in range(5):
+        await client.get("http://a.test/v1/x")
+    await client.get("http://b.test/v1/x")
+    await client.aclose()
+    assert sent[-1].headers["cookie"] == "AWSALB=node7"
+
+
+async def test_a_kept_cookie_that_grows_past_the_bound_is_dropped_alone() -> None:
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if len(sent) == 1:
+            return httpx.Response(
+                200, headers=[("set-cookie", "keep=1; Path=/"), ("set-cookie", "grow=v; Path=/")]
+            )
+        value = "v" * MAX_COOKIE_BYTES
         return httpx.Response(200, headers={"set-cookie": f"grow={value}; Path=/"})
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
-    skip_empty_cookies(client)
+    client = _cookie_client(answer)
     for _ in range(3):
         await client.get("http://gw.test/v1/x")
     await client.aclose()
-    assert sent[1].headers["cookie"] == "grow=" + "v" * 10
-    assert "cookie" not in sent[2].headers and not client.cookies.jar
+    assert sorted(sent[1].headers["cookie"].split("; ")) == ["grow=v", "keep=1"]
+    assert sent[2].headers["cookie"] == "keep=1"
 
 
 async def test_a_response_keeps_its_stream_in_a_plain_attribute_and_unbind_frees_it() -> None:
