@@ -289,9 +289,9 @@ def request_hash(body: Mapping[str, Any]) -> str:
     The bytes hashed are ``json.dumps(body, sort_keys=True, separators=(",", ":"),
     ensure_ascii=False)`` in UTF-8, and must never change (journals of earlier runs
     name their rows by them). A body of nothing but text, integers, booleans, nulls,
-    lists and objects (no float, whose text orjson writes its own way, and no
-    subclass) is written by orjson instead: byte for byte the same text, several
-    times faster (tests/test_request.py checks that on generated bodies). orjson
+    lists, objects and floats in the range both write alike (``_plain_float``; no
+    subclass of any) is written by orjson instead: byte for byte the same text,
+    several times faster (tests/test_request.py checks that on generated bodies). orjson
     raises for what it would write differently there (an integer past 64 bits, a key
     that is not text, a lone surrogate, nesting past 255) and ``json`` then does
     what it always did.
@@ -309,22 +309,34 @@ _PLAIN_SCALARS = frozenset({str, int, bool, type(None)})
 
 
 def _plain(value: Any) -> bool:
-    """Whether ``value`` is made of exactly str, int, bool, None, list and dict (no
-    float, no subclass of any of them), for ``request_hash``."""
+    """Whether ``value`` is made of exactly str, int, bool, None, list, dict and floats
+    that both write alike (no subclass of any of them), for ``request_hash``."""
     kind = type(value)
     if kind is dict:
         items: Any = value.values()
     elif kind is list:
         items = value
+    elif kind is float:
+        return _plain_float(value)
     else:
         return kind in _PLAIN_SCALARS
     for item in items:
         kind = type(item)
         if kind in _PLAIN_SCALARS:
             continue
-        if (kind is not dict and kind is not list) or not _plain(item):
+        if kind is float:
+            if not _plain_float(item):
+                return False
+        elif (kind is not dict and kind is not list) or not _plain(item):
             return False
     return True
+
+
+def _plain_float(value: float) -> bool:
+    """A float orjson writes as ``repr`` does: zero, or 1e-4 <= |value| < 1e16 (where
+    ``repr`` uses no exponent; outside it the two write exponents differently, and
+    orjson writes NaN and infinities as null)."""
+    return value == 0.0 or 1e-4 <= abs(value) < 1e16
 
 
 def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:

@@ -572,6 +572,17 @@ def test_request_hash_hashes_exactly_what_json_dumps_writes(body: dict[Any, Any]
         assert request_hash(body) == expected
 
 
+@pytest.mark.parametrize(
+    "number",
+    [0.0, -0.0, 0.2, 1.0, 1e-4, 9.99e-5, 1e-7, 123456789.125, 9.999e15, 1e16, 1.5e300, 5e-324],
+)
+def test_floats_on_either_side_of_where_the_encoders_differ_hash_as_json_writes_them(
+    number: float,
+) -> None:
+    body = {"model": "m", "temperature": number, "messages": [{"role": "user", "content": "x"}]}
+    assert request_hash(body) == _stdlib_hash(body)
+
+
 def test_request_hash_of_a_typical_body_is_unchanged() -> None:
     """A fixed body's fingerprint, as every earlier version computed it."""
     body = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "Étiquette: «ok»\n"}]}
