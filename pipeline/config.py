@@ -230,6 +230,9 @@ def validate(opts: RunOptions) -> None:
             raise UsageError(f"{shown} must be a positive number")
     if opts.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():  # (a folder, or a link to one, is fine)
+        raise UsageError(f"--out {out}: this is a file; OUT is a folder (it may not exist yet)")
     if opts.engine not in ("local", "ray"):
         raise UsageError(f"--engine {opts.engine}: expected local or ray")
     if opts.mode not in ("sync", "batch"):

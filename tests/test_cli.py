@@ -336,3 +336,16 @@ def test_a_job_file_bound_that_is_not_a_positive_number_exits_2(
     assert code == 2, err
     assert f"{named} must be a positive number" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_out_naming_a_file_is_a_usage_error_and_the_file_is_untouched(
+    tmp_path: Path, rows: Path
+) -> None:
+    """Not "cannot write to OUT ... make room (or fix the disk)": nothing is wrong
+    with the disk, the option names a file."""
+    target = tmp_path / "results.parquet"
+    target.write_bytes(b"someone's file")
+    code, _, err = invoke("run", str(rows), "--out", str(target), "--quiet")
+    assert code == 2
+    assert "this is a file; OUT is a folder" in err
+    assert target.read_bytes() == b"someone's file"
