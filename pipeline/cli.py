@@ -524,6 +524,14 @@ def _tally(counts: dict[str, Any], key: str) -> str:
 @cli.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--cancel", is_flag=True, help="Cancel the open batches (what finished is kept).")
+@click.option(
+    "--forget",
+    "forget",
+    multiple=True,
+    metavar="BATCH_ID",
+    help="Abandon an open batch the provider has lost (it answers 404 for it): its rows "
+    "are sent again by the next run. Repeatable.",
+)
 @click.option("--provider", help="Override the provider of the last batch run.")
 @click.option("--base-url", multiple=True, help="Override the base URL of the last batch run.")
 @click.option("--api-key-env", metavar="VAR", help="Override the key variable.")
@@ -533,6 +541,7 @@ def _tally(counts: dict[str, Any], key: str) -> str:
 def batches(
     out: Path,
     cancel: bool,
+    forget: tuple[str, ...],
     provider: str | None,
     base_url: tuple[str, ...],
     api_key_env: str | None,
@@ -543,14 +552,16 @@ def batches(
 
     The provider, base URL and key variable are those of the last batch run in OUT
     (the key itself from the environment). A cancelled batch is collected by the next
-    run: the rows it answered are kept, the rest go back to pending.
+    run: the rows it answered are kept, the rest go back to pending. A batch the
+    provider lost (every run warns it answers 404) holds its rows until forgotten.
 
     \b
     Example:
       pipeline batches out/nightly
       pipeline batches out/nightly --cancel
+      pipeline batches out/nightly --forget batch_abc123
     """
-    from pipeline.batch.listing import batch_options, list_batches
+    from pipeline.batch.listing import batch_options, forget_batches, list_batches
 
     opts = batch_options(
         out,
@@ -559,6 +570,11 @@ def batches(
         api_key_env=api_key_env,
         providers_file=providers_file,
     )
+    if forget:
+        if cancel:
+            raise UsageError("--forget and --cancel: give one (a lost batch cannot be cancelled)")
+        for note in forget_batches(opts, list(forget)):
+            click.echo(f"note: {note}", err=True)
     text, notes = list_batches(opts, cancel=cancel, fmt=fmt)
     click.echo(text)
     for note in notes:

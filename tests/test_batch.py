@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import email.parser
+import io
 import json
 import time
 from pathlib import Path
@@ -650,3 +651,69 @@ def test_a_later_billed_answer_for_a_row_wins_over_an_earlier_retryable_line(
     assert sorted(r["id"] for r in rows if r["status"] == "ok") == sorted(fake.billed)
     assert len(rows) == 3 and fake.creates == 1
     assert set(fake.billed.values()) == {1}, "a row billed twice"
+
+
+def test_a_batch_the_provider_lost_holds_its_rows_until_forgotten_then_they_go(
+    tmp_path: Path,
+) -> None:
+    """Without --forget, every later run found the batch open, could not retrieve it
+    (404), skipped its rows and exited 0: those rows were never done, for good."""
+    from pipeline.batch.listing import batch_options, forget_batches, list_batches
+
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", 10)
+    execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    out = tmp_path / "out"
+    (batch_id,) = fake.batches
+    fake.batches.clear()  # the provider lost it
+
+    told = io.StringIO()
+    result = execute(
+        options(tmp_path, source, mode="sync"), transport=fake.transport(), progress_stream=told
+    )
+    assert results(out) == [] and fake.sync_prompts == []  # held, still
+    assert f"pipeline batches {out} --forget {batch_id}` sends its 10 rows again" in (
+        told.getvalue()
+    )
+
+    notes = forget_batches(batch_options(out), [batch_id], transport=fake.transport())
+    assert notes == [f"forgot {batch_id}: its 10 rows are pending again (the next run sends them)"]
+    text, _ = list_batches(batch_options(out), transport=fake.transport())
+    assert "0 not yet collected" in text
+
+    result = execute(options(tmp_path, source, mode="sync"), transport=fake.transport())
+    assert result.exit_code == 0
+    assert sorted(r["id"] for r in results(out) if r["status"] == "ok") == sorted(
+        f"r{i}" for i in range(10)
+    )
+
+
+@pytest.mark.parametrize("known", ["still_there", "unknown_id", "unreachable"])
+def test_forget_refuses_a_batch_not_known_to_be_lost_and_changes_nothing(
+    tmp_path: Path, known: str
+) -> None:
+    from pipeline.batch.ledger import Ledger
+    from pipeline.batch.listing import batch_options, forget_batches
+    from pipeline.errors import UsageError
+
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", 4)
+    execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    out = tmp_path / "out"
+    (batch_id,) = fake.batches
+    before = Ledger(out).path.read_bytes()
+    transport = fake.transport()
+    if known == "unreachable":
+        transport = httpx.MockTransport(lambda request: httpx.Response(503, text="down"))
+    wanted = "batch-99999" if known == "unknown_id" else batch_id
+    with pytest.raises(UsageError) as refused:
+        forget_batches(batch_options(out), [wanted], transport=transport)
+    expected = {
+        "still_there": "the provider still has it (status validating)",
+        "unknown_id": "no open batch",
+        "unreachable": "cannot be asked about it",
+    }[known]
+    assert expected in str(refused.value)
+    assert Ledger(out).path.read_bytes() == before

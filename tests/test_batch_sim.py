@@ -285,3 +285,27 @@ def test_the_summary_counts_each_row_once_waiting_then_collected(tmp_path: Path)
     assert "already done" not in summary_line(second)
     third = execute(sim_options(out, source, wait=False))
     assert third.tally.skipped == 30 and third.in_batches == 0
+
+
+def test_batches_forget_from_the_command_line_refuses_a_batch_the_provider_has(
+    tmp_path: Path,
+) -> None:
+    """`pipeline batches OUT --forget ID`: the simulator still knows the batch, so it is
+    not forgotten (exit 2, nothing changed); with --cancel too it is a usage error."""
+    from click.testing import CliRunner
+
+    from pipeline.batch.ledger import Ledger
+    from pipeline.cli import cli
+
+    out = tmp_path / "out"
+    source = write_rows(tmp_path / "rows.jsonl", 5, "r")
+    execute(sim_options(out, source, wait=False, sim={"batch_seconds": 3600}))
+    (chunk,) = [c for c in Ledger(out).chunks().values() if c.batch_id]
+    before = Ledger(out).path.read_bytes()
+    result = CliRunner().invoke(cli, ["batches", str(out), "--forget", str(chunk.batch_id)])
+    assert result.exit_code == 2, result.output
+    assert "still has it" in result.output and "Nothing was forgotten" in result.output
+    both = ["batches", str(out), "--forget", str(chunk.batch_id), "--cancel"]
+    result = CliRunner().invoke(cli, both)
+    assert result.exit_code == 2 and "give one" in result.output
+    assert Ledger(out).path.read_bytes() == before

@@ -290,7 +290,16 @@ class Collector:
             except BatchFatal:
                 raise
             except RequestError as exc:
-                self._problem(f"batch {chunk.batch_id}: cannot retrieve it ({exc}); it stays open")
+                lost = exc.http_status == 404
+                hint = (
+                    f": if the provider lost it, `pipeline batches {self.ledger.root.parent} "
+                    f"--forget {chunk.batch_id}` sends its {chunk.rows:,} rows again"
+                    if lost
+                    else ""
+                )
+                self._problem(
+                    f"batch {chunk.batch_id}: cannot retrieve it ({exc}); it stays open{hint}"
+                )
                 still.append(chunk)
                 continue
             status = str(batch.get("status") or "")

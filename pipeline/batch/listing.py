@@ -6,8 +6,10 @@ reached). Where to ask is taken from the last ``--mode batch`` run recorded in
 ``OUT/runs/`` (its provider, base URL and key variable; the key itself from the
 environment), and ``--provider`` / ``--base-url`` / ``--api-key-env`` override it.
 
-Nothing here writes to OUT: a cancelled batch is collected by the next run, which
-writes the rows it did answer and sends the rest back to pending.
+Nothing here writes results: a cancelled batch is collected by the next run, which
+writes the rows it did answer and sends the rest back to pending. ``--forget`` writes
+one ledger line: a batch the provider no longer knows (it answers 404 for it) is
+abandoned, and its rows are pending again.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import anyio
 import httpx
 
 from pipeline.batch.api import BatchApi, BatchFatal
-from pipeline.batch.ledger import COLLECTED, CREATING, OPEN, Chunk, Ledger
+from pipeline.batch.ledger import COLLECTED, COLLECTING, CREATING, OPEN, Chunk, Ledger
 from pipeline.config import RunOptions
-from pipeline.errors import PipelineError, RequestError
+from pipeline.errors import PipelineError, RequestError, UsageError
 from pipeline.manifest import list_runs
 
 FIELDS = ("provider", "base_url", "api_key_env", "providers_file", "sim", "timeout")
@@ -95,6 +97,87 @@ async def _fetch(
     finally:
         await api.aclose()
     return listed, notes
+
+
+def forget_batches(
+    opts: RunOptions,
+    batch_ids: list[str],
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> list[str]:
+    """Abandon open batches the provider has lost, so their rows are sent again.
+
+    A lost batch (deleted, or gone with the account's data) would otherwise hold its
+    rows for good: every run finds it open, cannot retrieve it, and skips its rows.
+    Only a batch the provider answers 404 for is forgotten: one it still knows may yet
+    be billed, and its answers collected (cancel it with ``--cancel`` instead), and one
+    it cannot be asked about is not known to be lost. Raises UsageError, naming why,
+    for any batch that cannot be forgotten; nothing is forgotten then.
+    """
+    ledger = Ledger(Path(opts.out))
+    open_chunks = {
+        c.batch_id: c
+        for c in (ledger.chunks().values() if ledger.exists else [])
+        if c.state in (OPEN, COLLECTING) and c.batch_id is not None
+    }
+    unknown = [b for b in batch_ids if b not in open_chunks]
+    if unknown:
+        raise UsageError(
+            f"{', '.join(unknown)}: no open batch of {opts.out} has that id "
+            "(`pipeline batches OUT` lists them)"
+        )
+    provider = opts.resolved_provider()
+    key = opts.api_key(provider)
+    if transport is None and provider.name == "sim":
+        from pipeline.local import sim_transport_for
+
+        transport = sim_transport_for(opts)
+    api = BatchApi(
+        opts.base_urls(provider)[0], key, transport=transport, timeout=min(opts.timeout, 60.0)
+    )
+    refused = anyio.run(_still_known, api, batch_ids)
+    if refused:
+        raise UsageError(
+            "; ".join(refused) + ". Nothing was forgotten: forget only batches the "
+            "provider no longer knows"
+        )
+    notes = []
+    with ledger.locked():
+        for batch_id in batch_ids:
+            chunk = open_chunks[batch_id]
+            ledger.append(
+                "abandoned", chunk.chunk, reason=f"forgotten: the provider lost {batch_id}"
+            )
+            ledger.remove_files(chunk.chunk)
+            notes.append(
+                f"forgot {batch_id}: its {chunk.rows:,} rows are pending again (the next run "
+                "sends them)"
+            )
+    return notes
+
+
+async def _still_known(api: BatchApi, batch_ids: list[str]) -> list[str]:
+    """Why each batch cannot be forgotten (none: every one answers 404)."""
+    refused = []
+    try:
+        for batch_id in batch_ids:
+            try:
+                batch = await api.retrieve(batch_id)
+            except BatchFatal:
+                raise
+            except RequestError as exc:
+                if exc.http_status != 404:
+                    refused.append(f"{batch_id}: the provider cannot be asked about it ({exc})")
+                continue
+            status = batch.get("status")
+            shown = status if isinstance(status, str) else "?"
+            refused.append(
+                f"{batch_id}: the provider still has it (status {shown[:40]}); the next "
+                "run collects it when it ends, or cancel it with --cancel"
+            )
+    finally:
+        await api.aclose()
+    return refused
 
 
 def list_batches(
