@@ -29,7 +29,7 @@ view. A model with no price at one of them is UNPRICED there only.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -134,6 +134,7 @@ class Estimate:
     rows_read: int = 0  # input rows looked at
     invalid: int = 0  # rows a run would reject as invalid_input (nothing sent)
     already_done: int = 0  # ids a resume would skip
+    in_batches: int = 0  # inside OUT's open provider batches: answered there, skipped
     not_in_shard: int = 0
     duplicates: int = 0  # identical requests a run sends once (dedupe)
     limited: bool = False  # --limit stopped the walk
@@ -226,7 +227,8 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     )
     pricer = _Pricer(prices, provider.name, history, opts.service_tier)
     recent: OrderedDict[str, None] = OrderedDict()
-    selector = RowSelector(opts.row_selection(model), outcomes)  # as `run` selects
+    held = _held_in_batches(Path(opts.out))  # answered there: never sent, never priced
+    selector = RowSelector(opts.row_selection(model), outcomes, held)  # as `run` selects
     for batch in selector.batches(read_rows(files, max_line_bytes=opts.max_line_bytes)):
         for item in batch:
             if isinstance(item, Job):
@@ -242,9 +244,21 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     result.rows_read = counts.read
     result.not_in_shard = counts.not_in_shard
     result.already_done = counts.done
+    result.in_batches = counts.held
     result.limited = counts.limited
     result.models = sorted(pricer.models.values(), key=lambda m: m.model)
     return result
+
+
+def _held_in_batches(out: Path) -> Container[str]:
+    """The ids inside OUT's provider batches not yet collected (``--mode batch``): a
+    run skips them (they are answered, and billed, there), so an estimate does too.
+    Read only: nothing is collected or asked of the provider here."""
+    from pipeline.batch.collect import held_ids
+    from pipeline.batch.ledger import Ledger
+
+    ledger = Ledger(out)
+    return held_ids(ledger) if ledger.exists else frozenset()
 
 
 def _seen(recent: OrderedDict[str, None], key: str) -> bool:

@@ -49,6 +49,7 @@ def _as_json(est: Estimate) -> dict[str, Any]:
             "to_send": est.rows,
             "invalid": est.invalid,
             "already_done": est.already_done,
+            "in_batches": est.in_batches,
             "duplicates": est.duplicates,
             "not_in_shard": est.not_in_shard,
             "limited": est.limited,
@@ -196,6 +197,11 @@ def _notes(est: Estimate) -> list[str]:
     if est.already_done:
         notes.append(
             f"{est.already_done:,} row(s) already done in {est.out}: skipped, as a resume."
+        )
+    if est.in_batches:
+        notes.append(
+            f"{est.in_batches:,} row(s) are inside open provider batches of {est.out}: "
+            "answered (and billed) there, not priced here."
         )
     if est.duplicates:
         notes.append(f"{est.duplicates:,} row(s) repeat an identical request: sent once (dedupe).")

@@ -717,3 +717,22 @@ def test_forget_refuses_a_batch_not_known_to_be_lost_and_changes_nothing(
     }[known]
     assert expected in str(refused.value)
     assert Ledger(out).path.read_bytes() == before
+
+
+def test_estimate_leaves_out_the_rows_inside_open_batches_as_a_run_does(tmp_path: Path) -> None:
+    """Rows a --no-wait batch holds are answered (and billed) there: an estimate that
+    priced them again overstated the cost of the next run by their whole price."""
+    from pipeline.estimate import estimate
+    from pipeline.estimate_format import format_estimate
+
+    fake = FakeBatches()
+    fake.finish = False
+    held = write_rows(tmp_path / "rows.jsonl", 10)
+    execute(options(tmp_path, held, wait=False), transport=fake.transport())
+    both = tmp_path / "both.jsonl"
+    new_rows = [json.dumps({"id": f"new{i}", "prompt": f"new {i}"}) + "\n" for i in range(3)]
+    both.write_text(held.read_text() + "".join(new_rows))
+    est = estimate(options(tmp_path, both, mode="sync"))
+    assert est.in_batches == 10 and est.rows == 3
+    assert json.loads(format_estimate(est, "json"))["rows"]["in_batches"] == 10
+    assert "10 row(s) are inside open provider batches" in format_estimate(est)
