@@ -27,7 +27,7 @@ _HOW = {
 class Note:
     """One thing the server did, with its count and what to do about it."""
 
-    code: str  # stream_cuts | no_usage | structured_fallback
+    code: str  # stream_cuts | no_usage | structured_fallback | flex_refusals
     count: int
     message: str
 
@@ -68,6 +68,24 @@ def diagnose(tally: Tally, structured: Mapping[str, Mapping[str, Any]]) -> list[
                 "sends the usage block"
             )
         notes.append(Note("no_usage", tally.no_usage, text))
+    if tally.flex_refusals:
+        fallbacks = tally.flex_fallbacks
+        then = (
+            f"; {fallbacks:,} row{'s' if fallbacks != 1 else ''} then went at the default "
+            "tier (--flex-fallback), billed at default prices"
+            if fallbacks
+            else ""
+        )
+        notes.append(
+            Note(
+                "flex_refusals",
+                tally.flex_refusals,
+                f"the server refused {tally.flex_refusals:,} flex request"
+                f"{'s' if tally.flex_refusals != 1 else ''} for capacity (429) and they were "
+                f"asked again{then}. `pipeline report OUT --by service_tier` shows what "
+                "each tier cost",
+            )
+        )
     for base_url, entry in sorted(structured.items()):
         refused = entry.get("refused") or {}
         if not refused:

@@ -190,6 +190,8 @@ def _finish_manifest(out: Path, manifest: dict[str, Any], result: RunResult) -> 
         },
         rate_limited=t.rate_limited,
         retries=t.retries,
+        flex_refusals=t.flex_refusals,  # flex requests refused for capacity (429)
+        flex_fallbacks=t.flex_fallbacks,  # rows then sent at the default tier
         fatal=result.fatal,
         signal=result.signal,
         error=result.internal,

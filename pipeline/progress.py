@@ -26,6 +26,8 @@ _FIELDS = (
     "streamed",
     "stream_cuts",
     "no_usage",
+    "flex_refusals",
+    "flex_fallbacks",
 )
 # The counts one process reports for a job spread over many (Ray): a Tally's statuses
 # and fields by these names, plus the rows it left pending.
@@ -51,6 +53,8 @@ class Tally:
     streamed: int = 0  # streamed answers that came whole
     stream_cuts: int = 0  # streamed attempts that ended cut (no [DONE], or no finish_reason)
     no_usage: int = 0  # answered rows (ok or bad JSON) that came without token counts
+    flex_refusals: int = 0  # flex requests refused for capacity (429), each one
+    flex_fallbacks: int = 0  # flex rows sent at the default tier after refusals
 
     @property
     def finished(self) -> int:

@@ -129,10 +129,12 @@ async def send_flex(
     policy: FlexPolicy,
     *,
     on_retry: Callable[[], None] = lambda: None,
+    on_fallback: Callable[[], None] = lambda: None,
 ) -> tuple[R, int]:
     """Send a flex row through ``send`` (the runner's retrying send) until answered:
-    (reply, requests sent). Refusals are counted here, never below; after
-    ``policy.fallback`` of them the row goes at the default tier. Raises
+    (reply, requests sent). Refusals are counted here, never below (``on_retry`` hears
+    each); after ``policy.fallback`` of them the row goes at the default tier
+    (``on_fallback`` hears it, once a row). Raises
     FlexExhausted when refusals run out without a fallback; whatever else ``send``
     raises passes through."""
     refusals = 0
@@ -148,6 +150,8 @@ async def send_flex(
             delay = flex_wait(refusals, refused.error.retry_after)
             out_of_time = refusals >= policy.max_refusals or waited + delay > policy.max_time
             if policy.fallback is not None and (refusals >= policy.fallback or out_of_time):
+                if current is job:
+                    on_fallback()
                 current = at_default_tier(job)  # at once: that tier is not the one full
             elif out_of_time:
                 raise FlexExhausted(refused.error, attempts) from None

@@ -175,6 +175,13 @@ def test_every_flex_refusal_is_counted_none_hidden_by_the_retry_loop(tmp_path: P
     assert Counter(b["service_tier"] for b in seen) == {"flex": 4, "default": 2}
     assert all(r["service_tier"] == "default" and r["attempts"] == 3 for r in rows)
     assert result.tally.rate_limited == 0
+    # Told at the end of the run and kept in its manifest, not only per row.
+    assert (result.tally.flex_refusals, result.tally.flex_fallbacks) == (4, 2)
+    manifest = json.loads((tmp_path / "out" / "runs" / f"{result.run_id}.json").read_text())
+    assert manifest["flex_refusals"] == 4 and manifest["flex_fallbacks"] == 2
+    (note,) = [n for n in manifest["diagnostics"] if n["code"] == "flex_refusals"]
+    assert "refused 4 flex requests" in note["message"]
+    assert "2 rows then went at the default tier" in note["message"]
 
 
 def test_flex_refusals_wait_longer_than_ordinary_retries(tmp_path: Path) -> None:
