@@ -48,16 +48,44 @@ def exit_for(exc: BaseException) -> Exit:
     return Exit.INTERNAL
 
 
+def _json_stderr() -> bool:
+    """Whether this command's stderr is JSON lines (``--log-format json``, given on the
+    command line or, for ``run``, in its job file)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    chosen = ctx.meta.get("log_format") or ctx.params.get("log_format")
+    return bool(chosen == "json")
+
+
+def say(level: str, message: str, *, hint: str | None = None, code: int | None = None) -> None:
+    """One line for the person (``error: ...`` then the hint) on stderr, or with
+    ``--log-format json`` one JSON object (``event``, ``message``, ``hint``,
+    ``exit_code``), so a log shipper reads a run's last words as it reads its progress."""
+    if _json_stderr():
+        event: dict[str, Any] = {"event": level, "message": message}
+        if hint is not None:
+            event["hint"] = hint
+        if code is not None:
+            event["exit_code"] = int(code)
+        click.echo(json.dumps(event, ensure_ascii=False), err=True)
+        return
+    click.echo(f"{level}: {message}", err=True)
+    if hint is not None:
+        click.echo(hint, err=True)
+
+
 def _fail(exc: Exception) -> None:
     """Print what went wrong and exit with the code the error tree gives it."""
     code = exit_for(exc)
     if code is Exit.INTERNAL or not isinstance(exc, PipelineError):
-        click.echo(
-            f"error: internal error (a bug): {type(exc).__name__}: {exc}; {REPORT_BUGS}",
-            err=True,
+        say(
+            "error",
+            f"internal error (a bug): {type(exc).__name__}: {exc}; {REPORT_BUGS}",
+            code=code,
         )
     else:
-        click.echo(f"error: {exc}", err=True)
+        say("error", str(exc), code=code)
     sys.exit(code)
 
 
@@ -242,26 +270,32 @@ def run(source: tuple[str, ...], sim_settings: tuple[str, ...], **options: Any) 
     from pipeline.execute import execute, summary_line
 
     opts = _options(source, options)
+    click.get_current_context().meta["log_format"] = opts.log_format  # a job file's too
     if sim_settings:
         opts.sim = {**opts.sim, **_parse_assignments(sim_settings, "--sim")}
     with fewer_full_collections():
         result = execute(opts)
     click.echo(summary_line(result))
     if result.internal:
-        click.echo(f"error: stopped by an internal error (a bug): {result.internal}", err=True)
-        click.echo(
-            f"Results so far are kept; the traceback is in {result.out}/runs/"
+        say(
+            "error",
+            f"stopped by an internal error (a bug): {result.internal}",
+            hint=f"Results so far are kept; the traceback is in {result.out}/runs/"
             f"{result.run_id}.json; re-run the same command to resume.",
-            err=True,
+            code=result.exit_code,
         )
     elif result.fatal:
-        click.echo(f"error: stopped early: {result.fatal}", err=True)
-        click.echo("Results so far are kept; re-run the same command to resume.", err=True)
+        say(
+            "error",
+            f"stopped early: {result.fatal}",
+            hint="Results so far are kept; re-run the same command to resume.",
+            code=result.exit_code,
+        )
     if result.unsaved:
-        click.echo(
-            f"warning: up to {result.unsaved:,} answers received after OUT failed may not "
+        say(
+            "warning",
+            f"up to {result.unsaved:,} answers received after OUT failed may not "
             "have been kept; a re-run sends those rows again",
-            err=True,
         )
     sys.exit(result.exit_code)
 

@@ -349,3 +349,36 @@ def test_out_naming_a_file_is_a_usage_error_and_the_file_is_untouched(
     assert code == 2
     assert "this is a file; OUT is a folder" in err
     assert target.read_bytes() == b"someone's file"
+
+
+def test_with_json_logs_a_runs_last_words_are_json_too(tmp_path: Path, rows: Path) -> None:
+    """A log shipper reading --log-format json got progress as JSON and then the one
+    line that mattered, why the run stopped, as text it could not parse."""
+    out = tmp_path / "out"
+    code, _, err = invoke(
+        "run", str(rows), "--out", str(out), "--log-format", "json",
+        "--sim", 'api_key="sk-right"',
+    )  # fmt: skip
+    assert code == 3
+    events = [json.loads(line) for line in err.splitlines() if line.strip()]
+    (stop,) = [e for e in events if e["event"] == "error"]
+    assert stop["exit_code"] == 3 and stop["message"].startswith("stopped early: HTTP 401")
+    assert "re-run the same command" in stop["hint"]
+
+    code, _, err = invoke("run", str(rows), "--out", str(rows), "--log-format", "json")
+    assert code == 2
+    assert json.loads(err) == {
+        "event": "error",
+        "message": f"--out {rows}: this is a file; OUT is a folder (it may not exist yet)",
+        "exit_code": 2,
+    }
+
+
+def test_a_job_files_json_log_format_applies_to_the_last_words_too(
+    tmp_path: Path, rows: Path
+) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(f'source = ["{rows.name}"]\nout = "out"\nlog_format = "json"\n')
+    code, _, err = invoke("run", str(job), "--sim", 'api_key="sk-right"')
+    assert code == 3
+    assert [json.loads(line)["event"] for line in err.splitlines() if line.strip()][-1] == "error"
