@@ -566,6 +566,12 @@ def _tally(counts: dict[str, Any], key: str) -> str:
     help="Abandon an open batch the provider has lost (it answers 404 for it): its rows "
     "are sent again by the next run. Repeatable.",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="With --forget: skip the proof that this key and base URL see the account that "
+    "made the batch (rows of a batch that was not lost are billed twice).",
+)
 @click.option("--provider", help="Override the provider of the last batch run.")
 @click.option("--base-url", multiple=True, help="Override the base URL of the last batch run.")
 @click.option("--api-key-env", metavar="VAR", help="Override the key variable.")
@@ -576,6 +582,7 @@ def batches(
     out: Path,
     cancel: bool,
     forget: tuple[str, ...],
+    force: bool,
     provider: str | None,
     base_url: tuple[str, ...],
     api_key_env: str | None,
@@ -607,8 +614,10 @@ def batches(
     if forget:
         if cancel:
             raise UsageError("--forget and --cancel: give one (a lost batch cannot be cancelled)")
-        for note in forget_batches(opts, list(forget)):
+        for note in forget_batches(opts, list(forget), force=force):
             click.echo(f"note: {note}", err=True)
+    elif force:
+        raise UsageError("--force goes with --forget")
     text, notes = list_batches(opts, cancel=cancel, fmt=fmt)
     click.echo(text)
     for note in notes:

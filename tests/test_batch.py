@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import email.parser
+import functools
 import io
 import json
 import time
@@ -60,6 +61,11 @@ class FakeBatches:
         if request.method == "GET" and path.startswith("/v1/files/") and path.endswith("/content"):
             file_id = path.split("/")[3]
             return httpx.Response(200, content=self.files[file_id])
+        if request.method == "GET" and path.startswith("/v1/files/"):
+            file_id = path.split("/")[3]
+            if file_id not in self.files:
+                return httpx.Response(404, json={"error": {"message": "no such file"}})
+            return httpx.Response(200, json={"id": file_id, "object": "file"})
         if request.method == "POST" and path == "/v1/batches":
             return self._create(json.loads(request.content))
         if request.method == "GET" and path == "/v1/batches":
@@ -666,10 +672,10 @@ def test_a_batch_the_provider_lost_holds_its_rows_until_forgotten_then_they_go(
     execute(options(tmp_path, source, wait=False), transport=fake.transport())
     out = tmp_path / "out"
     (batch_id,) = fake.batches
-    fake.batches.clear()  # the provider lost it
+    fake.batches.clear()  # the provider lost it (its request file is still there)
 
     told = io.StringIO()
-    result = execute(
+    execute(
         options(tmp_path, source, mode="sync"), transport=fake.transport(), progress_stream=told
     )
     assert results(out) == [] and fake.sync_prompts == []  # held, still
@@ -677,7 +683,8 @@ def test_a_batch_the_provider_lost_holds_its_rows_until_forgotten_then_they_go(
         told.getvalue()
     )
 
-    notes = forget_batches(batch_options(out), [batch_id], transport=fake.transport())
+    forget = functools.partial(forget_batches, transport=fake.transport(), pause=0)
+    notes = forget(batch_options(out), [batch_id])
     assert notes == [f"forgot {batch_id}: its 10 rows are pending again (the next run sends them)"]
     text, _ = list_batches(batch_options(out), transport=fake.transport())
     assert "0 not yet collected" in text
@@ -689,10 +696,15 @@ def test_a_batch_the_provider_lost_holds_its_rows_until_forgotten_then_they_go(
     )
 
 
-@pytest.mark.parametrize("known", ["still_there", "unknown_id", "unreachable"])
-def test_forget_refuses_a_batch_not_known_to_be_lost_and_changes_nothing(
-    tmp_path: Path, known: str
+@pytest.mark.parametrize(
+    "case", ["still_there", "unknown_id", "unreachable", "html_404", "other_account", "collecting"]
+)
+def test_forget_refuses_a_batch_not_shown_to_be_lost_and_changes_nothing(
+    tmp_path: Path, case: str
 ) -> None:
+    """Forgetting a batch that is not lost bills its rows twice: a 404 from a proxy's
+    page, from another key's account (neither the request file nor any batch of this
+    OUT visible), or a batch whose answers may be on disk is never forgotten."""
     from pipeline.batch.ledger import Ledger
     from pipeline.batch.listing import batch_options, forget_batches
     from pipeline.errors import UsageError
@@ -703,20 +715,39 @@ def test_forget_refuses_a_batch_not_known_to_be_lost_and_changes_nothing(
     execute(options(tmp_path, source, wait=False), transport=fake.transport())
     out = tmp_path / "out"
     (batch_id,) = fake.batches
-    before = Ledger(out).path.read_bytes()
+    ledger = Ledger(out)
     transport = fake.transport()
-    if known == "unreachable":
+    if case == "unreachable":
         transport = httpx.MockTransport(lambda request: httpx.Response(503, text="down"))
-    wanted = "batch-99999" if known == "unknown_id" else batch_id
+    if case == "html_404":
+        transport = httpx.MockTransport(
+            lambda r: httpx.Response(404, text="<html>Not Found</html>")
+        )
+    if case == "other_account":
+        fake.batches.clear()
+        fake.files.clear()
+    if case == "collecting":
+        (chunk,) = ledger.chunks().values()
+        ledger.append("collecting", chunk.chunk)
+    before = ledger.path.read_bytes()
+    wanted = "batch-99999" if case == "unknown_id" else batch_id
     with pytest.raises(UsageError) as refused:
-        forget_batches(batch_options(out), [wanted], transport=transport)
+        forget_batches(batch_options(out), [wanted], transport=transport, pause=0)
     expected = {
-        "still_there": "the provider still has it (status validating)",
+        "still_there": "the provider still has it",
         "unknown_id": "no open batch",
         "unreachable": "cannot be asked about it",
-    }[known]
+        "html_404": "cannot be asked about it",
+        "other_account": "may have been made with another key or base URL",
+        "collecting": "being collected",
+    }[case]
     assert expected in str(refused.value)
-    assert Ledger(out).path.read_bytes() == before
+    assert ledger.path.read_bytes() == before
+    if case == "other_account":  # the user, sure it is lost, says so
+        notes = forget_batches(
+            batch_options(out), [batch_id], transport=transport, pause=0, force=True
+        )
+        assert notes and "pending again" in notes[0]
 
 
 def test_estimate_leaves_out_the_rows_inside_open_batches_as_a_run_does(tmp_path: Path) -> None:

@@ -137,6 +137,26 @@ class BatchApi:
         path = f"/batches/{batch_id}"
         return _batch(await self._retried(lambda: self._json("GET", path)), self.redactor)
 
+    async def gone(self, path: str) -> bool:
+        """Whether ``GET path`` answers the provider's own "not found": a 404 whose
+        body is a JSON error object (a proxy's page or an empty 404 is not one). False
+        when it answers 200; anything else raises, as any call does."""
+
+        async def once() -> bool:
+            status, raw = await self._exchange("GET", path)
+            if status == 404:
+                try:
+                    body = json.loads(raw)
+                except (ValueError, RecursionError):
+                    body = None
+                if isinstance(body, dict) and isinstance(body.get("error"), dict):
+                    return True
+            self._raise_for_status(status, raw, {})
+            return False
+
+        result: bool = await self._retried(once)
+        return result
+
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         path = f"/batches/{batch_id}/cancel"
         return _batch(await self._retried(lambda: self._json("POST", path)), self.redactor)
@@ -184,9 +204,20 @@ class BatchApi:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        status, raw = await self._exchange(method, path, **kwargs)
+        self._raise_for_status(status, raw, {})  # (a 404: every other error raised already)
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise WireError("malformed_response", f"{method} {path}: answer is not JSON") from None
+
+    async def _exchange(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
+        """One call: its status and its body (redacted, bounded). An error status
+        raises (``_read``), except a 404, whose body the caller reads (``gone``)."""
         try:
             async with self._http.stream(method, f"{self.base}{path}", **kwargs) as response:
-                raw = await self._read(response, MAX_JSON_BYTES)
+                status = response.status_code
+                raw = await self._read(response, MAX_JSON_BYTES, keep_404=True)
         except RequestError:
             raise
         except httpx.TimeoutException as exc:
@@ -195,12 +226,9 @@ class BatchApi:
         except (httpx.HTTPError, OSError) as exc:
             text = self.redactor.text(f"{type(exc).__name__}: {exc}")[:300]
             raise WireError("connection_error", f"{method} {path}: {text}") from None
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError):
-            raise WireError("malformed_response", f"{method} {path}: answer is not JSON") from None
+        return status, raw
 
-    async def _read(self, response: httpx.Response, cap: int) -> bytes:
+    async def _read(self, response: httpx.Response, cap: int, *, keep_404: bool = False) -> bytes:
         self._check_status_line(response)
         chunks: list[bytes] = []
         size = 0
@@ -210,11 +238,16 @@ class BatchApi:
                 raise WireError("response_too_large", f"answer passed {cap:,} bytes")
             chunks.append(chunk)
         raw = self.redactor.data(b"".join(chunks))
-        if response.status_code >= 400:
-            error = parse_error(response.status_code, raw, response.headers, self.redactor.text)
+        if response.status_code == 404 and keep_404:
+            return raw
+        self._raise_for_status(response.status_code, raw, response.headers)
+        return raw
+
+    def _raise_for_status(self, status: int, raw: bytes, headers: Mapping[str, str]) -> None:
+        if status >= 400:
+            error = parse_error(status, raw, headers, self.redactor.text)
             scrub_error(error, self.redactor)
             raise error
-        return raw
 
     def _check_status_line(self, response: httpx.Response) -> None:
         status = response.status_code

@@ -18,6 +18,7 @@ Each run on an OUT with a ledger does this first, whatever its mode:
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -291,9 +292,11 @@ class Collector:
                 raise
             except RequestError as exc:
                 lost = exc.http_status == 404
+                out = shlex.quote(str(self.ledger.root.parent))
                 hint = (
-                    f": if the provider lost it, `pipeline batches {self.ledger.root.parent} "
-                    f"--forget {chunk.batch_id}` sends its {chunk.rows:,} rows again"
+                    " (a 404 also comes from another key or base URL than the one that made "
+                    f"it): if the provider lost it, `pipeline batches {out} --forget "
+                    f"{chunk.batch_id}` sends its {chunk.rows:,} rows again"
                     if lost
                     else ""
                 )

@@ -103,48 +103,46 @@ def forget_batches(
     opts: RunOptions,
     batch_ids: list[str],
     *,
+    force: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
+    pause: float = 2.0,
 ) -> list[str]:
     """Abandon open batches the provider has lost, so their rows are sent again.
 
-    A lost batch (deleted, or gone with the account's data) would otherwise hold its
-    rows for good: every run finds it open, cannot retrieve it, and skips its rows.
-    Only a batch the provider answers 404 for is forgotten: one it still knows may yet
-    be billed, and its answers collected (cancel it with ``--cancel`` instead), and one
-    it cannot be asked about is not known to be lost. Raises UsageError, naming why,
-    for any batch that cannot be forgotten; nothing is forgotten then.
+    A lost batch (purged by a gateway, gone with the account's data) would otherwise
+    hold its rows for good: every run finds it open, cannot retrieve it, and skips its
+    rows. But a batch that is not lost may still be billed and collected, and
+    forgetting it then bills its rows twice; so a batch is forgotten only when:
+
+    - OUT's ledger has it open (not being collected: its answers may be on disk);
+    - the provider answers its own "not found" for it (a 404 with a JSON error object,
+      not a proxy's page), twice, ``pause`` seconds apart;
+    - the key and base URL asked are shown to see the account that made it (its
+      request file is still there, or another batch of this OUT is listed), since a
+      404 also comes from another key or base URL; ``force`` skips this last proof.
+
+    Raises UsageError, naming why, for any batch that cannot be forgotten; nothing
+    is forgotten then.
     """
     ledger = Ledger(Path(opts.out))
-    open_chunks = {
-        c.batch_id: c
-        for c in (ledger.chunks().values() if ledger.exists else [])
-        if c.state in (OPEN, COLLECTING) and c.batch_id is not None
-    }
-    unknown = [b for b in batch_ids if b not in open_chunks]
-    if unknown:
-        raise UsageError(
-            f"{', '.join(unknown)}: no open batch of {opts.out} has that id "
-            "(`pipeline batches OUT` lists them)"
-        )
+    chunks = _open_by_batch(ledger, batch_ids, str(opts.out))
     provider = opts.resolved_provider()
-    key = opts.api_key(provider)
+    base_url = opts.base_urls(provider)[0]
     if transport is None and provider.name == "sim":
         from pipeline.local import sim_transport_for
 
         transport = sim_transport_for(opts)
     api = BatchApi(
-        opts.base_urls(provider)[0], key, transport=transport, timeout=min(opts.timeout, 60.0)
+        base_url, opts.api_key(provider), transport=transport, timeout=min(opts.timeout, 60.0)
     )
-    refused = anyio.run(_still_known, api, batch_ids)
+    token = ledger.token()
+    refused = anyio.run(_why_not_lost, api, token, chunks, force, pause)
     if refused:
-        raise UsageError(
-            "; ".join(refused) + ". Nothing was forgotten: forget only batches the "
-            "provider no longer knows"
-        )
+        raise UsageError("; ".join(refused) + ". Nothing was forgotten")
     notes = []
     with ledger.locked():
-        for batch_id in batch_ids:
-            chunk = open_chunks[batch_id]
+        chunks = _open_by_batch(ledger, batch_ids, str(opts.out))  # again, under the lock
+        for batch_id, chunk in chunks.items():
             ledger.append(
                 "abandoned", chunk.chunk, reason=f"forgotten: the provider lost {batch_id}"
             )
@@ -156,28 +154,75 @@ def forget_batches(
     return notes
 
 
-async def _still_known(api: BatchApi, batch_ids: list[str]) -> list[str]:
-    """Why each batch cannot be forgotten (none: every one answers 404)."""
+def _open_by_batch(ledger: Ledger, batch_ids: list[str], out: str) -> dict[str, Chunk]:
+    """The open chunk of each batch id, or UsageError naming those that have none."""
+    found = {
+        c.batch_id: c
+        for c in (ledger.chunks().values() if ledger.exists else [])
+        if c.batch_id is not None and c.state in (OPEN, COLLECTING)
+    }
+    collecting = [b for b in batch_ids if b in found and found[b].state == COLLECTING]
+    if collecting:
+        raise UsageError(
+            f"{', '.join(collecting)}: being collected (its answers may be on disk): the "
+            "next run finishes it"
+        )
+    unknown = [b for b in batch_ids if b not in found]
+    if unknown:
+        raise UsageError(
+            f"{', '.join(unknown)}: no open batch of {out} has that id "
+            "(`pipeline batches OUT` lists them)"
+        )
+    return {b: found[b] for b in batch_ids}
+
+
+async def _why_not_lost(
+    api: BatchApi, token: str, chunks: dict[str, Chunk], force: bool, pause: float
+) -> list[str]:
+    """Why each batch cannot be forgotten (none: every one is shown to be lost)."""
     refused = []
     try:
-        for batch_id in batch_ids:
+        for batch_id, chunk in chunks.items():
             try:
-                batch = await api.retrieve(batch_id)
+                why = await _why_kept(api, token, batch_id, chunk, force, pause)
             except BatchFatal:
                 raise
             except RequestError as exc:
-                if exc.http_status != 404:
-                    refused.append(f"{batch_id}: the provider cannot be asked about it ({exc})")
-                continue
-            status = batch.get("status")
-            shown = status if isinstance(status, str) else "?"
-            refused.append(
-                f"{batch_id}: the provider still has it (status {shown[:40]}); the next "
-                "run collects it when it ends, or cancel it with --cancel"
-            )
+                why = f"the provider cannot be asked about it ({exc})"
+            if why is not None:
+                refused.append(f"{batch_id}: {why}")
     finally:
         await api.aclose()
     return refused
+
+
+async def _why_kept(
+    api: BatchApi, token: str, batch_id: str, chunk: Chunk, force: bool, pause: float
+) -> str | None:
+    for asked in range(2):  # twice, a pause apart: one 404 may be a hiccup
+        if asked:
+            await anyio.sleep(pause)
+        if not await api.gone(f"/batches/{batch_id}"):
+            return (
+                "the provider still has it; the next run collects it when it ends, or "
+                "cancel it with --cancel"
+            )
+    if force:
+        return None
+    if chunk.file_id is not None and not await api.gone(f"/files/{chunk.file_id}"):
+        return None  # this key sees the request file the batch was made from
+    async for batch in api.batches():
+        metadata = batch.get("metadata")
+        if isinstance(metadata, dict) and metadata.get("pipeline_out") == token:
+            if metadata.get("pipeline_chunk") == chunk.chunk:
+                return "the provider still lists it"
+            return None  # another batch of this OUT: the same account
+    return (
+        "it may have been made with another key or base URL (a 404 comes from those too): "
+        "neither its request file nor any other batch of this OUT is visible to this one. "
+        "Run with the key and base URL that made it, or, sure it is lost, add --force "
+        "(its rows are sent again: billed twice if it was not lost)"
+    )
 
 
 def list_batches(
