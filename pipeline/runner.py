@@ -448,14 +448,17 @@ class Runner:
                 self._send_retrying,
                 self._wait,
                 policy,
-                on_retry=self._count_flex_refusal,
+                on_retry=self._count_retry,
+                on_refusal=self._count_flex_refusal,
                 on_fallback=self._count_flex_fallback,
             )
         except FlexExhausted as exhausted:
             raise _Failed(exhausted.error, exhausted.attempts) from None
 
+    def _count_retry(self) -> None:
+        self.tally.retries += 1
+
     def _count_flex_refusal(self) -> None:
-        self.tally.retries += 1  # the row is asked again: a retry like any other
         self.tally.flex_refusals += 1
 
     def _count_flex_fallback(self) -> None:

@@ -129,12 +129,13 @@ async def send_flex(
     policy: FlexPolicy,
     *,
     on_retry: Callable[[], None] = lambda: None,
+    on_refusal: Callable[[], None] = lambda: None,
     on_fallback: Callable[[], None] = lambda: None,
 ) -> tuple[R, int]:
     """Send a flex row through ``send`` (the runner's retrying send) until answered:
-    (reply, requests sent). Refusals are counted here, never below (``on_retry`` hears
-    each); after ``policy.fallback`` of them the row goes at the default tier
-    (``on_fallback`` hears it, once a row). Raises
+    (reply, requests sent). Refusals are counted here, never below (``on_refusal``
+    hears each; ``on_retry`` each that is asked again); after ``policy.fallback`` of
+    them the row goes at the default tier (``on_fallback`` hears it, once a row). Raises
     FlexExhausted when refusals run out without a fallback; whatever else ``send``
     raises passes through."""
     refusals = 0
@@ -147,6 +148,7 @@ async def send_flex(
         except FlexRefused as refused:
             attempts += refused.attempts
             refusals += 1
+            on_refusal()  # every one, the last of a row that gives up included
             delay = flex_wait(refusals, refused.error.retry_after)
             out_of_time = refusals >= policy.max_refusals or waited + delay > policy.max_time
             if policy.fallback is not None and (refusals >= policy.fallback or out_of_time):

@@ -228,6 +228,8 @@ def test_flex_refusals_without_fallback_end_the_row_bounded(tmp_path: Path) -> N
     (row,) = rows
     assert row["status"] == "error" and row["http_status"] == 429
     assert row["attempts"] == len(seen) >= 2
+    # Every refusal counted, the last (after which the row gave up) too.
+    assert result.tally.flex_refusals == len(seen) and result.tally.flex_fallbacks == 0
     assert all(b["service_tier"] == "flex" for b in seen)
 
 
