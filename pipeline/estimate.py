@@ -217,6 +217,9 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     model = opts.with_default_model(provider).model
     prices = load_prices(pricing_file if pricing_file is not None else opts.pricing)
     history = completion_history(Path(opts.out), prices.path)
+    # Held ids first, then outcomes, as a run reads them: a batch collected between
+    # the two reads is then seen done, never neither done nor held (priced twice).
+    held = _held_in_batches(Path(opts.out))  # answered there: never sent, never priced
     outcomes = load_outcomes(Path(opts.out))
     result = Estimate(
         files=[str(f) for f in files],
@@ -227,7 +230,6 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
     )
     pricer = _Pricer(prices, provider.name, history, opts.service_tier)
     recent: OrderedDict[str, None] = OrderedDict()
-    held = _held_in_batches(Path(opts.out))  # answered there: never sent, never priced
     selector = RowSelector(opts.row_selection(model), outcomes, held)  # as `run` selects
     for batch in selector.batches(read_rows(files, max_line_bytes=opts.max_line_bytes)):
         for item in batch:
@@ -251,14 +253,23 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
 
 
 def _held_in_batches(out: Path) -> Container[str]:
-    """The ids inside OUT's provider batches not yet collected (``--mode batch``): a
-    run skips them (they are answered, and billed, there), so an estimate does too.
-    Read only: nothing is collected or asked of the provider here."""
+    """The ids inside OUT's provider batches (``--mode batch``) that the next run will
+    not send: those of batches submitted and not yet collected (open, being collected,
+    or created and unconfirmed), answered (and billed) there. A chunk a dead run left
+    before submitting it is not among them: the next run abandons it and sends its
+    rows. Read only: nothing is collected or asked of the provider here."""
     from pipeline.batch.collect import held_ids
-    from pipeline.batch.ledger import Ledger
+    from pipeline.batch.ledger import COLLECTING, CREATING, OPEN, Ledger
 
     ledger = Ledger(out)
-    return held_ids(ledger) if ledger.exists else frozenset()
+    if not ledger.exists:
+        return frozenset()
+    submitted = {
+        name: chunk
+        for name, chunk in ledger.chunks().items()
+        if chunk.state in (OPEN, COLLECTING, CREATING)
+    }
+    return held_ids(ledger, submitted) if submitted else frozenset()
 
 
 def _seen(recent: OrderedDict[str, None], key: str) -> bool:

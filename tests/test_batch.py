@@ -767,3 +767,19 @@ def test_estimate_leaves_out_the_rows_inside_open_batches_as_a_run_does(tmp_path
     assert est.in_batches == 10 and est.rows == 3
     assert json.loads(format_estimate(est, "json"))["rows"]["in_batches"] == 10
     assert "10 row(s) are inside open provider batches" in format_estimate(est)
+
+
+def test_estimate_prices_the_rows_of_a_chunk_a_dead_run_never_submitted(tmp_path: Path) -> None:
+    """A request file written (or uploaded) by a run that died before creating its
+    batch holds nothing: the next run abandons it and sends its rows, so they are
+    priced; only submitted batches' rows are left out."""
+    from pipeline.batch.ledger import Ledger
+    from pipeline.estimate import estimate
+
+    source = write_rows(tmp_path / "rows.jsonl", 4)
+    ledger = Ledger(tmp_path / "out")
+    ledger.ensure()
+    ledger.append("chunk", "dead-chunk", run="dead", model="gpt-5.5", rows=2, bytes=100)
+    ledger.rows_file("dead-chunk").write_text('{"id": "r0"}\n{"id": "r1"}\n')
+    est = estimate(options(tmp_path, source, mode="sync"))
+    assert est.in_batches == 0 and est.rows == 4
