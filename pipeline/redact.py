@@ -56,26 +56,27 @@ def secret_forms(secret: str) -> set[str]:
 
 
 _URL_SAFE = bytes.maketrans(b"+/", b"-_")
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
 def percent_pattern(secret: str) -> str | None:
     """A regular expression for ``secret`` percent-encoded in any way: each character
-    a URL may encode as itself or as its ``%XX`` bytes (either case of hex), a space
-    also as ``+``. None when the secret has no such character (every encoding of it
-    is the secret itself) or is under ``MIN_ENCODED_SECRET`` characters."""
-    if len(secret) < MIN_ENCODED_SECRET or all(ch in _UNRESERVED for ch in secret):
+    that is not a letter or digit as itself or as its ``%XX`` bytes (either case of
+    hex; encoders differ on which to encode, ``~`` and ``-`` included), a space also
+    as ``+``. The encoded spelling is tried first, so an echo is taken out whole. None
+    when the secret is letters and digits only (every encoding of it is itself) or is
+    under ``MIN_ENCODED_SECRET`` characters."""
+    if len(secret) < MIN_ENCODED_SECRET or secret.isascii() and secret.isalnum():
         return None
     parts = []
     for ch in secret:
-        if ch in _UNRESERVED:
+        if ch.isascii() and ch.isalnum():
             parts.append(re.escape(ch))
             continue
         encoded = "".join(
             "%" + "".join(f"[{d}{d.lower()}]" if d.isalpha() else d for d in f"{b:02X}")
             for b in ch.encode("utf-8")
         )
-        spellings = [re.escape(ch), encoded] + ([r"\+"] if ch == " " else [])
+        spellings = [encoded, re.escape(ch)] + ([r"\+"] if ch == " " else [])
         parts.append("(?:" + "|".join(spellings) + ")")
     return "".join(parts)
 
@@ -88,7 +89,7 @@ class Redactor:
     contains another one is never half-replaced.
     """
 
-    __slots__ = ("_texts", "_bytes", "_percent_text", "_percent_bytes")
+    __slots__ = ("_texts", "_bytes", "_percent_text", "_percent_bytes", "_plus")
 
     def __init__(self, *secrets: str | None) -> None:
         forms = {form for s in secrets if s for form in secret_forms(s)}
@@ -100,26 +101,30 @@ class Redactor:
         )
         self._percent_text = re.compile("|".join(patterns)) if patterns else None
         self._percent_bytes = re.compile("|".join(patterns).encode("utf-8")) if patterns else None
+        # A key with a space may come back form-encoded with no "%" at all ("a+b").
+        self._plus = any(s and " " in s for s in secrets)
 
     def __bool__(self) -> bool:
         return bool(self._texts)
 
     def data(self, raw: bytes) -> bytes:
         """``raw`` without any secret."""
+        # Encoded forms first: a key ending in "%" echoed as "...%25" is then taken
+        # out whole, not as the key followed by "25".
+        if self._percent_bytes is not None and (b"%" in raw or self._plus and b"+" in raw):
+            raw = self._percent_bytes.sub(REDACTED.encode(), raw)
         for secret in self._bytes:
             if secret in raw:
                 raw = raw.replace(secret, REDACTED.encode())
-        if self._percent_bytes is not None and b"%" in raw:
-            raw = self._percent_bytes.sub(REDACTED.encode(), raw)
         return raw
 
     def text(self, text: str) -> str:
         """``text`` without any secret."""
+        if self._percent_text is not None and ("%" in text or self._plus and "+" in text):
+            text = self._percent_text.sub(REDACTED, text)
         for secret in self._texts:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        if self._percent_text is not None and "%" in text:
-            text = self._percent_text.sub(REDACTED, text)
         return text
 
     def optional(self, text: str | None) -> str | None:

@@ -152,18 +152,28 @@ def test_a_key_percent_encoded_in_any_mix_is_taken_out(key: str, data: st.DataOb
 
     spelled = []
     for ch in key:
-        if data.draw(st.booleans()):
+        how = data.draw(st.sampled_from(["plain", "quote", "every byte"]))
+        if ch == " " and data.draw(st.booleans()):
+            spelled.append("+")
+        elif how == "quote" or how == "every byte" and ch.isascii() and ch.isalnum():
             hexed = quote(ch, safe="")  # (a character a URL never encodes stays as is)
             lower = hexed.startswith("%") and data.draw(st.booleans())
             spelled.append(hexed.lower() if lower else hexed)
-        elif ch == " " and data.draw(st.booleans()):
-            spelled.append("+")
+        elif how == "every byte":  # as encoders that also encode ~ - . _ write it
+            spelled.append("".join(f"%{b:02X}" for b in ch.encode("utf-8")))
         else:
             spelled.append(ch)
     echo = "".join(spelled)
     redactor = Redactor(key)
     assert redactor.text(f"bad key {echo}!") == "bad key [REDACTED]!"
     assert redactor.data(f"<{echo}>".encode()) == b"<[REDACTED]>"
+
+
+def test_a_key_ending_in_a_percent_sign_is_taken_out_whole() -> None:
+    redactor = Redactor("0000000%")
+    assert redactor.text("bad key 0000000%25!") == "bad key [REDACTED]!"
+    assert redactor.text("key=a+b+c+d+e") == "key=a+b+c+d+e"
+    assert Redactor("a b c d e").text("key=a+b+c+d+e") == "key=[REDACTED]"
 
 
 def test_percent_signs_in_ordinary_text_are_left_alone() -> None:
