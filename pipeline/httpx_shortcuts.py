@@ -37,11 +37,11 @@ class SkipEmptyCookies(httpx.Cookies):
     (bench/RESULTS.md). The jar only acts on ``Set-Cookie``/``Set-Cookie2`` headers,
     so a response without them is skipped; one with them is handled as before.
 
-    The jar is bounded per domain: every cookie of a gateway goes back with every
-    request to it, so a server that sets a new one with each answer would otherwise
-    grow each request (and the jar) without end. Past ``MAX_COOKIES`` cookies or
-    ``MAX_COOKIE_BYTES`` of names and values for one domain (about what a browser
-    keeps for a site), the ones set longest ago go first, so a gateway's current
+    The jar is bounded per site (``_site``: what one request can be sent): every cookie
+    of a gateway goes back with every request to it, so a server that sets a new one
+    with each answer would otherwise grow each request (and the jar) without end. Past
+    ``MAX_COOKIES`` cookies or ``MAX_COOKIE_BYTES`` of names and values for one site
+    (about what a browser keeps for a site), the ones set longest ago go first, so a gateway's current
     sticky-session cookie is kept and stale ones leave (a cookie too big to send at all
     leaves first); another gateway's cookies are never touched. ``on_drop`` hears of
     the first cookie dropped (once per jar).
@@ -57,7 +57,9 @@ class SkipEmptyCookies(httpx.Cookies):
     def extract_cookies(self, response: httpx.Response) -> None:
         headers = response.headers
         if "set-cookie" in headers or "set-cookie2" in headers:
-            before = {(c.domain, c.path, c.name): c.value for c in self.jar}
+            # The cookie objects before: the jar makes a new one for every Set-Cookie,
+            # so one set again (even with the same value) counts as set now.
+            before = {(c.domain, c.path, c.name): c for c in self.jar}
             super().extract_cookies(response)
             # A cookie past ASCII cannot be sent back (httpx encodes a Cookie header
             # as ASCII): kept, it would make every later request fail before it left.
@@ -66,12 +68,12 @@ class SkipEmptyCookies(httpx.Cookies):
                     self.jar.clear(cookie.domain, cookie.path, cookie.name)
             self._bound(before)
 
-    def _bound(self, before: dict[tuple[str, str, str], str | None]) -> None:
+    def _bound(self, before: dict[tuple[str, str, str], Any]) -> None:
         now = {(c.domain, c.path, c.name): c for c in self.jar}
         for key in [k for k in self._order if k not in now]:
             del self._order[key]  # expired or deleted by the server
         for key, cookie in now.items():
-            if key not in before or before[key] != cookie.value:  # set now: newest
+            if before.get(key) is not cookie:  # set by this answer: the newest
                 self._order.pop(key, None)
                 self._order[key] = None
         domains: dict[str, list[tuple[str, str, str]]] = {}
@@ -81,7 +83,7 @@ class SkipEmptyCookies(httpx.Cookies):
                 del self._order[key]
                 self._dropped()
             else:
-                domains.setdefault(key[0], []).append(key)
+                domains.setdefault(_site(key[0]), []).append(key)
         for keys in domains.values():
             count = len(keys)
             size = sum(_cookie_bytes(now[k]) for k in keys)
@@ -99,17 +101,27 @@ class SkipEmptyCookies(httpx.Cookies):
         if self.dropped == 1 and self.on_drop is not None:
             self.on_drop(  # (no server text in it: the domain is the server's to name)
                 "a gateway sets more cookies than are kept for it (at most "
-                f"{MAX_COOKIES} and {MAX_COOKIE_BYTES // 1024} KiB a domain): "
+                f"{MAX_COOKIES} and {MAX_COOKIE_BYTES // 1024} KiB a site): "
                 "the ones it set longest ago are dropped"
             )
+
+
+def _site(domain: str) -> str:
+    """The cookies of one site share a bound: a request to ``a.b.gw.example`` is sent
+    those of ``a.b.gw.example``, ``.b.gw.example`` and ``.gw.example`` together, so
+    they are counted under the domain's last two labels (an IP address as a whole)."""
+    host = domain.lstrip(".").lower()
+    if host.replace(".", "").isdigit() or ":" in host:
+        return host
+    return ".".join(host.split(".")[-2:])
 
 
 def _cookie_bytes(cookie: Any) -> int:
     return len(cookie.name) + len(cookie.value or "") + 3  # as sent: "name=value; "
 
 
-MAX_COOKIES = 50  # cookies kept for one domain
-MAX_COOKIE_BYTES = 8192  # of one domain's cookie names and values, as sent back
+MAX_COOKIES = 50  # cookies kept for one site
+MAX_COOKIE_BYTES = 8192  # of one site's cookie names and values, as sent back
 
 
 def skip_empty_cookies(

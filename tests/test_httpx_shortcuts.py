@@ -137,6 +137,42 @@ async def test_one_gateway_filling_its_jar_leaves_anothers_sticky_cookie_alone()
     assert sent[-1].headers["cookie"] == "AWSALB=node7"
 
 
+async def test_a_sticky_cookie_set_again_with_the_same_value_stays_the_newest() -> None:
+    """route=A re-sent with every answer beside a new cookie each time: it is set now
+    every time, so the stale ones go first and route=A goes out with every request."""
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        cookies = ["route=A; Path=/", f"t{len(sent)}=v; Path=/"]
+        return httpx.Response(200, headers=[("set-cookie", c) for c in cookies])
+
+    client = _cookie_client(answer)
+    for _ in range(150):
+        await client.get("http://gw.test/v1/x")
+    await client.aclose()
+    assert all("route=A" in r.headers["cookie"] for r in sent[1:])
+
+
+async def test_cookies_of_a_host_and_its_parent_domains_share_one_bound() -> None:
+    """A request to a.b.c.gw.example is sent the host's cookies and those of every
+    parent domain: what it sends stays within the bound, not one bound per domain."""
+    sent: list[httpx.Request] = []
+    domains = ["", "; Domain=c.gw.example", "; Domain=gw.example"]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        n = len(sent)
+        cookies = [f"c{n}_{i}={'v' * 200}; Path=/{d}" for i, d in enumerate(domains)]
+        return httpx.Response(200, headers=[("set-cookie", c) for c in cookies])
+
+    client = _cookie_client(answer)
+    for _ in range(100):
+        await client.get("http://a.b.c.gw.example/v1/x")
+    await client.aclose()
+    assert max(len(r.headers.get("cookie", "")) for r in sent) <= MAX_COOKIE_BYTES
+
+
 async def test_a_kept_cookie_that_grows_past_the_bound_is_dropped_alone() -> None:
     sent: list[httpx.Request] = []
 
