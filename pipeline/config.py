@@ -207,15 +207,35 @@ def merge(base: RunOptions, overrides: dict[str, Any]) -> RunOptions:
 
 # Bounds that must be a positive, finite number (a job file may give any TOML value).
 _POSITIVE = ("rpm", "tpm", "max_cost", "timeout", "deadline", "max_response_mb", "max_retry_time")
-_JOB_FILE_ONLY = frozenset({"max_retry_time"})
+# Whole-number settings and the least each may be (a job file may give any TOML value).
+_COUNTS = {
+    "concurrency": 1,
+    "max_attempts": 1,
+    "json_retries": 0,
+    "max_line_bytes": 1,
+    "part_rows": 1,
+    "limit": 1,
+    "ray_workers": 1,
+    "split_rows": 1,
+    "flex_fallback": 1,
+}
+_OPTIONAL_COUNTS = frozenset({"limit", "ray_workers", "split_rows", "flex_fallback"})
+_JOB_FILE_ONLY = frozenset({"max_retry_time", "split_rows", "part_rows"})
 
 
 def validate(opts: RunOptions) -> None:
     """Catch bad options before anything is read or sent (exit 2)."""
     if not opts.sources:
         raise UsageError("nothing to run: give input files, a folder, a glob or a job file")
-    if opts.concurrency < 1:
-        raise UsageError("--concurrency must be at least 1")
+    for name, least in _COUNTS.items():
+        value = getattr(opts, name)
+        if value is None and name in _OPTIONAL_COUNTS:
+            continue
+        if type(value) is not int or value < least:  # (not a bool, a float or text)
+            shown = (
+                f"{name} (job file)" if name in _JOB_FILE_ONLY else f"--{name.replace('_', '-')}"
+            )
+            raise UsageError(f"{shown} must be a whole number, at least {least}")
     for url in opts.base_url:
         check_base_url(url)
     for name in _POSITIVE:
@@ -228,11 +248,11 @@ def validate(opts: RunOptions) -> None:
                 f"{name} (job file)" if name in _JOB_FILE_ONLY else f"--{name.replace('_', '-')}"
             )
             raise UsageError(f"{shown} must be a positive number")
-    if opts.max_attempts < 1:
-        raise UsageError("--max-attempts must be at least 1")
     out = Path(opts.out)
     if out.exists() and not out.is_dir():  # (a folder, or a link to one, is fine)
         raise UsageError(f"--out {out}: this is a file; OUT is a folder (it may not exist yet)")
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out {out}: a link to nothing; name a folder")
     if opts.engine not in ("local", "ray"):
         raise UsageError(f"--engine {opts.engine}: expected local or ray")
     if opts.mode not in ("sync", "batch"):
@@ -250,12 +270,6 @@ def validate(opts: RunOptions) -> None:
             raise UsageError("--shard is for schedulers other than Ray: drop it or --engine ray")
         if opts.limit is not None:
             raise UsageError("--limit works with --engine local only")
-    if opts.ray_workers is not None and opts.ray_workers < 1:
-        raise UsageError("--ray-workers must be at least 1")
-    if not isinstance(opts.max_line_bytes, int) or opts.max_line_bytes < 1:
-        raise UsageError("--max-line-bytes must be a positive number of bytes")
-    if opts.split_rows is not None and opts.split_rows < 1:
-        raise UsageError("split_rows must be at least 1")
     if opts.log_format not in ("text", "json"):
         raise UsageError("--log-format must be text or json")
     if opts.shard is not None:

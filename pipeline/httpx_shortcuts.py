@@ -41,10 +41,10 @@ class SkipEmptyCookies(httpx.Cookies):
     of a gateway goes back with every request to it, so a server that sets a new one
     with each answer would otherwise grow each request (and the jar) without end. Past
     ``MAX_COOKIES`` cookies or ``MAX_COOKIE_BYTES`` of names and values for one site
-    (about what a browser keeps for a site), the ones set longest ago go first, so a gateway's current
-    sticky-session cookie is kept and stale ones leave (a cookie too big to send at all
-    leaves first); another gateway's cookies are never touched. ``on_drop`` hears of
-    the first cookie dropped (once per jar).
+    (about what a browser keeps for a site), the ones set longest ago go first, so a
+    gateway's current sticky-session cookie is kept and stale ones leave (a cookie too
+    big to send at all leaves first); another site's cookies are never touched.
+    ``on_drop`` hears of the first cookie dropped (once per jar).
     """
 
     def __init__(self) -> None:

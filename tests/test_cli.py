@@ -382,3 +382,36 @@ def test_a_job_files_json_log_format_applies_to_the_last_words_too(
     code, _, err = invoke("run", str(job), "--sim", 'api_key="sk-right"')
     assert code == 3
     assert [json.loads(line)["event"] for line in err.splitlines() if line.strip()][-1] == "error"
+
+
+@pytest.mark.parametrize(
+    ("line", "named"),
+    [
+        ('concurrency = "8"', "--concurrency must be a whole number, at least 1"),
+        ("max_attempts = 2.5", "--max-attempts must be a whole number, at least 1"),
+        ("max_attempts = nan", "--max-attempts must be a whole number, at least 1"),
+        ('part_rows = "x"', "part_rows (job file) must be a whole number, at least 1"),
+        ("ray_workers = true", "--ray-workers must be a whole number, at least 1"),
+        ("json_retries = -1", "--json-retries must be a whole number, at least 0"),
+        ("split_rows = 0", "split_rows (job file) must be a whole number, at least 1"),
+    ],
+)
+def test_a_job_file_count_that_is_not_a_whole_number_exits_2_before_anything_is_sent(
+    tmp_path: Path, rows: Path, line: str, named: str
+) -> None:
+    """Text where a count belongs was a crash (exit 5), before or (part_rows) after
+    requests had gone out; nan attempts retried a row without end; 2.5 was taken."""
+    job = tmp_path / "job.toml"
+    job.write_text(f'source = ["{rows.name}"]\nout = "out"\n{line}\n')
+    code, _, err = invoke("run", str(job), "--quiet")
+    assert code == 2, err
+    assert named in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_naming_a_dangling_link_is_a_usage_error(tmp_path: Path, rows: Path) -> None:
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    code, _, err = invoke("run", str(rows), "--out", str(link), "--quiet")
+    assert code == 2 and "a link to nothing" in err
+    assert not (tmp_path / "nowhere").exists()
