@@ -296,7 +296,7 @@ def request_hash(body: Mapping[str, Any]) -> str:
     that is not text, a lone surrogate, nesting past 255) and ``json`` then does
     what it always did.
     """
-    if _plain(body):
+    if _ORJSON_AGREES and _plain(body):
         try:
             return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
         except TypeError:  # orjson.JSONEncodeError
@@ -306,6 +306,27 @@ def request_hash(body: Mapping[str, Any]) -> str:
 
 
 _PLAIN_SCALARS = frozenset({str, int, bool, type(None)})
+
+
+def _orjson_agrees() -> bool:
+    """Whether the installed orjson writes, for a sample of every kind ``_plain`` lets
+    through (escapes, non-ASCII, key order, integer and float edges), the very bytes
+    ``json.dumps`` does. Checked once per process: an orjson that one day wrote any of
+    them its own way would change every fingerprint, and the next run would send rows
+    already answered; then every body takes ``json``'s path."""
+    sample = {
+        "\u00e9": [0.0, -0.0, 1e-4, 0.1, 0.7, 2.0, 123456.789, 9999999999999998.0],
+        "a": ['\x00\x1f\x7f"\\/\n\t\u2028\u2029\ufeff\U0001f600', True, None],
+        "B": [-(2**63), 2**64 - 1, {"z": 1, "\U0001f600": 2, "": 3}],
+    }
+    expected = json.dumps(sample, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return orjson.dumps(sample, option=orjson.OPT_SORT_KEYS) == expected.encode("utf-8")
+    except TypeError:
+        return False
+
+
+_ORJSON_AGREES = _orjson_agrees()
 
 
 def _plain(value: Any) -> bool:

@@ -624,3 +624,27 @@ def test_of_several_bad_fields_the_first_in_the_known_order_is_named(src: Path) 
         row = {"id": "a", "prompt": "hi", **data}
         assert "field 'temperature' must be at most 2" in rejected(src, row).message
     assert "field 'model' must be a string" in rejected(src, {"prompt": "hi", "model": 5}).message
+
+
+def test_an_orjson_that_writes_a_sample_its_own_way_is_not_used_for_fingerprints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fingerprints name rows across runs: if the installed orjson ever wrote floats
+    (say) differently, every body goes the standard library's way, and nothing
+    changes."""
+    import orjson
+
+    import pipeline.request as request
+
+    real = orjson.dumps
+
+    def drifted(value: Any, option: int = 0) -> bytes:
+        return real(value, option=option).replace(b"0.1", b"1e-1")
+
+    monkeypatch.setattr(request.orjson, "dumps", drifted)
+    assert request._orjson_agrees() is False
+    monkeypatch.setattr(request, "_ORJSON_AGREES", False)
+    body = {"model": "m", "temperature": 0.1, "messages": [{"role": "user", "content": "x"}]}
+    assert request_hash(body) == _stdlib_hash(body)
+    monkeypatch.setattr(request.orjson, "dumps", real)
+    assert request._orjson_agrees() is True
