@@ -697,7 +697,16 @@ def test_a_batch_the_provider_lost_holds_its_rows_until_forgotten_then_they_go(
 
 
 @pytest.mark.parametrize(
-    "case", ["still_there", "unknown_id", "unreachable", "html_404", "other_account", "collecting"]
+    "case",
+    [
+        "still_there",
+        "unknown_id",
+        "unreachable",
+        "html_404",
+        "other_account",
+        "collecting",
+        "listed",
+    ],
 )
 def test_forget_refuses_a_batch_not_shown_to_be_lost_and_changes_nothing(
     tmp_path: Path, case: str
@@ -726,6 +735,14 @@ def test_forget_refuses_a_batch_not_shown_to_be_lost_and_changes_nothing(
     if case == "other_account":
         fake.batches.clear()
         fake.files.clear()
+    if case == "listed":  # retrieve says 404, the listing still has it
+
+        def listed_but_404(request: httpx.Request) -> httpx.Response:
+            if request.url.path == f"/v1/batches/{batch_id}":
+                return httpx.Response(404, json={"error": {"message": "not found"}})
+            return fake.handle(request)
+
+        transport = httpx.MockTransport(listed_but_404)
     if case == "collecting":
         (chunk,) = ledger.chunks().values()
         ledger.append("collecting", chunk.chunk)
@@ -736,9 +753,10 @@ def test_forget_refuses_a_batch_not_shown_to_be_lost_and_changes_nothing(
     expected = {
         "still_there": "the provider still has it",
         "unknown_id": "no open batch",
-        "unreachable": "cannot be asked about it",
-        "html_404": "cannot be asked about it",
+        "unreachable": "cannot be asked about",
+        "html_404": "cannot be asked about",
         "other_account": "may have been made with another key or base URL",
+        "listed": "the provider still lists it",
         "collecting": "being collected",
     }[case]
     assert expected in str(refused.value)
@@ -783,3 +801,31 @@ def test_estimate_prices_the_rows_of_a_chunk_a_dead_run_never_submitted(tmp_path
     ledger.rows_file("dead-chunk").write_text('{"id": "r0"}\n{"id": "r1"}\n')
     est = estimate(options(tmp_path, source, mode="sync"))
     assert est.in_batches == 0 and est.rows == 4
+
+
+def test_forget_takes_no_proof_from_a_batch_another_run_made_with_another_key(
+    tmp_path: Path,
+) -> None:
+    """Run 1 made batch A with key A; run 2 made batch B with key B (another project).
+    Asked with key B, A answers 404 and B is listed: that proves key B sees run 2's
+    account, not run 1's, so A (maybe alive, and billed) is not forgotten."""
+    from pipeline.batch.listing import batch_options, forget_batches
+    from pipeline.errors import UsageError
+
+    fake = FakeBatches()
+    fake.finish = False
+    first = write_rows(tmp_path / "rows.jsonl", 3)
+    execute(options(tmp_path, first, wait=False), transport=fake.transport())
+    (batch_a,) = fake.batches
+    file_a = fake.batches[batch_a]["input_file_id"]
+    more = tmp_path / "more.jsonl"
+    more.write_text(
+        "".join(json.dumps({"id": f"m{i}", "prompt": f"m {i}"}) + "\n" for i in range(3))
+    )
+    execute(options(tmp_path, more, wait=False), transport=fake.transport())
+    assert len(fake.batches) == 2
+    del fake.batches[batch_a], fake.files[file_a]  # key B sees neither
+    with pytest.raises(UsageError, match="another key or base URL"):
+        forget_batches(
+            batch_options(tmp_path / "out"), [batch_a], transport=fake.transport(), pause=0
+        )

@@ -117,9 +117,11 @@ def forget_batches(
     - OUT's ledger has it open (not being collected: its answers may be on disk);
     - the provider answers its own "not found" for it (a 404 with a JSON error object,
       not a proxy's page), twice, ``pause`` seconds apart;
+    - the provider does not list it either;
     - the key and base URL asked are shown to see the account that made it (its
-      request file is still there, or another batch of this OUT is listed), since a
-      404 also comes from another key or base URL; ``force`` skips this last proof.
+      request file is still there, or another batch of the run that made it is
+      listed), since a 404 also comes from another key or base URL; ``force`` skips
+      this last proof.
 
     Raises UsageError, naming why, for any batch that cannot be forgotten; nothing
     is forgotten then.
@@ -180,25 +182,26 @@ async def _why_not_lost(
     api: BatchApi, token: str, chunks: dict[str, Chunk], force: bool, pause: float
 ) -> list[str]:
     """Why each batch cannot be forgotten (none: every one is shown to be lost)."""
-    refused = []
+    refused: dict[str, str] = {}
     try:
-        for batch_id, chunk in chunks.items():
-            try:
-                why = await _why_kept(api, token, batch_id, chunk, force, pause)
-            except BatchFatal:
-                raise
-            except RequestError as exc:
-                why = f"the provider cannot be asked about it ({exc})"
-            if why is not None:
-                refused.append(f"{batch_id}: {why}")
+        try:
+            for batch_id in chunks:
+                why = await _why_not_gone(api, batch_id, pause)
+                if why is not None:
+                    refused[batch_id] = why
+            left = {b: c for b, c in chunks.items() if b not in refused}
+            if left:
+                refused.update(await _why_not_proven(api, token, left, force))
+        except BatchFatal:
+            raise
+        except RequestError as exc:
+            return [f"the provider cannot be asked about {', '.join(chunks)} ({exc})"]
     finally:
         await api.aclose()
-    return refused
+    return [f"{batch_id}: {why}" for batch_id, why in refused.items()]
 
 
-async def _why_kept(
-    api: BatchApi, token: str, batch_id: str, chunk: Chunk, force: bool, pause: float
-) -> str | None:
+async def _why_not_gone(api: BatchApi, batch_id: str, pause: float) -> str | None:
     for asked in range(2):  # twice, a pause apart: one 404 may be a hiccup
         if asked:
             await anyio.sleep(pause)
@@ -207,22 +210,46 @@ async def _why_kept(
                 "the provider still has it; the next run collects it when it ends, or "
                 "cancel it with --cancel"
             )
-    if force:
-        return None
-    if chunk.file_id is not None and not await api.gone(f"/files/{chunk.file_id}"):
-        return None  # this key sees the request file the batch was made from
-    async for batch in api.batches():
+    return None
+
+
+async def _why_not_proven(
+    api: BatchApi, token: str, chunks: dict[str, Chunk], force: bool
+) -> dict[str, str]:
+    """For batches the provider answers 404 for: refused if the provider still lists
+    one (whatever else is known), and, without ``force``, unless this key and base URL
+    are shown to see the account the batch was made in: its request file is still
+    there, or the listing holds another batch of the run that made it (one run uses
+    one key and one base URL; another run of this OUT may have used another)."""
+    by_chunk = {c.chunk: b for b, c in chunks.items()}
+    listed: set[str] = set()
+    runs_seen: set[str] = set()
+    async for batch in api.batches():  # the whole listing (bounded): order says nothing
         metadata = batch.get("metadata")
-        if isinstance(metadata, dict) and metadata.get("pipeline_out") == token:
-            if metadata.get("pipeline_chunk") == chunk.chunk:
-                return "the provider still lists it"
-            return None  # another batch of this OUT: the same account
-    return (
-        "it may have been made with another key or base URL (a 404 comes from those too): "
-        "neither its request file nor any other batch of this OUT is visible to this one. "
-        "Run with the key and base URL that made it, or, sure it is lost, add --force "
-        "(its rows are sent again: billed twice if it was not lost)"
-    )
+        if not isinstance(metadata, dict) or metadata.get("pipeline_out") != token:
+            continue
+        name = metadata.get("pipeline_chunk")
+        if isinstance(name, str) and name in by_chunk:
+            listed.add(by_chunk[name])
+        run = metadata.get("pipeline_run")
+        if isinstance(run, str):
+            runs_seen.add(run)
+    why: dict[str, str] = {}
+    for batch_id, chunk in chunks.items():
+        if batch_id in listed:
+            why[batch_id] = "the provider still lists it"
+            continue
+        if force or chunk.run in runs_seen:
+            continue
+        if chunk.file_id is not None and not await api.gone(f"/files/{chunk.file_id}"):
+            continue  # this key sees the request file the batch was made from
+        why[batch_id] = (
+            "it may have been made with another key or base URL (a 404 comes from those "
+            "too): neither its request file nor another batch of the run that made it is "
+            "visible to this one. Run with the key and base URL that made it, or, sure it "
+            "is lost, add --force (its rows are sent again: billed twice if it was not lost)"
+        )
+    return why
 
 
 def list_batches(
