@@ -81,9 +81,8 @@ def diagnose(tally: Tally, structured: Mapping[str, Mapping[str, Any]]) -> list[
                 "flex_refusals",
                 tally.flex_refusals,
                 f"the server refused {tally.flex_refusals:,} flex request"
-                f"{'s' if tally.flex_refusals != 1 else ''} for capacity (429) and they were "
-                f"asked again{then}. `pipeline report OUT --by service_tier` shows what "
-                "each tier cost",
+                f"{'s' if tally.flex_refusals != 1 else ''} for capacity (429){then}. "
+                "`pipeline report OUT --by service_tier` shows what each tier cost",
             )
         )
     for base_url, entry in sorted(structured.items()):

@@ -37,13 +37,14 @@ class SkipEmptyCookies(httpx.Cookies):
     (bench/RESULTS.md). The jar only acts on ``Set-Cookie``/``Set-Cookie2`` headers,
     so a response without them is skipped; one with them is handled as before.
 
-    The jar is bounded per site (``_site``: what one request can be sent): every cookie
-    of a gateway goes back with every request to it, so a server that sets a new one
-    with each answer would otherwise grow each request (and the jar) without end. Past
-    ``MAX_COOKIES`` cookies or ``MAX_COOKIE_BYTES`` of names and values for one site
-    (about what a browser keeps for a site), the ones set longest ago go first, so a
-    gateway's current sticky-session cookie is kept and stale ones leave (a cookie too
-    big to send at all leaves first); another site's cookies are never touched.
+    The jar is bounded by what one request is sent: every cookie of a gateway goes
+    back with every request to it, so a server that sets a new one with each answer
+    would otherwise grow each request (and the jar) without end. When an answer sets
+    cookies, the ones its host is sent (its own and its parent domains') are kept to
+    ``MAX_COOKIES`` and ``MAX_COOKIE_BYTES`` of names and values (about what a browser
+    keeps for a site), the ones set longest ago going first, so the gateway's current
+    sticky-session cookie is kept and stale ones leave (a cookie too big to send at
+    all leaves first); cookies another host is sent, and it alone, are not touched.
     ``on_drop`` hears of the first cookie dropped (once per jar).
     """
 
@@ -66,9 +67,9 @@ class SkipEmptyCookies(httpx.Cookies):
             for cookie in list(self.jar):
                 if not (cookie.name + (cookie.value or "")).isascii():
                     self.jar.clear(cookie.domain, cookie.path, cookie.name)
-            self._bound(before)
+            self._bound(before, response.request.url.host.lower())
 
-    def _bound(self, before: dict[tuple[str, str, str], Any]) -> None:
+    def _bound(self, before: dict[tuple[str, str, str], Any], host: str) -> None:
         now = {(c.domain, c.path, c.name): c for c in self.jar}
         for key in [k for k in self._order if k not in now]:
             del self._order[key]  # expired or deleted by the server
@@ -76,52 +77,55 @@ class SkipEmptyCookies(httpx.Cookies):
             if before.get(key) is not cookie:  # set by this answer: the newest
                 self._order.pop(key, None)
                 self._order[key] = None
-        domains: dict[str, list[tuple[str, str, str]]] = {}
+        keys: list[tuple[str, str, str]] = []  # what a request to this host is sent
         for key in list(self._order):
+            if not _sent_to(host, key[0]):
+                continue
             if _cookie_bytes(now[key]) > MAX_COOKIE_BYTES:  # can never be sent: first out
                 self.jar.clear(*key)
                 del self._order[key]
                 self._dropped()
             else:
-                domains.setdefault(_site(key[0]), []).append(key)
-        for keys in domains.values():
-            count = len(keys)
-            size = sum(_cookie_bytes(now[k]) for k in keys)
-            for key in keys:  # the one set longest ago first
-                if count <= MAX_COOKIES and size <= MAX_COOKIE_BYTES:
-                    break
-                self.jar.clear(*key)
-                del self._order[key]
-                count -= 1
-                size -= _cookie_bytes(now[key])
-                self._dropped()
+                keys.append(key)
+        count = len(keys)
+        size = sum(_cookie_bytes(now[k]) for k in keys)
+        for key in keys:  # the one set longest ago first
+            if count <= MAX_COOKIES and size <= MAX_COOKIE_BYTES:
+                break
+            self.jar.clear(*key)
+            del self._order[key]
+            count -= 1
+            size -= _cookie_bytes(now[key])
+            self._dropped()
 
     def _dropped(self) -> None:
         self.dropped += 1
         if self.dropped == 1 and self.on_drop is not None:
             self.on_drop(  # (no server text in it: the domain is the server's to name)
                 "a gateway sets more cookies than are kept for it (at most "
-                f"{MAX_COOKIES} and {MAX_COOKIE_BYTES // 1024} KiB a site): "
+                f"{MAX_COOKIES} and {MAX_COOKIE_BYTES // 1024} KiB a host): "
                 "the ones it set longest ago are dropped"
             )
 
 
-def _site(domain: str) -> str:
-    """The cookies of one site share a bound: a request to ``a.b.gw.example`` is sent
-    those of ``a.b.gw.example``, ``.b.gw.example`` and ``.gw.example`` together, so
-    they are counted under the domain's last two labels (an IP address as a whole)."""
-    host = domain.lstrip(".").lower()
-    if host.replace(".", "").isdigit() or ":" in host:
-        return host
-    return ".".join(host.split(".")[-2:])
+def _sent_to(host: str, domain: str) -> bool:
+    """Whether a cookie of ``domain`` goes with a request to ``host`` (paths aside): a
+    host-only cookie to its host, a ``.domain`` cookie to the domain and every host
+    under it (``http.cookiejar``'s rule)."""
+    domain = domain.lower()
+    if not domain.startswith("."):
+        # A dotless host (localhost, [::1]) is stored as "<host>.local".
+        names = {host, f"[{host}]"} if ":" in host else {host}
+        return domain in names or domain.removesuffix(".local") in names
+    return host == domain[1:] or host.endswith(domain)
 
 
 def _cookie_bytes(cookie: Any) -> int:
     return len(cookie.name) + len(cookie.value or "") + 3  # as sent: "name=value; "
 
 
-MAX_COOKIES = 50  # cookies kept for one site
-MAX_COOKIE_BYTES = 8192  # of one site's cookie names and values, as sent back
+MAX_COOKIES = 50  # cookies one host is sent
+MAX_COOKIE_BYTES = 8192  # of the names and values one host is sent
 
 
 def skip_empty_cookies(

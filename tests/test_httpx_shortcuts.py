@@ -154,6 +154,43 @@ async def test_a_sticky_cookie_set_again_with_the_same_value_stays_the_newest() 
     assert all("route=A" in r.headers["cookie"] for r in sent[1:])
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "gw.test"])
+async def test_the_bound_holds_for_every_kind_of_host(host: str) -> None:
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, headers={"set-cookie": f"c{len(sent)}=v; Path=/"})
+
+    client = _cookie_client(answer)
+    for _ in range(80):
+        await client.get(f"http://{host}:8080/v1/x")
+    await client.aclose()
+    assert len(client.cookies.jar) == MAX_COOKIES
+    last = sent[-1].headers["cookie"].split("; ")
+    assert "c79=v" in last and "c1=v" not in last  # the newest kept, the oldest gone
+
+
+async def test_one_gateway_flooding_leaves_a_failover_gateways_sticky_cookie_alone() -> None:
+    """Two failover gateways under one parent (eastus/westus.example.net): each host
+    is bounded by what it is sent, so the one flooding never evicts the other's."""
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if request.url.host.startswith("west"):
+            return httpx.Response(200, headers={"set-cookie": "ARRAffinity=sticky; Path=/"})
+        return httpx.Response(200, headers={"set-cookie": f"e{len(sent)}=v; Path=/"})
+
+    client = _cookie_client(answer)
+    await client.get("http://westus-gw.example.net/v1/x")
+    for _ in range(60):
+        await client.get("http://eastus-gw.example.net/v1/x")
+    await client.get("http://westus-gw.example.net/v1/x")
+    await client.aclose()
+    assert sent[-1].headers["cookie"] == "ARRAffinity=sticky"
+
+
 async def test_cookies_of_a_host_and_its_parent_domains_share_one_bound() -> None:
     """A request to a.b.c.gw.example is sent the host's cookies and those of every
     parent domain: what it sends stays within the bound, not one bound per domain."""

@@ -180,7 +180,7 @@ def test_every_flex_refusal_is_counted_none_hidden_by_the_retry_loop(tmp_path: P
     manifest = json.loads((tmp_path / "out" / "runs" / f"{result.run_id}.json").read_text())
     assert manifest["flex_refusals"] == 4 and manifest["flex_fallbacks"] == 2
     (note,) = [n for n in manifest["diagnostics"] if n["code"] == "flex_refusals"]
-    assert "refused 4 flex requests" in note["message"]
+    assert "refused 4 flex requests for capacity (429); 2 rows then" in note["message"]
     assert "2 rows then went at the default tier" in note["message"]
 
 
