@@ -255,11 +255,12 @@ def estimate(opts: RunOptions, pricing_file: str | Path | None = None) -> Estima
 def _held_in_batches(out: Path) -> Container[str]:
     """The ids inside OUT's provider batches (``--mode batch``) that the next run will
     not send: those of batches submitted and not yet collected (open, being collected,
-    or created and unconfirmed), answered (and billed) there. A chunk a dead run left
-    before submitting it is not among them: the next run abandons it and sends its
-    rows. Read only: nothing is collected or asked of the provider here."""
+    or created and unconfirmed), answered (and billed) there, and of chunks a run still
+    alive is submitting. A chunk a dead run left before submitting it is not among
+    them: the next run abandons it and sends its rows. Read only: nothing is collected
+    or asked of the provider here."""
     from pipeline.batch.collect import held_ids
-    from pipeline.batch.ledger import COLLECTING, CREATING, OPEN, Ledger
+    from pipeline.batch.ledger import COLLECTING, CREATING, OPEN, Ledger, run_alive
 
     ledger = Ledger(out)
     if not ledger.exists:
@@ -268,6 +269,8 @@ def _held_in_batches(out: Path) -> Container[str]:
         name: chunk
         for name, chunk in ledger.chunks().items()
         if chunk.state in (OPEN, COLLECTING, CREATING)
+        or not chunk.closed
+        and run_alive(out, chunk.run)
     }
     return held_ids(ledger, submitted) if submitted else frozenset()
 

@@ -802,6 +802,15 @@ def test_estimate_prices_the_rows_of_a_chunk_a_dead_run_never_submitted(tmp_path
     est = estimate(options(tmp_path, source, mode="sync"))
     assert est.in_batches == 0 and est.rows == 4
 
+    # The same chunk while the run that wrote it is alive: that run submits it.
+    from pipeline.manifest import run_alive
+
+    ledger.append("chunk", "live-chunk", run="live", model="gpt-5.5", rows=2, bytes=100)
+    ledger.rows_file("live-chunk").write_text('{"id": "r2"}\n{"id": "r3"}\n')
+    with run_alive(tmp_path / "out", "live"):
+        est = estimate(options(tmp_path, source, mode="sync"))
+    assert est.in_batches == 2 and est.rows == 2
+
 
 def test_forget_takes_no_proof_from_a_batch_another_run_made_with_another_key(
     tmp_path: Path,

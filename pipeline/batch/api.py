@@ -143,7 +143,7 @@ class BatchApi:
         when it answers 200; anything else raises, as any call does."""
 
         async def once() -> bool:
-            status, raw = await self._exchange("GET", path)
+            status, raw, headers = await self._exchange("GET", path)
             if status == 404:
                 try:
                     body = json.loads(raw)
@@ -151,7 +151,7 @@ class BatchApi:
                     body = None
                 if isinstance(body, dict) and isinstance(body.get("error"), dict):
                     return True
-            self._raise_for_status(status, raw, {})
+            self._raise_for_status(status, raw, headers)
             return False
 
         result: bool = await self._retried(once)
@@ -204,19 +204,21 @@ class BatchApi:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        status, raw = await self._exchange(method, path, **kwargs)
-        self._raise_for_status(status, raw, {})  # (a 404: every other error raised already)
+        status, raw, headers = await self._exchange(method, path, **kwargs)
+        self._raise_for_status(status, raw, headers)  # (a 404: the others raised already)
         try:
             return json.loads(raw)
         except (ValueError, RecursionError):
             raise WireError("malformed_response", f"{method} {path}: answer is not JSON") from None
 
-    async def _exchange(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
+    async def _exchange(
+        self, method: str, path: str, **kwargs: Any
+    ) -> tuple[int, bytes, httpx.Headers]:
         """One call: its status and its body (redacted, bounded). An error status
         raises (``_read``), except a 404, whose body the caller reads (``gone``)."""
         try:
             async with self._http.stream(method, f"{self.base}{path}", **kwargs) as response:
-                status = response.status_code
+                status, headers = response.status_code, response.headers
                 raw = await self._read(response, MAX_JSON_BYTES, keep_404=True)
         except RequestError:
             raise
@@ -226,7 +228,7 @@ class BatchApi:
         except (httpx.HTTPError, OSError) as exc:
             text = self.redactor.text(f"{type(exc).__name__}: {exc}")[:300]
             raise WireError("connection_error", f"{method} {path}: {text}") from None
-        return status, raw
+        return status, raw, headers
 
     async def _read(self, response: httpx.Response, cap: int, *, keep_404: bool = False) -> bytes:
         self._check_status_line(response)
