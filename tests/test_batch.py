@@ -157,6 +157,8 @@ class FakeBatches:
                 out.append({"custom_id": cid, "response": failed, "error": None})
             self.billed[cid] = self.billed.get(cid, 0) + 1
             labeled = '{"label": "positive"}' if "response_format" in line["body"] else None
+            if line["body"].get("user") == "huge":
+                labeled = "x" * 200_000  # an answer line past the (test's) line bound
             answer = self._answer(cid, line["body"]["model"], labeled)
             out.append(
                 {"custom_id": cid, "response": {"status_code": 200, "body": answer}, "error": None}
@@ -838,3 +840,37 @@ def test_forget_takes_no_proof_from_a_batch_another_run_made_with_another_key(
         forget_batches(
             batch_options(tmp_path / "out"), [batch_a], transport=fake.transport(), pause=0
         )
+
+
+def test_an_answer_line_past_the_bound_is_an_error_row_not_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch billed it; sent back to pending, the row would be billed twice. It
+    ends as response_too_large (tokens unknown, NULL), the other rows as usual, and
+    the next run sends nothing."""
+    import pipeline.batch.collect as collect
+
+    monkeypatch.setattr(collect, "MAX_LINE_BYTES", 100_000)
+    fake = FakeBatches()
+    source = tmp_path / "rows.jsonl"
+    rows = [{"id": f"r{i}", "prompt": f"q {i}"} for i in range(3)]
+    rows.append({"id": "big", "prompt": "q big", "user": "huge"})
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = execute(options(tmp_path, source), transport=fake.transport())
+    by_id = {r["id"]: r for r in results(tmp_path / "out")}
+    assert by_id["big"]["status"] == "error" and by_id["big"]["error_type"] == "response_too_large"
+    assert by_id["big"]["prompt_tokens"] is None and by_id["big"]["batch_id"]
+    assert all(by_id[f"r{i}"]["status"] == "ok" for i in range(3))
+    assert result.exit_code == 1  # a row failed
+    fake.creates = 0
+    again = execute(options(tmp_path, source), transport=fake.transport())
+    assert fake.creates == 0 and fake.sync_prompts == [] and again.exit_code == 0
+
+
+def test_custom_id_is_found_at_the_start_of_a_line_too_long_to_read() -> None:
+    from pipeline.batch.lines import custom_id_in_prefix
+
+    assert (
+        custom_id_in_prefix(b'{"id": "batch_req_1", "custom_id": "r\\"7", "response": {') == 'r"7'
+    )
+    assert custom_id_in_prefix(b'{"response": {"body": "' + b"x" * 100) is None

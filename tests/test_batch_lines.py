@@ -367,3 +367,33 @@ def test_a_key_rebuilt_by_json_escapes_in_an_output_line_never_reaches_the_row()
         assert outcome.row is not None
         stored = json.dumps(outcome.row, default=str)
         assert key not in stored and key[:12] not in stored, (status, stored[-300:])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    custom_id=st.text(min_size=1, max_size=2000),
+    before=st.dictionaries(st.sampled_from(["id", "x"]), st.text(max_size=20), max_size=2),
+    ascii_only=st.booleans(),
+)
+def test_the_custom_id_of_a_line_is_read_from_its_start_whatever_it_holds(
+    custom_id: str, before: dict[str, str], ascii_only: bool
+) -> None:
+    """What names the row of a line too long to read: escapes, quotes, non-ASCII and
+    lone surrogates come back as the id itself."""
+    from pipeline.batch.lines import custom_id_in_prefix
+
+    head = json.dumps({**before, "custom_id": custom_id}, ensure_ascii=ascii_only)
+    try:
+        line = (head[:-1] + ', "response": {"body": "' + "x" * 50).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate written raw: not UTF-8 at all
+        return
+    assert custom_id_in_prefix(line) == custom_id
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_the_start_of_any_line_names_a_row_or_none_and_never_raises(raw: bytes) -> None:
+    from pipeline.batch.lines import custom_id_in_prefix
+
+    found = custom_id_in_prefix(raw)
+    assert found is None or (isinstance(found, str) and found)

@@ -48,7 +48,14 @@ from pipeline.batch.ledger import (
     crash_point,
     run_alive,
 )
-from pipeline.batch.lines import MAX_LINE_BYTES, custom_id_of, read_line
+from pipeline.batch.lines import (
+    CUSTOM_ID_PREFIX_BYTES,
+    MAX_LINE_BYTES,
+    custom_id_in_prefix,
+    custom_id_of,
+    read_line,
+    too_large_line,
+)
 from pipeline.dedupe import Dedupe
 from pipeline.engine import JobContext
 from pipeline.errors import RequestError
@@ -364,21 +371,31 @@ class Collector:
         rows = 0
         for path in files:
             for raw in _lines(path):
-                custom_id, data = custom_id_of(raw)
+                too_long = isinstance(raw, _TooLong)
+                if isinstance(raw, _TooLong):
+                    custom_id, data = custom_id_in_prefix(raw.prefix), None
+                else:
+                    custom_id, data = custom_id_of(raw)
                 about = jobs.get(custom_id) if custom_id is not None else None
                 if custom_id is None or about is None or custom_id in answered:
                     self.report.skipped_lines += 1
                     continue
                 job: Job = job_from_row_line(about)
-                outcome = read_line(
-                    data,
-                    job,
-                    self.ctx,
-                    batch_id=batch_id,
-                    base_url=self.api.base,
-                    started_at=started,
-                    redactor=self.api.redactor,
-                )
+                if too_long or data is None:  # billed, too long to read: an error
+                    outcome = too_large_line(
+                        job, self.ctx, batch_id=batch_id, base_url=self.api.base,
+                        started_at=started,
+                    )  # fmt: skip
+                else:
+                    outcome = read_line(
+                        data,
+                        job,
+                        self.ctx,
+                        batch_id=batch_id,
+                        base_url=self.api.base,
+                        started_at=started,
+                        redactor=self.api.redactor,
+                    )
                 if outcome.row is None:
                     if outcome.pending is not None:
                         waiting[custom_id] = outcome.pending
@@ -438,16 +455,26 @@ class Collector:
         return [c for c in self.ledger.chunks().values() if c.state not in CLOSED]
 
 
-def _lines(path: Path) -> Iterator[bytes]:
-    """A downloaded file's lines, each bounded; a longer one is skipped whole."""
+@dataclass(frozen=True, slots=True)
+class _TooLong:
+    """A line past ``MAX_LINE_BYTES``: only its start is kept, to name its row."""
+
+    prefix: bytes
+
+
+def _lines(path: Path) -> Iterator[bytes | _TooLong]:
+    """A downloaded file's lines, each bounded; a longer one is read past (never held
+    whole) and given as its start."""
     with open(path, "rb") as fh:
         while True:
             line = fh.readline(MAX_LINE_BYTES + 1)
             if not line:
                 return
             if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                prefix = line[:CUSTOM_ID_PREFIX_BYTES]
                 while line and not line.endswith(b"\n"):
                     line = fh.readline(MAX_LINE_BYTES + 1)
+                yield _TooLong(prefix)
                 continue
             if line.strip():
                 yield line

@@ -22,13 +22,14 @@ What a line means:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pipeline.client import scrub_answer, scrub_error
-from pipeline.errors import ApiError, Kind, RequestError
+from pipeline.errors import ApiError, Kind, RequestError, TransportError
 from pipeline.jsoncheck import check_answer, wants_json
 from pipeline.outcome import RunContext, error_row, invalid_json_row, json_text, label_of, ok_row
 from pipeline.redact import Redactor
@@ -59,6 +60,40 @@ def custom_id_of(raw: bytes) -> tuple[str | None, Any]:
     if not isinstance(custom_id, str) or not custom_id:
         return None, None
     return custom_id, data
+
+
+# Where in an over-long line its ``custom_id`` is looked for: it comes first or second
+# in every provider's output line, long before the answer that made the line too long.
+CUSTOM_ID_PREFIX_BYTES = 64 * 1024
+_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"((?:[^"\\]|\\.){1,20000})"')
+
+
+def custom_id_in_prefix(prefix: bytes) -> str | None:
+    """The ``custom_id`` named near the start of a line too long to read whole, or None.
+    The caller matches it against the rows it sent, so text that only looks like one
+    names no row."""
+    found = _CUSTOM_ID.search(prefix[:CUSTOM_ID_PREFIX_BYTES])
+    if found is None:
+        return None
+    try:
+        value = json.loads(b'"' + found.group(1) + b'"')
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def too_large_line(
+    job: Job, ctx: RunContext, *, batch_id: str, base_url: str, started_at: datetime
+) -> LineOutcome:
+    """The outcome of a row whose answer line passed ``MAX_LINE_BYTES``: an error row,
+    not pending. The batch billed the answer; sent again on its own, the row would be
+    billed twice (``--retry-failed`` sends it again, if the user wants)."""
+    error = TransportError(
+        "response_too_large",
+        f"the batch's answer line passed {MAX_LINE_BYTES / 2**20:g} MiB and was not read "
+        "(billed by the batch; token counts unknown)",
+    )
+    return LineOutcome(job.id, row=_error(ctx, job, error, batch_id, base_url, started_at))
 
 
 def read_line(
