@@ -21,6 +21,8 @@ minor release is taken only after those tests pass with it.
 
 from __future__ import annotations
 
+import http.cookiejar
+import urllib.request
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -50,6 +52,9 @@ class SkipEmptyCookies(httpx.Cookies):
 
     def __init__(self) -> None:
         super().__init__()
+        # The jar's rule for what a request is sent, kept here to ask it (_bound).
+        self._policy = http.cookiejar.DefaultCookiePolicy()
+        self.jar.set_policy(self._policy)
         # Every cookie's (domain, path, name), the one set longest ago first.
         self._order: dict[tuple[str, str, str], None] = {}
         self.dropped = 0
@@ -67,9 +72,9 @@ class SkipEmptyCookies(httpx.Cookies):
             for cookie in list(self.jar):
                 if not (cookie.name + (cookie.value or "")).isascii():
                     self.jar.clear(cookie.domain, cookie.path, cookie.name)
-            self._bound(before, response.request.url.host.lower())
+            self._bound(before, str(response.request.url))
 
-    def _bound(self, before: dict[tuple[str, str, str], Any], host: str) -> None:
+    def _bound(self, before: dict[tuple[str, str, str], Any], url: str) -> None:
         now = {(c.domain, c.path, c.name): c for c in self.jar}
         for key in [k for k in self._order if k not in now]:
             del self._order[key]  # expired or deleted by the server
@@ -77,9 +82,17 @@ class SkipEmptyCookies(httpx.Cookies):
             if before.get(key) is not cookie:  # set by this answer: the newest
                 self._order.pop(key, None)
                 self._order[key] = None
-        keys: list[tuple[str, str, str]] = []  # what a request to this host is sent
+        # What a request to this host is sent, by the jar's own rule (parent domains,
+        # a parent host's host-only cookies, "<host>.local" for a dotless host, IDNA).
+        request = urllib.request.Request(url)
+        policy = self._policy
+        keys: list[tuple[str, str, str]] = []
         for key in list(self._order):
-            if not _sent_to(host, key[0]):
+            cookie = now[key]
+            if not (
+                policy.domain_return_ok(cookie.domain, request)
+                and policy.return_ok_domain(cookie, request)
+            ):
                 continue
             if _cookie_bytes(now[key]) > MAX_COOKIE_BYTES:  # can never be sent: first out
                 self.jar.clear(*key)
@@ -106,18 +119,6 @@ class SkipEmptyCookies(httpx.Cookies):
                 f"{MAX_COOKIES} and {MAX_COOKIE_BYTES // 1024} KiB a host): "
                 "the ones it set longest ago are dropped"
             )
-
-
-def _sent_to(host: str, domain: str) -> bool:
-    """Whether a cookie of ``domain`` goes with a request to ``host`` (paths aside): a
-    host-only cookie to its host, a ``.domain`` cookie to the domain and every host
-    under it (``http.cookiejar``'s rule)."""
-    domain = domain.lower()
-    if not domain.startswith("."):
-        # A dotless host (localhost, [::1]) is stored as "<host>.local".
-        names = {host, f"[{host}]"} if ":" in host else {host}
-        return domain in names or domain.removesuffix(".local") in names
-    return host == domain[1:] or host.endswith(domain)
 
 
 def _cookie_bytes(cookie: Any) -> int:

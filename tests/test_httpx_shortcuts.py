@@ -154,13 +154,24 @@ async def test_a_sticky_cookie_set_again_with_the_same_value_stays_the_newest() 
     assert all("route=A" in r.headers["cookie"] for r in sent[1:])
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "gw.test"])
-async def test_the_bound_holds_for_every_kind_of_host(host: str) -> None:
+@pytest.mark.parametrize(
+    ("host", "domain"),
+    [
+        ("127.0.0.1", ""),
+        ("localhost", ""),
+        ("[::1]", ""),
+        ("gw.test", ""),
+        ("vllm", "; Domain=local"),  # a k8s service name: stored as .local
+        ("bücher.example", ""),  # IDNA: the jar keeps the ASCII form
+        ("api.gw.example", "; Domain=gw.example"),
+    ],
+)
+async def test_the_bound_holds_for_every_kind_of_host(host: str, domain: str) -> None:
     sent: list[httpx.Request] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
         sent.append(request)
-        return httpx.Response(200, headers={"set-cookie": f"c{len(sent)}=v; Path=/"})
+        return httpx.Response(200, headers={"set-cookie": f"c{len(sent)}=v; Path=/{domain}"})
 
     client = _cookie_client(answer)
     for _ in range(80):
@@ -189,6 +200,24 @@ async def test_one_gateway_flooding_leaves_a_failover_gateways_sticky_cookie_alo
     await client.get("http://westus-gw.example.net/v1/x")
     await client.aclose()
     assert sent[-1].headers["cookie"] == "ARRAffinity=sticky"
+
+
+async def test_a_parent_hosts_cookies_count_for_the_subdomain_they_are_sent_to() -> None:
+    """The jar sends gw.example's host-only cookies to api.gw.example too: what a
+    request to api.gw.example carries stays within the bound."""
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, headers={"set-cookie": f"c{len(sent)}={'v' * 100}; Path=/"})
+
+    client = _cookie_client(answer)
+    for _ in range(60):
+        await client.get("http://gw.example/v1/x")
+    for _ in range(60):
+        await client.get("http://api.gw.example/v1/x")
+    await client.aclose()
+    assert max(len(r.headers.get("cookie", "")) for r in sent) <= MAX_COOKIE_BYTES
 
 
 async def test_cookies_of_a_host_and_its_parent_domains_share_one_bound() -> None:
