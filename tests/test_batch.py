@@ -159,6 +159,13 @@ class FakeBatches:
             labeled = '{"label": "positive"}' if "response_format" in line["body"] else None
             if line["body"].get("user") == "huge":
                 labeled = "x" * 200_000  # an answer line past the (test's) line bound
+            if line["body"].get("user") == "huge_then_ok":  # a retried line, read whole
+                big = self._answer(cid, line["body"]["model"], "x" * 200_000)
+                out.append({"custom_id": cid, "response": {"status_code": 200, "body": big}})
+            if line["body"].get("user") == "huge_error":  # unbilled: an error-file line
+                body = {"error": {"message": "x" * 200_000, "type": "server_error"}}
+                err.append({"custom_id": cid, "response": {"status_code": 500, "body": body}})
+                continue
             answer = self._answer(cid, line["body"]["model"], labeled)
             out.append(
                 {"custom_id": cid, "response": {"status_code": 200, "body": answer}, "error": None}
@@ -874,3 +881,27 @@ def test_custom_id_is_found_at_the_start_of_a_line_too_long_to_read() -> None:
         custom_id_in_prefix(b'{"id": "batch_req_1", "custom_id": "r\\"7", "response": {') == 'r"7'
     )
     assert custom_id_in_prefix(b'{"response": {"body": "' + b"x" * 100) is None
+
+
+def test_a_readable_line_wins_over_a_too_long_one_and_an_unbilled_one_goes_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A too-long output line followed by a readable one for the same row: the
+    readable answer (and its tokens) is kept. A too-long error-file line was not
+    billed: its row goes back to pending, as before."""
+    import pipeline.batch.collect as collect
+
+    monkeypatch.setattr(collect, "MAX_LINE_BYTES", 100_000)
+    fake = FakeBatches()
+    source = tmp_path / "rows.jsonl"
+    rows = [
+        {"id": "twice", "prompt": "q twice", "user": "huge_then_ok"},
+        {"id": "unbilled", "prompt": "q unbilled", "user": "huge_error"},
+    ]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    by_id = {r["id"]: r for r in results(tmp_path / "out")}
+    assert by_id["twice"]["status"] == "ok" and by_id["twice"]["prompt_tokens"] is not None
+    assert "unbilled" not in by_id  # back to pending (submitted again), not an error row
+    assert fake.creates == 2

@@ -397,3 +397,13 @@ def test_the_start_of_any_line_names_a_row_or_none_and_never_raises(raw: bytes) 
 
     found = custom_id_in_prefix(raw)
     assert found is None or (isinstance(found, str) and found)
+
+
+def test_only_the_lines_own_custom_id_counts_not_one_nested_in_the_answer() -> None:
+    from pipeline.batch.lines import custom_id_in_prefix
+
+    nested = b'{"id": "r", "response": {"body": {"metadata": {"custom_id": "other"}}}, '
+    assert custom_id_in_prefix(nested + b'"custom_id": "mine", "x": "' + b"y" * 100) == "mine"
+    assert custom_id_in_prefix(b'{"response": {"body": "' + b"y" * 100) is None  # runs past
+    assert custom_id_in_prefix(b'{"id": 1} "custom_id": "late"') is None  # object ended
+    assert custom_id_in_prefix(b'["custom_id", "x"]') is None

@@ -369,33 +369,34 @@ class Collector:
         waiting: dict[str, str] = {}
         pending: Counter[str] = Counter()
         rows = 0
+        # Rows whose answer line (output file: billed) was too long to read: an error
+        # at the end, unless a readable line for the same id answers it first.
+        too_long: set[str] = set()
         for path in files:
+            billed = path == self.ledger.output_file(chunk.chunk, "output")
             for raw in _lines(path):
-                too_long = isinstance(raw, _TooLong)
                 if isinstance(raw, _TooLong):
-                    custom_id, data = custom_id_in_prefix(raw.prefix), None
-                else:
-                    custom_id, data = custom_id_of(raw)
+                    custom_id = custom_id_in_prefix(raw.prefix)
+                    if custom_id in jobs and custom_id not in answered and billed:
+                        too_long.add(custom_id)
+                    else:  # unnamed, or an unbilled error line: as before, pending
+                        self.report.skipped_lines += 1
+                    continue
+                custom_id, data = custom_id_of(raw)
                 about = jobs.get(custom_id) if custom_id is not None else None
                 if custom_id is None or about is None or custom_id in answered:
                     self.report.skipped_lines += 1
                     continue
                 job: Job = job_from_row_line(about)
-                if too_long or data is None:  # billed, too long to read: an error
-                    outcome = too_large_line(
-                        job, self.ctx, batch_id=batch_id, base_url=self.api.base,
-                        started_at=started,
-                    )  # fmt: skip
-                else:
-                    outcome = read_line(
-                        data,
-                        job,
-                        self.ctx,
-                        batch_id=batch_id,
-                        base_url=self.api.base,
-                        started_at=started,
-                        redactor=self.api.redactor,
-                    )
+                outcome = read_line(
+                    data,
+                    job,
+                    self.ctx,
+                    batch_id=batch_id,
+                    base_url=self.api.base,
+                    started_at=started,
+                    redactor=self.api.redactor,
+                )
                 if outcome.row is None:
                     if outcome.pending is not None:
                         waiting[custom_id] = outcome.pending
@@ -414,6 +415,20 @@ class Collector:
                     shared = []
                 if shared:  # a twin that got no answer: each row goes again on its own
                     pending["its identical request got no answer"] += len(shared)
+        for custom_id in sorted(too_long - answered):  # billed, and no readable line
+            job = job_from_row_line(jobs[custom_id])
+            outcome = too_large_line(
+                job, self.ctx, batch_id=batch_id, base_url=self.api.base, started_at=started
+            )
+            assert outcome.row is not None
+            answered.add(custom_id)
+            waiting.pop(custom_id, None)
+            if custom_id not in done:
+                self.writer.write(outcome.row)
+                rows += 1
+            shared = followers.pop(custom_id, [])
+            if shared:  # twins of an answer nobody can read: each goes again on its own
+                pending["its identical request got no answer"] += len(shared)
         for custom_id, why in waiting.items():
             pending[why] += 1
             shared = followers.pop(custom_id, [])

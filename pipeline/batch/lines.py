@@ -22,7 +22,6 @@ What a line means:
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,24 +61,44 @@ def custom_id_of(raw: bytes) -> tuple[str | None, Any]:
     return custom_id, data
 
 
-# Where in an over-long line its ``custom_id`` is looked for: it comes first or second
-# in every provider's output line, long before the answer that made the line too long.
+# Where in an over-long line its ``custom_id`` is looked for: every provider seen
+# writes it first or second, long before the answer that made the line too long.
 CUSTOM_ID_PREFIX_BYTES = 64 * 1024
-_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"((?:[^"\\]|\\.){1,20000})"')
+_DECODER = json.JSONDecoder()
 
 
 def custom_id_in_prefix(prefix: bytes) -> str | None:
-    """The ``custom_id`` named near the start of a line too long to read whole, or None.
-    The caller matches it against the rows it sent, so text that only looks like one
-    names no row."""
-    found = _CUSTOM_ID.search(prefix[:CUSTOM_ID_PREFIX_BYTES])
-    if found is None:
+    """The top-level ``custom_id`` of a line too long to read whole, from its start;
+    None when the line does not name it before the prefix ends (or is no JSON
+    object). Only top-level keys count: one nested in the answer (its metadata, say)
+    names nothing. The caller matches the id against the rows it sent."""
+    text = prefix[:CUSTOM_ID_PREFIX_BYTES].decode("utf-8", "ignore")
+    at = _skip_space(text, 0)
+    if not text.startswith("{", at):
         return None
+    at += 1
     try:
-        value = json.loads(b'"' + found.group(1) + b'"')
-    except (ValueError, RecursionError):
+        while True:
+            at = _skip_space(text, at)
+            key, at = _DECODER.raw_decode(text, at)
+            at = _skip_space(text, at)
+            if not isinstance(key, str) or not text.startswith(":", at):
+                return None
+            value, at = _DECODER.raw_decode(text, _skip_space(text, at + 1))
+            if key == "custom_id":
+                return value if isinstance(value, str) and value else None
+            at = _skip_space(text, at)
+            if not text.startswith(",", at):
+                return None  # the object ended (or broke) without naming it
+            at += 1
+    except (ValueError, RecursionError):  # a value that runs past the prefix
         return None
-    return value if isinstance(value, str) and value else None
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at
 
 
 def too_large_line(
