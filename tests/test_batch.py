@@ -905,3 +905,29 @@ def test_a_readable_line_wins_over_a_too_long_one_and_an_unbilled_one_goes_again
     assert by_id["twice"]["status"] == "ok" and by_id["twice"]["prompt_tokens"] is not None
     assert "unbilled" not in by_id  # back to pending (submitted again), not an error row
     assert fake.creates == 2
+
+
+def test_forget_with_force_goes_on_when_the_gateway_has_no_batch_list(tmp_path: Path) -> None:
+    """A gateway without a list endpoint (404 there): refused without --force (nothing
+    shows the batch was let go), forgotten with it."""
+    from pipeline.batch.listing import batch_options, forget_batches
+    from pipeline.errors import UsageError
+
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", 2)
+    execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    (batch_id,) = fake.batches
+    fake.batches.clear()
+
+    def no_list(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/batches":
+            return httpx.Response(404, json={"error": {"message": "no such route"}})
+        return fake.handle(request)
+
+    transport = httpx.MockTransport(no_list)
+    opts = batch_options(tmp_path / "out")
+    with pytest.raises(UsageError, match="batch list cannot be read"):
+        forget_batches(opts, [batch_id], transport=transport, pause=0)
+    notes = forget_batches(opts, [batch_id], transport=transport, pause=0, force=True)
+    assert "pending again" in notes[0]

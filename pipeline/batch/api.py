@@ -71,6 +71,7 @@ class BatchApi:
         sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         self.base = normalize_base_url(base_url)
+        self.list_cut_short = False  # the last listing stopped at MAX_LIST_PAGES
         self.redactor = Redactor(api_key)
         self.max_download_bytes = max_download_bytes
         self._attempts = max_attempts
@@ -162,8 +163,10 @@ class BatchApi:
         return _batch(await self._retried(lambda: self._json("POST", path)), self.redactor)
 
     async def batches(self) -> AsyncIterator[dict[str, Any]]:
-        """Every batch of the account, newest first, a page at a time."""
+        """Every batch of the account, newest first, a page at a time; at most
+        ``MAX_LIST_PAGES`` pages (``list_cut_short`` says when there were more)."""
         after: str | None = None
+        self.list_cut_short = False
         for _ in range(MAX_LIST_PAGES):
             params = {"limit": str(LIST_PAGE)}
             if after:
@@ -183,6 +186,7 @@ class BatchApi:
             if not page.get("has_more") or last is None or last == after:
                 return
             after = last
+        self.list_cut_short = True
 
     async def download(self, file_id: str, target: Path) -> int:
         """``GET /files/{id}/content`` streamed to ``target`` (temp name, fsync, rename),

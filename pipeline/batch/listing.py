@@ -217,27 +217,42 @@ async def _why_not_proven(
     api: BatchApi, token: str, chunks: dict[str, Chunk], force: bool
 ) -> dict[str, str]:
     """For batches the provider answers 404 for: refused if the provider still lists
-    one (whatever else is known), and, without ``force``, unless this key and base URL
-    are shown to see the account the batch was made in: its request file is still
-    there, or the listing holds another batch of the run that made it (one run uses
-    one key and one base URL; another run of this OUT may have used another)."""
+    one (whatever else is known), and, without ``force``, if the listing cannot be
+    read whole, or unless this key and base URL are shown to see the account the
+    batch was made in: its request file is still there, or the listing holds another
+    batch of the run that made it (one run uses one key and one base URL; another run
+    of this OUT may have used another)."""
     by_chunk = {c.chunk: b for b, c in chunks.items()}
     listed: set[str] = set()
     runs_seen: set[str] = set()
-    async for batch in api.batches():  # the whole listing (bounded): order says nothing
-        metadata = batch.get("metadata")
-        if not isinstance(metadata, dict) or metadata.get("pipeline_out") != token:
-            continue
-        name = metadata.get("pipeline_chunk")
-        if isinstance(name, str) and name in by_chunk:
-            listed.add(by_chunk[name])
-        run = metadata.get("pipeline_run")
-        if isinstance(run, str):
-            runs_seen.add(run)
+    unread = ""  # why the listing says nothing (``force`` goes on without it)
+    try:
+        async for batch in api.batches():  # the whole listing: order says nothing
+            metadata = batch.get("metadata")
+            if not isinstance(metadata, dict) or metadata.get("pipeline_out") != token:
+                continue
+            name = metadata.get("pipeline_chunk")
+            if isinstance(name, str) and name in by_chunk:
+                listed.add(by_chunk[name])
+            run = metadata.get("pipeline_run")
+            if isinstance(run, str):
+                runs_seen.add(run)
+    except BatchFatal:
+        raise
+    except RequestError as exc:
+        unread = f"the provider's batch list cannot be read ({exc})"
+    if api.list_cut_short:
+        unread = "the provider lists more batches than are read (20,000)"
     why: dict[str, str] = {}
     for batch_id, chunk in chunks.items():
         if batch_id in listed:
             why[batch_id] = "the provider still lists it"
+            continue
+        if unread and not force:
+            why[batch_id] = (
+                f"{unread}, so it is not shown that the provider has let it go; sure it is "
+                "lost, add --force"
+            )
             continue
         if force or chunk.run in runs_seen:
             continue
