@@ -19,7 +19,7 @@ Answers are decoded in ``wire._loads``: by orjson only when a cheap scan of the 
 shows none of its silent corners (an integer past 64 bits becomes a float there), by
 ``json`` otherwise. Request fingerprints (``request.request_hash``) must never change
 their bytes: orjson writes them only for bodies where its text is ``json``'s byte for
-byte (no float, no subclass), ``json`` the rest.
+byte (floats only in the range both write alike, no subclass), ``json`` the rest.
 """
 
 from __future__ import annotations

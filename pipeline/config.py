@@ -223,6 +223,12 @@ _OPTIONAL_COUNTS = frozenset({"limit", "ray_workers", "split_rows", "flex_fallba
 _JOB_FILE_ONLY = frozenset({"max_retry_time", "split_rows", "part_rows"})
 
 
+def _shown(name: str) -> str:
+    """A setting as the user gives it: its option, or its job-file key when it has no
+    option."""
+    return f"{name} (job file)" if name in _JOB_FILE_ONLY else f"--{name.replace('_', '-')}"
+
+
 def validate(opts: RunOptions) -> None:
     """Catch bad options before anything is read or sent (exit 2)."""
     if not opts.sources:
@@ -232,10 +238,7 @@ def validate(opts: RunOptions) -> None:
         if value is None and name in _OPTIONAL_COUNTS:
             continue
         if type(value) is not int or value < least:  # (not a bool, a float or text)
-            shown = (
-                f"{name} (job file)" if name in _JOB_FILE_ONLY else f"--{name.replace('_', '-')}"
-            )
-            raise UsageError(f"{shown} must be a whole number, at least {least}")
+            raise UsageError(f"{_shown(name)} must be a whole number, at least {least}")
     for url in opts.base_url:
         check_base_url(url)
     for name in _POSITIVE:
@@ -244,10 +247,7 @@ def validate(opts: RunOptions) -> None:
             continue
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if not number or not 0 < value < math.inf:  # nan and inf fail too
-            shown = (
-                f"{name} (job file)" if name in _JOB_FILE_ONLY else f"--{name.replace('_', '-')}"
-            )
-            raise UsageError(f"{shown} must be a positive number")
+            raise UsageError(f"{_shown(name)} must be a positive number")
     out = Path(opts.out)
     if out.exists() and not out.is_dir():  # (a folder, or a link to one, is fine)
         raise UsageError(f"--out {out}: this is a file; OUT is a folder (it may not exist yet)")

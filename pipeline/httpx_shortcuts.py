@@ -50,7 +50,7 @@ class SkipEmptyCookies(httpx.Cookies):
     ``on_drop`` hears of the first cookie dropped (once per jar).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_drop: Callable[[str], None] | None = None) -> None:
         super().__init__()
         # The jar's rule for what a request is sent, kept here to ask it (_bound).
         self._policy = http.cookiejar.DefaultCookiePolicy()
@@ -58,7 +58,7 @@ class SkipEmptyCookies(httpx.Cookies):
         # Every cookie's (domain, path, name), the one set longest ago first.
         self._order: dict[tuple[str, str, str], None] = {}
         self.dropped = 0
-        self.on_drop: Callable[[str], None] | None = None
+        self.on_drop = on_drop
 
     def extract_cookies(self, response: httpx.Response) -> None:
         headers = response.headers
@@ -94,10 +94,8 @@ class SkipEmptyCookies(httpx.Cookies):
                 and policy.return_ok_domain(cookie, request)
             ):
                 continue
-            if _cookie_bytes(now[key]) > MAX_COOKIE_BYTES:  # can never be sent: first out
-                self.jar.clear(*key)
-                del self._order[key]
-                self._dropped()
+            if _cookie_bytes(cookie) > MAX_COOKIE_BYTES:  # can never be sent: first out
+                self._drop(key)
             else:
                 keys.append(key)
         count = len(keys)
@@ -105,13 +103,13 @@ class SkipEmptyCookies(httpx.Cookies):
         for key in keys:  # the one set longest ago first
             if count <= MAX_COOKIES and size <= MAX_COOKIE_BYTES:
                 break
-            self.jar.clear(*key)
-            del self._order[key]
+            self._drop(key)
             count -= 1
             size -= _cookie_bytes(now[key])
-            self._dropped()
 
-    def _dropped(self) -> None:
+    def _drop(self, key: tuple[str, str, str]) -> None:
+        self.jar.clear(*key)
+        del self._order[key]
         self.dropped += 1
         if self.dropped == 1 and self.on_drop is not None:
             self.on_drop(  # (no server text in it: the domain is the server's to name)
@@ -134,9 +132,7 @@ def skip_empty_cookies(
 ) -> None:
     """Give ``client`` a fresh jar that skips answers without cookies (``on_drop``:
     told once when the jar first drops a cookie past its bound)."""
-    jar = SkipEmptyCookies()
-    jar.on_drop = on_drop
-    client._cookies = jar  # the setter would copy it into a plain Cookies
+    client._cookies = SkipEmptyCookies(on_drop)  # the setter would copy it into a plain Cookies
 
 
 def environment_proxy_mounts(

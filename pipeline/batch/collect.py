@@ -369,6 +369,27 @@ class Collector:
         waiting: dict[str, str] = {}
         pending: Counter[str] = Counter()
         rows = 0
+
+        def settle(custom_id: str, row: dict[str, Any]) -> int:
+            """``row`` is the outcome of ``custom_id``: written (unless a collection cut
+            short wrote it already), shared with its twins when ok (a twin that got no
+            answer goes again on its own); returns the rows written."""
+            answered.add(custom_id)
+            waiting.pop(custom_id, None)
+            shared = followers.pop(custom_id, [])
+            written = 0
+            if custom_id not in done:
+                self.writer.write(row)
+                written += 1
+            if row["status"] == "ok":
+                for twin in shared:
+                    if twin["id"] not in done:
+                        self.writer.write(share(row, job_from_row_line(twin)))
+                        written += 1
+            elif shared:
+                pending["its identical request got no answer"] += len(shared)
+            return written
+
         # Rows whose answer line (output file: billed) was too long to read: an error
         # at the end, unless a readable line for the same id answers it first.
         too_long: set[str] = set()
@@ -401,34 +422,14 @@ class Collector:
                     if outcome.pending is not None:
                         waiting[custom_id] = outcome.pending
                     continue
-                answered.add(custom_id)
-                waiting.pop(custom_id, None)
-                shared = followers.pop(custom_id, [])
-                if custom_id not in done:  # a collection cut short wrote it already
-                    self.writer.write(outcome.row)
-                    rows += 1
-                if outcome.row["status"] == "ok":
-                    for twin in shared:
-                        if twin["id"] not in done:
-                            self.writer.write(share(outcome.row, job_from_row_line(twin)))
-                            rows += 1
-                    shared = []
-                if shared:  # a twin that got no answer: each row goes again on its own
-                    pending["its identical request got no answer"] += len(shared)
+                rows += settle(custom_id, outcome.row)
         for custom_id in sorted(too_long - answered):  # billed, and no readable line
             job = job_from_row_line(jobs[custom_id])
             outcome = too_large_line(
                 job, self.ctx, batch_id=batch_id, base_url=self.api.base, started_at=started
             )
             assert outcome.row is not None
-            answered.add(custom_id)
-            waiting.pop(custom_id, None)
-            if custom_id not in done:
-                self.writer.write(outcome.row)
-                rows += 1
-            shared = followers.pop(custom_id, [])
-            if shared:  # twins of an answer nobody can read: each goes again on its own
-                pending["its identical request got no answer"] += len(shared)
+            rows += settle(custom_id, outcome.row)
         for custom_id, why in waiting.items():
             pending[why] += 1
             shared = followers.pop(custom_id, [])

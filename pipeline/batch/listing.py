@@ -99,6 +99,22 @@ async def _fetch(
     return listed, notes
 
 
+def _api(opts: RunOptions, transport: httpx.AsyncBaseTransport | None) -> BatchApi:
+    """The provider's Batch API as ``opts`` reach it (the in-process simulator for
+    ``sim``), each call bounded to a minute: this command only asks and answers."""
+    provider = opts.resolved_provider()
+    if transport is None and provider.name == "sim":
+        from pipeline.local import sim_transport_for
+
+        transport = sim_transport_for(opts)
+    return BatchApi(
+        opts.base_urls(provider)[0],
+        opts.api_key(provider),
+        transport=transport,
+        timeout=min(opts.timeout, 60.0),
+    )
+
+
 def forget_batches(
     opts: RunOptions,
     batch_ids: list[str],
@@ -128,15 +144,7 @@ def forget_batches(
     """
     ledger = Ledger(Path(opts.out))
     chunks = _open_by_batch(ledger, batch_ids, str(opts.out))
-    provider = opts.resolved_provider()
-    base_url = opts.base_urls(provider)[0]
-    if transport is None and provider.name == "sim":
-        from pipeline.local import sim_transport_for
-
-        transport = sim_transport_for(opts)
-    api = BatchApi(
-        base_url, opts.api_key(provider), transport=transport, timeout=min(opts.timeout, 60.0)
-    )
+    api = _api(opts, transport)
     token = ledger.token()
     refused = anyio.run(_why_not_lost, api, token, chunks, force, pause)
     if refused:
@@ -282,14 +290,7 @@ def list_batches(
     chunks = ledger.chunks()
     api = None
     if any(c.state in (OPEN, "collecting") for c in chunks.values()):
-        provider = opts.resolved_provider()
-        base_urls = opts.base_urls(provider)
-        key = opts.api_key(provider)
-        if transport is None and provider.name == "sim":
-            from pipeline.local import sim_transport_for
-
-            transport = sim_transport_for(opts)
-        api = BatchApi(base_urls[0], key, transport=transport, timeout=min(opts.timeout, 60.0))
+        api = _api(opts, transport)
     listed, notes = anyio.run(_fetch, ledger, api, cancel)
     costs = _costs(Path(opts.out), opts.pricing)
     rows = [_row(item, now or time.time(), costs) for item in listed]
