@@ -187,23 +187,37 @@ def file_source(files: list[Path], max_line_bytes: int) -> RowSource:
 EVENT_LOOP_ENV = "PIPELINE_EVENT_LOOP"
 
 
-def event_loop_options() -> dict[str, Any]:
-    """``anyio.run``'s options for the event loop a run uses, from ``PIPELINE_EVENT_LOOP``.
+def event_loop_setting() -> str:
+    """``PIPELINE_EVENT_LOOP``, checked: ``auto`` (unset), ``asyncio`` or ``uvloop``.
+    Anything else is a usage error, found before anything is sent."""
+    choice = os.environ.get(EVENT_LOOP_ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "asyncio", "uvloop"):
+        raise UsageError(f"{EVENT_LOOP_ENV}={choice!r}: choose auto, asyncio or uvloop")
+    return choice
 
-    ``asyncio`` (the default): the standard library's loop. ``uvloop``: uvloop's, when
-    installed (``pip install uvloop``), for less CPU per request (bench/RESULTS.md).
-    Opt-in, so a run behaves as tested unless asked: the test suite runs the default.
-    Anything else is a usage error, found before anything is sent.
+
+def event_loop_options(*, virtual_time: bool = False, choice: str | None = None) -> dict[str, Any]:
+    """``anyio.run``'s options for the event loop a run uses (``choice``, or
+    ``PIPELINE_EVENT_LOOP`` by ``event_loop_setting``).
+
+    ``auto``: uvloop where it is installed (a dependency of the project wherever it
+    builds: CPython off Windows), Python's own asyncio loop elsewhere. uvloop's loop,
+    sockets and timers are written in C, and a zero-latency run spent 5-9% less CPU
+    per request on it (bench/RESULTS.md); rows, limits and files are the same on
+    either loop, and the test suite runs both. ``asyncio``: the standard library's
+    loop, always. ``uvloop``: uvloop's, or a usage error if it is not installed.
+    ``virtual_time``: the caller drives time itself (tests: a fake clock that looks
+    into asyncio's ready queue, which uvloop does not have), so ``auto`` is asyncio.
     """
-    choice = os.environ.get(EVENT_LOOP_ENV, "").strip().lower() or "asyncio"
-    if choice == "asyncio":
-        return {}
-    if choice != "uvloop":
-        raise UsageError(f"{EVENT_LOOP_ENV}={choice!r}: choose asyncio or uvloop")
-    if importlib.util.find_spec("uvloop") is None:
+    if choice is None:
+        choice = event_loop_setting()
+    installed = importlib.util.find_spec("uvloop") is not None
+    if choice == "uvloop" and not installed:
         raise UsageError(
             f"{EVENT_LOOP_ENV}=uvloop, but uvloop is not installed (pip install uvloop)"
         )
+    if choice == "asyncio" or not installed or (choice == "auto" and virtual_time):
+        return {}
     return {"backend_options": {"use_uvloop": True}}
 
 
@@ -226,7 +240,8 @@ class LocalEngine:
         self._loop: dict[str, Any] = {}
 
     def inputs(self, opts: RunOptions) -> tuple[RunOptions, list[str]]:
-        self._loop = event_loop_options()
+        injected = self._sleep is not None or self._clock is not None
+        self._loop = event_loop_options(virtual_time=injected)
         self._files = input_files(opts)
         return opts, [str(f) for f in self._files]
 

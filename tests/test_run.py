@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import local
 from pipeline.config import RunOptions
 from pipeline.errors import LockedError
 from pipeline.execute import execute
+from pipeline.local import EVENT_LOOP_ENV
 from pipeline.lock import OutLock
 from pipeline.sim import SimConfig, Simulator
 from tests.conftest import FakeClock, prompts, read_results, run_with_sim, write_jsonl
@@ -77,8 +81,27 @@ def assert_tokens_match_server(rows: list[dict[str, Any]], sim: Simulator) -> No
         assert row["reasoning_tokens"] == reasoning
 
 
-def test_mixed_350_rows_over_http(tmp_path: Path, sim_server: tuple[Simulator, str]) -> None:
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_mixed_350_rows_over_http(
+    tmp_path: Path,
+    sim_server: tuple[Simulator, str],
+    monkeypatch: pytest.MonkeyPatch,
+    loop: str,
+) -> None:
+    """Every input form over real HTTP, on uvloop (the default) and on asyncio alike."""
     sim, url = sim_server
+    monkeypatch.setenv(EVENT_LOOP_ENV, loop)
+    loops: list[str] = []
+    real_run = anyio.run
+
+    def run(func: Any, *args: Any, **options: Any) -> Any:
+        def which() -> Any:
+            loops.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+            return func(*args)
+
+        return real_run(which, **options)
+
+    monkeypatch.setattr(local.anyio, "run", run)
     sources, ids = mixed_inputs(tmp_path, 88)  # 4 forms x 88 = 352 rows
     out = tmp_path / "out"
     opts = RunOptions(
@@ -91,6 +114,7 @@ def test_mixed_350_rows_over_http(tmp_path: Path, sim_server: tuple[Simulator, s
     )
     result = execute(opts)
     assert result.exit_code == 0
+    assert loops == ["uvloop" if loop == "auto" else "asyncio"]
     rows = read_results(out)
     ok = Counter(r["id"] for r in rows if r["status"] == "ok")
     assert set(ok) == ids

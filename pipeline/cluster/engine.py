@@ -48,7 +48,13 @@ from pipeline.engine import JobContext
 from pipeline.errors import UsageError
 from pipeline.gc_tuning import fewer_full_collections
 from pipeline.limiter import Limits
-from pipeline.local import build_runner, make_client, sim_transport_for
+from pipeline.local import (
+    build_runner,
+    event_loop_options,
+    event_loop_setting,
+    make_client,
+    sim_transport_for,
+)
 from pipeline.progress import Progress, Tally
 from pipeline.resume import Outcomes, load_outcomes
 from pipeline.runner import GRACE_SECONDS, RowSource, Runner, RunResult
@@ -79,6 +85,9 @@ class JobSpec:
     provider_name: str
     base_urls: list[str]
     coordinator: str  # the coordinator actor's name in NAMESPACE
+    # The driver's PIPELINE_EVENT_LOOP: a worker's own environment is Ray's, not the
+    # user's shell. A worker without uvloop installed runs on asyncio (``auto``).
+    event_loop: str = "auto"
 
 
 def _counts(runner: Runner) -> dict[str, Any]:
@@ -147,8 +156,9 @@ class SplitWorker:
         runner.limiter.start_empty()
         if share["stop"]:
             runner.stop()  # the job is stopping: leave the split pending
+        loop = "asyncio" if self.spec.event_loop == "asyncio" else "auto"
         with fewer_full_collections():
-            anyio.run(self._run, runner, writer)
+            anyio.run(self._run, runner, writer, **event_loop_options(choice=loop))
         counts = _counts(runner)
         _get(self.coordinator.finish.remote(writer, counts))
         return counts
@@ -354,7 +364,7 @@ def run_on_ray(
     )
     try:
         ray.get(coordinator.set_key.remote(api_key))
-        spec = JobSpec(opts, run_id, provider_name, base_urls, name)
+        spec = JobSpec(opts, run_id, provider_name, base_urls, name, event_loop_setting())
         progress.message(f"ray: {len(splits)} splits on {workers} workers")
         failure = None
         try:
@@ -559,6 +569,7 @@ class RayEngine:
 
     def inputs(self, opts: RunOptions) -> tuple[RunOptions, list[str]]:
         import_ray()  # not installed: exit 2 now, not after the lock and the manifest
+        event_loop_setting()  # a PIPELINE_EVENT_LOOP that names no loop: exit 2 now too
         locations = expand_locations(
             list(opts.sources), out=opts.out, say=warn_on_stderr(opts.log_format)
         )
