@@ -19,7 +19,10 @@ valgrind, in its own process) is never the bottleneck, for either loop: both are
 measured as what they are on a slow box, client-bound. Counts repeat to ~0.3% run
 to run whatever else the machine does, so a change of 1-2% shows, which the
 seconds-based bench cannot separate from noise. An instruction is not a second
-(cache misses and branches differ), which is why the seconds-based targets stay in
+(cache misses and branches differ), and cachegrind counts only the process's own
+instructions, not the kernel's work for its system calls (socket and file writes:
+about a tenth of either loop's CPU, measured by ``/usr/bin/time``, slightly more for
+the pipeline, which journals). So the seconds-based targets stay in
 ``bench.throughput``; this bench says whether a change did less work.
 
 The loops are those of ``bench.throughput``: the raw aiohttp loop and the openai SDK
