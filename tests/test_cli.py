@@ -187,6 +187,22 @@ def test_unreachable_ray_address_exits_2_before_anything_is_written(
     assert not (out / "runs").exists(), "no manifest for a run that never started"
 
 
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_an_unknown_event_loop_exits_2_before_anything_is_written(
+    tmp_path: Path, rows: Path, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    """PIPELINE_EVENT_LOOP is checked with the inputs, on the driver: a Ray job never
+    takes the lock, writes a manifest or starts a cluster for a value that names no loop."""
+    if engine == "ray":
+        pytest.importorskip("ray")
+    monkeypatch.setenv("PIPELINE_EVENT_LOOP", "trio")
+    out = tmp_path / "out"
+    code, stdout, err = invoke("run", str(rows), "--engine", engine, "--out", str(out))
+    assert code == 2 and stdout == ""
+    assert "auto, asyncio or uvloop" in err
+    assert not out.exists()
+
+
 # Every command: a bug in the code it calls is an internal error (exit 5) with a
 # pointer to report it, never "bad usage" (exit 2), whatever the exception's class.
 BUG_CASES = [

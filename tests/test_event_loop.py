@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import local
+from pipeline.cluster.engine import worker_loop_options
 from pipeline.errors import UsageError
 from pipeline.local import EVENT_LOOP_ENV, event_loop_options, event_loop_setting
 
@@ -77,9 +78,34 @@ def test_an_unknown_loop_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> No
         event_loop_options()
 
 
+@pytest.mark.parametrize("setting", ["auto", "uvloop"])
+def test_a_ray_worker_uses_uvloop_where_it_has_it(
+    monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    """The driver checked the setting; a worker never fails its split over its loop."""
+    _uvloop_installed(monkeypatch, True)
+    assert worker_loop_options(setting) == UVLOOP
+    _uvloop_installed(monkeypatch, False)
+    assert worker_loop_options(setting) == {}
+
+
+def test_a_ray_worker_keeps_asyncio_when_the_driver_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    _uvloop_installed(monkeypatch, True)
+    assert worker_loop_options("asyncio") == {}
+
+
 def test_the_project_depends_on_uvloop_where_it_builds() -> None:
-    """``auto`` only helps if installs bring uvloop: the dependency is declared for
-    CPython off Windows (where its wheels exist), and this checkout has it."""
+    """``auto`` only helps if an install brings uvloop: the dependency is declared for
+    CPython off Windows and Cygwin, where uvloop builds, and nowhere else."""
+    from packaging.requirements import Requirement
+
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert '"uvloop>=' in text and "sys_platform != 'win32'" in text
-    assert importlib.util.find_spec("uvloop") is not None
+    line = next(x for x in text.splitlines() if x.strip().startswith('"uvloop'))
+    marker = Requirement(line.strip().strip(",").strip('"')).marker
+    assert marker is not None
+    linux = {"sys_platform": "linux", "platform_python_implementation": "CPython"}
+    assert marker.evaluate(linux)
+    assert marker.evaluate({**linux, "sys_platform": "darwin"})
+    assert not marker.evaluate({**linux, "sys_platform": "win32"})
+    assert not marker.evaluate({**linux, "sys_platform": "cygwin"})
+    assert not marker.evaluate({**linux, "platform_python_implementation": "PyPy"})

@@ -90,6 +90,16 @@ class JobSpec:
     event_loop: str = "auto"
 
 
+def worker_loop_options(setting: str) -> dict[str, Any]:
+    """A worker's event loop from the driver's ``PIPELINE_EVENT_LOOP`` (``setting``).
+
+    ``asyncio`` is kept. ``auto`` and ``uvloop`` both mean uvloop wherever this worker
+    has it installed and asyncio where it has not: the driver cannot see the workers'
+    machines, and a split is better run on asyncio than failed for want of uvloop.
+    """
+    return event_loop_options(choice="asyncio" if setting == "asyncio" else "auto")
+
+
 def _counts(runner: Runner) -> dict[str, Any]:
     """What a worker reports for its split (cumulative), in COUNTS' names and more."""
     t = runner.tally
@@ -156,9 +166,8 @@ class SplitWorker:
         runner.limiter.start_empty()
         if share["stop"]:
             runner.stop()  # the job is stopping: leave the split pending
-        loop = "asyncio" if self.spec.event_loop == "asyncio" else "auto"
         with fewer_full_collections():
-            anyio.run(self._run, runner, writer, **event_loop_options(choice=loop))
+            anyio.run(self._run, runner, writer, **worker_loop_options(self.spec.event_loop))
         counts = _counts(runner)
         _get(self.coordinator.finish.remote(writer, counts))
         return counts
