@@ -201,11 +201,12 @@ def event_loop_options(*, virtual_time: bool = False, choice: str | None = None)
     ``PIPELINE_EVENT_LOOP`` by ``event_loop_setting``).
 
     ``auto``: uvloop where it is installed (a dependency of the project wherever it
-    builds: CPython off Windows), Python's own asyncio loop elsewhere. uvloop's loop,
-    sockets and timers are written in C, and a zero-latency run spent 5-9% less CPU
-    per request on it (bench/RESULTS.md); rows, limits and files are the same on
-    either loop, and the test suite runs both. ``asyncio``: the standard library's
-    loop, always. ``uvloop``: uvloop's, or a usage error if it is not installed.
+    builds: CPython off Windows and Cygwin), Python's own asyncio loop elsewhere.
+    uvloop's loop, sockets and timers are written in C: a zero-latency run executed
+    8-10% fewer instructions per request on it (bench/RESULTS.md); rows, limits and
+    files are the same on either loop, and the test suite runs both. ``asyncio``: the
+    standard library's loop, always. ``uvloop``: uvloop's, or a usage error if it is
+    not installed.
     ``virtual_time``: the caller drives time itself (tests: a fake clock that looks
     into asyncio's ready queue, which uvloop does not have), so ``auto`` is asyncio.
     """
