@@ -76,7 +76,7 @@ class RunOptions:
     providers_file: Path | None = None
     quiet: bool = False
     log_format: str = "text"  # "text" | "json"
-    part_rows: int = 20_000  # results per Parquet part (smaller: more, smaller files)
+    part_rows: int = 20_000  # results per Parquet part, fewer past sink.PART_BYTES
     progress_seconds: float = 10.0  # between plain progress lines when stderr is no terminal
     sim: dict[str, Any] = field(default_factory=dict)  # simulator knobs (provider 'sim')
     request_defaults: dict[str, Any] = field(default_factory=dict)  # e.g. temperature

@@ -636,13 +636,15 @@ class Runner:
                 break  # closed, and every row written
             for row in rows:
                 self._write(row)
+                # Checked row by row: one drain can bring thousands of answers, and the
+                # rows a part holds are bounded in bytes as well as in number (sink).
+                if self.sink.part_due:
+                    taken = self._take_part()
+                    if taken is not None:
+                        compactions.start_soon(self._compact, *taken)
             self._flush()
             if self.sink.sync_due:
                 await self._sync()
-            if self.sink.part_due:
-                taken = self._take_part()
-                if taken is not None:
-                    compactions.start_soon(self._compact, *taken)
             self.progress.tick()
 
     def _out_failed(self, error: SinkError) -> None:

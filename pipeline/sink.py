@@ -7,8 +7,9 @@ has it. A power cut is another matter: the OS writes to the disk when it likes. 
 the journal is also fsynced by group commit, once ``sync_rows`` results are waiting
 or the oldest has waited ``sync_seconds`` (defaults below, chosen by measurement in
 ``bench/fsync.py``), which bounds what a power cut can take to that window plus the
-fsync itself. Every ``part_rows`` results the segment is compacted into a Parquet
-part (``OUT/results/<run_id>/part-<seq>.parquet``), written under a temporary name,
+fsync itself. Every ``part_rows`` results, or sooner once the segment holds
+``part_bytes`` of journal lines, the segment is compacted into a Parquet part
+(``OUT/results/<run_id>/part-<seq>.parquet``), written under a temporary name,
 fsynced and renamed, and the folder fsynced, so a reader never sees half a part and
 a power cut never loses a renamed one. The segment is deleted only after the
 rename; a segment found at start-up is compacted again under the same part name,
@@ -163,6 +164,14 @@ def _recover(out: Path) -> int:
     return recovered
 
 
+# Journal bytes after which the rows held for the next Parquet part are written out,
+# whatever their number. Those rows stay in memory until their part is written, and
+# 20,000 answers of a reasoning model (100-250 KB each with their reasoning) would be
+# gigabytes; at this size a part costs ~128 MiB of rows, plus Arrow's copy while it
+# is built, whatever the answers' length.
+PART_BYTES = 128 * 2**20
+
+
 class ResultSink:
     """Append-only writer of result rows for one run.
 
@@ -176,6 +185,7 @@ class ResultSink:
         run_id: str,
         *,
         part_rows: int = 20_000,
+        part_bytes: int | None = None,
         sync_rows: int = SYNC_ROWS,
         sync_seconds: float = SYNC_SECONDS,
         clock: Callable[[], float] = time.monotonic,
@@ -183,6 +193,8 @@ class ResultSink:
         self.out = out
         self.run_id = run_id
         self.part_rows = part_rows  # results per Parquet part
+        self.part_bytes = PART_BYTES if part_bytes is None else part_bytes  # or sooner
+        self._buffered_bytes = 0  # journal bytes of the rows held for the next part
         self.sync_rows = sync_rows
         self.sync_seconds = sync_seconds
         self._clock = clock
@@ -260,9 +272,11 @@ class ResultSink:
         self._unflushed += 1
         try:
             journal = self._journal or self._open_segment()
-            journal.write(codec.dumps_line_isoformat(row, _encode))
+            line = codec.dumps_line_isoformat(row, _encode)
+            journal.write(line)
         except OSError as exc:
             raise self._break(exc) from exc
+        self._buffered_bytes += len(line)
         if not self._unsynced:
             self._oldest_unsynced = self._clock()
         self._unsynced += 1
@@ -304,7 +318,8 @@ class ResultSink:
 
     @property
     def part_due(self) -> bool:
-        return len(self._buffer) >= self.part_rows and self.broken is None
+        held = len(self._buffer) >= self.part_rows or self._buffered_bytes >= self.part_bytes
+        return held and self.broken is None
 
     def take_part(self) -> tuple[list[dict[str, Any]], Path, Path] | None:
         """Close the current segment and hand back its rows, part path and segment path.
@@ -325,6 +340,7 @@ class ResultSink:
         except OSError as exc:
             raise self._break(exc) from exc
         rows, self._buffer = self._buffer, []
+        self._buffered_bytes = 0
         part = self.out / "results" / self.run_id / f"part-{self._seq:05d}.parquet"
         segment = self._journal_path
         self._journal = None

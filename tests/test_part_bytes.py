@@ -1,0 +1,70 @@
+"""Rows held for a Parquet part are bounded in bytes, not only in number.
+
+Until its part is written, every result of a journal segment is held in memory: with
+20,000 rows to a part, long answers (a reasoning model's, 100-250 KB each) would hold
+gigabytes. A part is written once its rows' journal lines pass ``part_bytes``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline.sink
+from pipeline.sink import ResultSink
+from tests.conftest import prompts, read_results, run_with_sim, write_jsonl
+
+
+def _row(i: int, text: str) -> dict[str, object]:
+    return {"run_id": "r", "id": f"row-{i}", "status": "ok", "content": text}
+
+
+def test_a_part_is_due_once_its_rows_pass_part_bytes(tmp_path: Path) -> None:
+    sink = ResultSink(tmp_path / "out", "r", part_rows=1_000, part_bytes=4_000)
+    try:
+        for i in range(3):
+            sink.write(_row(i, "x" * 1_000))
+            assert not sink.part_due, f"due after {i + 1} rows of ~1 KB"
+        sink.write(_row(3, "x" * 1_000))  # past 4,000 bytes of journal lines
+        assert sink.part_due
+        taken = sink.take_part()
+        assert taken is not None and len(taken[0]) == 4
+        sink.write(_row(4, "x" * 1_000))
+        assert not sink.part_due, "the count starts again with the next part"
+        for i in range(5, 50):  # small rows: neither bound is reached
+            sink.write(_row(i, "y"))
+        assert not sink.part_due
+    finally:
+        sink.close()
+
+
+def test_the_row_bound_still_holds_for_short_rows(tmp_path: Path) -> None:
+    sink = ResultSink(tmp_path / "out", "r", part_rows=5)
+    try:
+        for i in range(5):
+            assert not sink.part_due
+            sink.write(_row(i, "short"))
+        assert sink.part_due
+    finally:
+        sink.close()
+
+
+def test_a_run_cuts_parts_by_bytes_and_keeps_every_row_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline.sink, "PART_BYTES", 3_000)  # a few answers a part
+    src = write_jsonl(tmp_path / "rows.jsonl", prompts(40))  # type: ignore[arg-type]
+    out = tmp_path / "out"
+    first = run_with_sim([src], out)  # the writer drains all 40 answers at once
+    assert first.result.exit_code == 0
+    parts = sorted((out / "results").rglob("*.parquet"))
+    assert len(parts) >= 5, f"{len(parts)} parts for 40 answers at 3,000 bytes a part"
+    sizes = [pq.read_metadata(p).num_rows for p in parts]
+    assert sum(sizes) == 40 and max(sizes) < 40
+    rows = read_results(out)
+    assert sorted(r["id"] for r in rows) == sorted(f"row-{i}" for i in range(40))
+    assert not list((out / "journal").glob("*.jsonl")), "every segment compacted"
+    again = run_with_sim([src], out)
+    assert again.sim.stats["requests"] == 0, "a re-run sends nothing already answered"
