@@ -7,8 +7,11 @@ takes a copy of its answer. The copy carries ``shared_from`` (the id that paid)
 and zero tokens, so costs still add up to the invoice.
 
 Memory stays bounded: finished answers are remembered for the last ``window``
-distinct requests only. ``--no-dedupe`` turns this off (sampling with temperature
-may want repeats).
+distinct requests only, and only while their text (content, reasoning, tool calls,
+parsed JSON) stays within ``window_bytes``: 20,000 answers of a reasoning model are
+gigabytes. With long answers a repeat far from its twin is then sent again, where
+``pipeline estimate`` (which cannot know answer lengths) counted it as shared.
+``--no-dedupe`` turns this off (sampling with temperature may want repeats).
 """
 
 from __future__ import annotations
@@ -37,11 +40,20 @@ Rows = list[dict[str, Any]] | None
 # Distinct requests whose answers are remembered; ``pipeline estimate`` counts
 # duplicates with the same window, so its numbers match what a run sends.
 DEDUPE_WINDOW = 20_000
+# Characters of answer text remembered at most (the oldest answers are forgotten first).
+DEDUPE_BYTES = 64 * 2**20
+_TEXT_FIELDS = ("content", "reasoning_content", "tool_calls", "parsed")
+
+
+def _text_size(row: dict[str, Any]) -> int:
+    return sum(len(row.get(name) or "") for name in _TEXT_FIELDS)
 
 
 class Dedupe:
-    def __init__(self, window: int = DEDUPE_WINDOW) -> None:
+    def __init__(self, window: int = DEDUPE_WINDOW, window_bytes: int = DEDUPE_BYTES) -> None:
         self.window = window  # finished answers remembered (distinct requests)
+        self.window_bytes = window_bytes  # and the most answer text they may hold
+        self._held = 0  # answer text the remembered answers hold now
         # Requests on the wire, with the event a twin waits on (made only when one does:
         # most requests have no twin, and an event per request was measurable CPU).
         self._in_flight: dict[str, anyio.Event | None] = {}
@@ -70,10 +82,21 @@ class Dedupe:
             if event is not None:
                 event.set()
         if rows and rows[-1]["status"] == "ok":
-            self._done[key] = rows[-1]
-            if len(self._done) > self.window:
-                self._done.popitem(last=False)
+            self._remember(key, rows[-1])
         return rows
+
+    def _remember(self, key: str, row: dict[str, Any]) -> None:
+        size = _text_size(row)
+        if size > self.window_bytes:
+            return  # one answer past the whole budget: not worth keeping
+        old = self._done.pop(key, None)
+        if old is not None:
+            self._held -= _text_size(old)
+        self._done[key] = row
+        self._held += size
+        while len(self._done) > self.window or self._held > self.window_bytes:
+            _, dropped = self._done.popitem(last=False)
+            self._held -= _text_size(dropped)
 
     @staticmethod
     def _copy(row: dict[str, Any], job: Job) -> dict[str, Any]:

@@ -59,3 +59,34 @@ async def test_a_request_without_twins_makes_no_event() -> None:
 
     assert await dedupe.run(_job(0), send) == [{"id": "r0", "status": "ok"}]
     assert not dedupe._in_flight
+
+
+async def test_remembered_answers_are_bounded_in_text_as_well_as_in_number() -> None:
+    """Long answers (a reasoning model's) are forgotten oldest first once their text
+    passes ``window_bytes``: a run of 20,000 such answers held gigabytes."""
+    dedupe = Dedupe(window=100, window_bytes=3_500)
+    sent: list[str] = []
+
+    def job(n: int, request: str) -> Job:
+        return Job(f"r{n}", {"model": "m"}, request, "in.jsonl", n)
+
+    async def ask(n: int, request: str, text: str = "x" * 1_000) -> dict[str, Any]:
+        async def send() -> list[dict[str, Any]]:
+            sent.append(f"r{n}")
+            return [{"id": f"r{n}", "status": "ok", "content": text, "completion_tokens": 9}]
+
+        rows = await dedupe.run(job(n, request), send)
+        assert rows is not None
+        return rows[-1]
+
+    for n, request in enumerate("abcd"):  # 4,000 characters: "a" is forgotten
+        await ask(n, request)
+    assert list(dedupe._done) == ["b", "c", "d"] and dedupe._held == 3_000
+    assert (await ask(10, "d"))["shared_from"] == "r3", "a recent twin still shares"
+    assert "r11" not in sent
+    await ask(11, "a")
+    assert "r11" in sent, "the forgotten request is sent again"
+    await ask(12, "huge", text="y" * 5_000)  # past the whole budget: never kept
+    assert "huge" not in dedupe._done and dedupe._held <= 3_500
+    await ask(13, "huge")
+    assert sent[-1] == "r13"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import pipeline.runner
 import pipeline.sink
 from pipeline.sink import ResultSink
 from tests.conftest import prompts, read_results, run_with_sim, write_jsonl
@@ -68,3 +69,38 @@ def test_a_run_cuts_parts_by_bytes_and_keeps_every_row_once(
     assert not list((out / "journal").glob("*.jsonl")), "every segment compacted"
     again = run_with_sim([src], out)
     assert again.sim.stats["requests"] == 0, "a re-run sends nothing already answered"
+
+
+def test_the_writer_waits_for_a_part_before_taking_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow disk holds the writer back rather than letting parts (and their rows)
+    queue up in memory: at most the part being written and the one just taken."""
+    import time
+
+    monkeypatch.setattr(pipeline.sink, "PART_BYTES", 3_000)
+    real_write_part = pipeline.runner.write_part
+    real_take_part = ResultSink.take_part
+    counts = {"taken": 0, "written": 0, "most_waiting": 0}
+
+    def slow_write_part(rows: list[dict[str, object]], path: Path) -> None:
+        time.sleep(0.02)  # a slow disk, in the compaction thread
+        real_write_part(rows, path)
+        counts["written"] += 1
+
+    def take_part(self: ResultSink) -> object:
+        taken = real_take_part(self)
+        if taken is not None:
+            counts["taken"] += 1
+            waiting = counts["taken"] - counts["written"]
+            counts["most_waiting"] = max(counts["most_waiting"], waiting)
+        return taken
+
+    monkeypatch.setattr(pipeline.runner, "write_part", slow_write_part)
+    monkeypatch.setattr(ResultSink, "take_part", take_part)
+    src = write_jsonl(tmp_path / "rows.jsonl", prompts(40))  # type: ignore[arg-type]
+    run = run_with_sim([src], tmp_path / "out")
+    assert run.result.exit_code == 0
+    assert counts["taken"] >= 5 and counts["written"] == counts["taken"]
+    assert counts["most_waiting"] <= 2, f"{counts['most_waiting']} parts held at once"
+    assert len(read_results(tmp_path / "out")) == 40
