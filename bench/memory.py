@@ -3,6 +3,7 @@
     python -m bench.memory                       # 200k rows x ~1.5 KB prompts, --limit 2000
     python -m bench.memory --row-group-rows 10000
     python -m bench.memory --rows 50000 --limit 500 --budget-mb 250
+    python -m bench.memory --answer-kb 100 --limit 8000 --budget-mb 600  # long answers
 
 Builds a Parquet file of ``--rows`` rows, each with an id, a ~1.5 KB prompt of
 varied text and a small metadata column, written by ``pyarrow.parquet.write_table``
@@ -99,7 +100,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--row-group-rows", type=int, help="[default: pyarrow's, one group]")
     parser.add_argument("--budget-mb", type=float, default=250.0)
+    parser.add_argument(
+        "--answer-kb",
+        type=float,
+        default=0.0,
+        help="pad every answer to this many KB (a reasoning model's long answers)",
+    )
     args = parser.parse_args(argv)
+    knobs = [f"answer_chars={int(args.answer_kb * 1024)}"] if args.answer_kb > 0 else []
 
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp_name:
         tmp = Path(tmp_name)
@@ -116,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"floor: importing what a run imports peaks at {floor.peak_rss_mb:.0f} MB")
 
         out = tmp / "out"
-        with sim_servers(0.0) as server:
+        if knobs:
+            print(f"answers: padded to {args.answer_kb:g} KB each")
+        with sim_servers(0.0, knobs=knobs) as server:
             cmd = [sys.executable, "-m", "pipeline"]
             cmd += pipeline_args(source, server.url, out, args.concurrency)
             cmd += ["--limit", str(args.limit)]

@@ -130,12 +130,19 @@ _REUSEPORT_SERVER = textwrap.dedent(
 
 
 @contextlib.contextmanager
-def sim_servers(latency_ms: float, procs: int = 1) -> Iterator[SimServers]:
-    """Start ``pipeline sim`` (or ``procs`` SO_REUSEPORT copies of it); stop them on exit."""
+def sim_servers(
+    latency_ms: float, procs: int = 1, knobs: Sequence[str] = ()
+) -> Iterator[SimServers]:
+    """Start ``pipeline sim`` (or ``procs`` SO_REUSEPORT copies of it); stop them on exit.
+    ``knobs``: ``KEY=VALUE`` simulator settings (one process only)."""
     port = free_port()
     if procs <= 1:
         cmd = [sys.executable, "-m", "pipeline", "sim", "--port", str(port)]
         cmds = [cmd + ["--latency-ms", str(latency_ms)]]
+        for knob in knobs:
+            cmds[0] += ["--set", knob]
+    elif knobs:
+        raise ValueError("simulator knobs need a single server process")
     else:
         cmds = [[sys.executable, "-c", _REUSEPORT_SERVER, str(port), str(latency_ms)]] * procs
     popens = [

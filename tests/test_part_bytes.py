@@ -104,3 +104,20 @@ def test_the_writer_waits_for_a_part_before_taking_the_next(
     assert counts["taken"] >= 5 and counts["written"] == counts["taken"]
     assert counts["most_waiting"] <= 2, f"{counts['most_waiting']} parts held at once"
     assert len(read_results(tmp_path / "out")) == 40
+
+
+def test_the_simulator_pads_answers_for_memory_benchmarks(tmp_path: Path) -> None:
+    """``answer_chars`` (``pipeline sim --set answer_chars=N``) makes every text answer
+    N characters, its tokens counted from that text like any other answer's."""
+    from pipeline.sim import SimConfig, Simulator
+    from tests.conftest import FakeClock
+
+    clock = FakeClock()
+    sim = Simulator(SimConfig(answer_chars=5_000), clock=clock, sleep=clock.sleep)
+    src = write_jsonl(tmp_path / "rows.jsonl", prompts(3))  # type: ignore[arg-type]
+    run = run_with_sim([src], tmp_path / "out", sim=sim, clock=clock)
+    rows = read_results(tmp_path / "out")
+    assert run.result.exit_code == 0 and len(rows) == 3
+    for row in rows:
+        assert len(row["content"]) == 5_000 and row["content"].startswith("sim answer")
+        assert row["completion_tokens"] >= 1_000

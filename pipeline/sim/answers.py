@@ -33,12 +33,16 @@ class Answer:
     usage: dict[str, Any]
 
 
-def plan(parsed: Parsed) -> Answer:
-    """The deterministic answer for a request, cut to its token budget."""
+def plan(parsed: Parsed, answer_chars: int = 0) -> Answer:
+    """The deterministic answer for a request, cut to its token budget; a text answer
+    is padded to ``answer_chars`` characters when shorter (``SimConfig.answer_chars``)."""
     body, key = parsed.body, parsed.key
     seed = int(key[:16], 16)
     gist = " ".join(parsed.user_text.split()[:8])
     text = f"sim answer {key[:8]}: {gist}" if gist else f"sim answer {key[:8]}"
+    if body.get("response_format") is None and len(text) < answer_chars:
+        filler = " lorem ipsum dolor sit amet" * (answer_chars // 27 + 1)
+        text = (text + filler)[:answer_chars]
     content: str | None = _content(body.get("response_format"), text, seed)
     call = _tool_call(body, parsed.user_text, key, gist, seed)
     tool_calls = None if call is None else [call]

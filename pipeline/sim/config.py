@@ -24,6 +24,9 @@ class SimConfig:
     """
 
     latency_ms: float = 0.0
+    # Pad every text answer to at least this many characters (its tokens counted as
+    # usual): long answers, as a reasoning model writes, for memory benchmarks.
+    answer_chars: int = 0
     latency_jitter_ms: float = 0.0
     rpm_limit: int | None = None
     tpm_limit: int | None = None

@@ -280,7 +280,7 @@ class Simulator:
     ) -> tuple[dict[str, Any], BilledAnswer]:
         """A batch line's answer, by the same logic as a synchronous call; reported at the
         default tier as OpenAI's batch output does, billed as "batch" with its ids."""
-        answer = plan(parsed)
+        answer = plan(parsed, self.config.answer_chars)
         head = self._head(parsed.model, "default")
         head["created"] = int(at)
         bill = BilledAnswer(
@@ -367,7 +367,7 @@ class Simulator:
     def _answer(self, parsed: Parsed, headers: dict[str, str], tier: str | None) -> SimResponse:
         """Produce, bill and shape one 200 answer (JSON, truncated JSON, stream or cut stream)."""
         cfg = self.config
-        answer = plan(parsed)
+        answer = plan(parsed, cfg.answer_chars)
         head = self._head(parsed.model, tier)
         broken = self._faults.breaks(cfg.stream_cut_rate if parsed.stream else cfg.truncate_rate)
         billed = BilledAnswer(
