@@ -40,8 +40,9 @@ Rows = list[dict[str, Any]] | None
 # Distinct requests whose answers are remembered; ``pipeline estimate`` counts
 # duplicates with the same window, so its numbers match what a run sends.
 DEDUPE_WINDOW = 20_000
-# Characters of answer text remembered at most (the oldest answers are forgotten first).
-DEDUPE_BYTES = 64 * 2**20
+# Characters of answer text remembered at most (the oldest answers are forgotten first):
+# 20,000 short answers fit; 100 KB answers are remembered for the last ~160 requests.
+DEDUPE_BYTES = 16 * 2**20
 _TEXT_FIELDS = ("content", "reasoning_content", "tool_calls", "parsed")
 
 

@@ -167,9 +167,9 @@ def _recover(out: Path) -> int:
 # Journal bytes after which the rows held for the next Parquet part are written out,
 # whatever their number. Those rows stay in memory until their part is written, and
 # 20,000 answers of a reasoning model (100-250 KB each with their reasoning) would be
-# gigabytes; at this size a part costs ~64 MiB of rows, plus Arrow's copy while it is
-# built, whatever the answers' length (a part of short answers is still 20,000 rows).
-PART_BYTES = 64 * 2**20
+# gigabytes. At 16 MiB a part of short answers is still 20,000 rows (~0.7 KB each),
+# and a run with 100 KB answers peaked at 284 MB (64 MiB: 500 MB; bench/RESULTS.md).
+PART_BYTES = 16 * 2**20
 
 
 class ResultSink:
