@@ -204,7 +204,10 @@ def _notes(est: Estimate) -> list[str]:
             "answered (and billed) there, not priced here."
         )
     if est.duplicates:
-        notes.append(f"{est.duplicates:,} row(s) repeat an identical request: sent once (dedupe).")
+        notes.append(
+            f"{est.duplicates:,} row(s) repeat an identical request: sent once (dedupe), "
+            "unless the answers are so long that the run has forgotten them by then."
+        )
     if est.not_in_shard:
         notes.append(f"{est.not_in_shard:,} row(s) belong to other shards.")
     if est.limited:

@@ -57,7 +57,7 @@ from pipeline.request import Job, Rejected
 from pipeline.retry import first_wait, gives_up_at_once, retrying
 from pipeline.schema import storable
 from pipeline.selection import RowSelector
-from pipeline.sink import ResultSink, SinkError, write_part
+from pipeline.sink import ResultSink, SinkError, read_segment, write_part
 from pipeline.source import SourceRow
 from pipeline.structured import StructuredOutput, wants_structured
 from pipeline.tiers import (
@@ -236,7 +236,6 @@ class Runner:
         self._topping_up = anyio.Lock()
         self._compacting = anyio.Lock()
         self._parts_out = 0  # parts taken from the sink and not yet on disk
-        self._part_written = anyio.Event()  # set (and replaced) as each part is done
 
     # -- stopping -------------------------------------------------------------------
 
@@ -643,7 +642,7 @@ class Runner:
                 if self.sink.part_due:
                     taken = self._take_part()
                     if taken is not None:
-                        await self._hand_on_part(compactions, taken)
+                        self._hand_on_part(compactions, *taken)
             self._flush()
             if self.sink.sync_due:
                 await self._sync()
@@ -673,26 +672,29 @@ class Runner:
             self._out_failed(error)
             return None
 
-    async def _hand_on_part(
-        self, compactions: anyio.abc.TaskGroup, taken: tuple[list[dict[str, Any]], Path, Path]
+    def _hand_on_part(
+        self,
+        compactions: anyio.abc.TaskGroup,
+        rows: list[dict[str, Any]],
+        part: Path,
+        segment: Path,
     ) -> None:
-        """Start writing a part once the part before it is on disk.
+        """Have a part written, its rows kept in memory only if it is written at once.
 
-        A part's rows stay in memory until it is written. A writer that took parts
-        faster than the disk wrote them held every waiting part: 4,000 answers of
-        100 KB peaked at 1.35 GB (bench/RESULTS.md). Waiting here holds the workers
-        back through the results channel instead, so a run holds at most the part
-        being written and the rows of the next. The segment taken is flushed and
-        closed already, so nothing journaled waits on this.
+        A part's rows stay in memory until it is written, and parts are written one at
+        a time. A part taken while another is still being written (a slow disk, long
+        answers) lets go of its rows and is read back from its journal segment, which
+        is closed and whole, when its turn comes: otherwise every waiting part held its
+        rows (4,000 answers of 100 KB peaked at 1.35 GB, bench/RESULTS.md). The writer
+        never waits here: journaling never waits on Parquet.
         """
-        while self._parts_out:
-            await self._part_written.wait()
+        held: list[dict[str, Any]] | None = None if self._parts_out else rows
         self._parts_out += 1
-        self._part_written = anyio.Event()
-        compactions.start_soon(self._compact, *taken)
+        compactions.start_soon(self._compact, held, part, segment)
 
-    async def _compact(self, rows: list[dict[str, Any]], part: Path, segment: Path) -> None:
-        """Write one Parquet part from a closed journal segment, one part at a time."""
+    async def _compact(self, rows: list[dict[str, Any]] | None, part: Path, segment: Path) -> None:
+        """Write one Parquet part from a closed journal segment, one part at a time
+        (``rows``: the segment's rows, or None to read them back from it)."""
         try:
             async with self._compacting:
                 with anyio.CancelScope(shield=True):  # a part is written whole or not at all
@@ -705,12 +707,11 @@ class Runner:
                     self.sink.part_done(segment)
         finally:
             self._parts_out -= 1
-            self._part_written.set()
 
     @staticmethod
-    def _write_part(rows: list[dict[str, Any]], part: Path, segment: Path) -> None:
+    def _write_part(rows: list[dict[str, Any]] | None, part: Path, segment: Path) -> None:
         ResultSink.sync_segment(segment)  # safe on disk before the part is
-        write_part(rows, part)
+        write_part(read_segment(segment) if rows is None else rows, part)
 
     def _write(self, row: dict[str, Any]) -> None:
         row = storable(row)

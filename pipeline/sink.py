@@ -91,6 +91,11 @@ def _journal_rows(path: Path) -> Iterator[dict[str, Any]]:
                 continue
 
 
+def read_segment(path: Path) -> list[dict[str, Any]]:
+    """The rows of a closed journal segment, as recovery reads them back."""
+    return list(_journal_rows(path))
+
+
 def write_part(rows: list[dict[str, Any]], path: Path) -> None:
     """Write rows as one Parquet file, atomically and durably: a temp name (never a
     symlink followed), fsync, rename, fsync of the folder (and of its parent when the
@@ -156,7 +161,7 @@ def _recover(out: Path) -> int:
                 for seq, segment in segments:
                     if not segment.exists():
                         continue  # recovered by another process before we got the guard
-                    rows = list(_journal_rows(segment))
+                    rows = read_segment(segment)
                     if rows:
                         write_part(rows, out / "results" / run_id / f"part-{seq}.parquet")
                         recovered += len(rows)
@@ -351,12 +356,15 @@ class ResultSink:
 
     @staticmethod
     def sync_segment(segment: Path) -> None:
-        """fsync a closed segment: its rows stay safe while its part is being written."""
+        """fsync a closed segment, and its folder: its rows stay safe while its part is
+        being written (a segment opened and taken between two group commits has a name
+        the folder never made durable)."""
         fd = os.open(segment, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        fsync_dir(segment.parent)
 
     @staticmethod
     def part_done(segment: Path) -> None:

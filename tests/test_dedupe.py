@@ -63,8 +63,8 @@ async def test_a_request_without_twins_makes_no_event() -> None:
 
 async def test_remembered_answers_are_bounded_in_text_as_well_as_in_number() -> None:
     """Long answers (a reasoning model's) are forgotten oldest first once their text
-    passes ``window_bytes``: a run of 20,000 such answers held gigabytes."""
-    dedupe = Dedupe(window=100, window_bytes=3_500)
+    passes ``window_chars``: a run of 20,000 such answers held gigabytes."""
+    dedupe = Dedupe(window=100, window_chars=3_500)
     sent: list[str] = []
 
     def job(n: int, request: str) -> Job:
@@ -86,7 +86,9 @@ async def test_remembered_answers_are_bounded_in_text_as_well_as_in_number() -> 
     assert "r11" not in sent
     await ask(11, "a")
     assert "r11" in sent, "the forgotten request is sent again"
+    assert list(dedupe._done) == ["c", "d", "a"] and dedupe._held == 3_000
     await ask(12, "huge", text="y" * 5_000)  # past the whole budget: never kept
-    assert "huge" not in dedupe._done and dedupe._held <= 3_500
+    assert list(dedupe._done) == ["c", "d", "a"], "nothing else forgotten for it"
+    assert dedupe._held == 3_000
     await ask(13, "huge")
     assert sent[-1] == "r13"
