@@ -57,7 +57,13 @@ from pipeline.request import Job, Rejected
 from pipeline.retry import first_wait, gives_up_at_once, retrying
 from pipeline.schema import storable
 from pipeline.selection import RowSelector
-from pipeline.sink import ResultSink, SinkError, read_segment, write_part
+from pipeline.sink import (
+    ResultSink,
+    SinkError,
+    read_segment,
+    reads_back_alike,
+    write_part,
+)
 from pipeline.source import SourceRow
 from pipeline.structured import StructuredOutput, wants_structured
 from pipeline.tiers import (
@@ -688,14 +694,27 @@ class Runner:
         rows (4,000 answers of 100 KB peaked at 1.35 GB, bench/RESULTS.md). The writer
         never waits here: journaling never waits on Parquet.
         """
-        held: list[dict[str, Any]] | None = None if self._parts_out else rows
+        held: list[dict[str, Any]] | None = rows
+        if self._parts_out and reads_back_alike(rows):
+            held = None
         self._parts_out += 1
         compactions.start_soon(self._compact, held, part, segment)
 
     async def _compact(self, rows: list[dict[str, Any]] | None, part: Path, segment: Path) -> None:
         """Write one Parquet part from a closed journal segment, one part at a time
-        (``rows``: the segment's rows, or None to read them back from it)."""
+        (``rows``: the segment's rows, or None to read them back from it).
+
+        The segment is fsynced (with its folder) first, outside the queue: group
+        commit no longer covers a taken segment, and one waiting behind a slow part
+        must be as safe from a power cut as the journal being written.
+        """
         try:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await anyio.to_thread.run_sync(ResultSink.sync_segment, segment)
+                except OSError as exc:
+                    self._out_failed(self.sink.fail(exc))  # whole on disk or not: recovery
+                    return
             async with self._compacting:
                 with anyio.CancelScope(shield=True):  # a part is written whole or not at all
                     try:
@@ -710,7 +729,6 @@ class Runner:
 
     @staticmethod
     def _write_part(rows: list[dict[str, Any]] | None, part: Path, segment: Path) -> None:
-        ResultSink.sync_segment(segment)  # safe on disk before the part is
         write_part(read_segment(segment) if rows is None else rows, part)
 
     def _write(self, row: dict[str, Any]) -> None:

@@ -96,6 +96,31 @@ def read_segment(path: Path) -> list[dict[str, Any]]:
     return list(_journal_rows(path))
 
 
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _journal_keeps(value: Any) -> bool:
+    kind = type(value)
+    if kind in _JSON_SCALARS:
+        return True
+    if kind is list:
+        return all(_journal_keeps(v) for v in value)
+    if kind is dict:
+        return all(type(k) is str and _journal_keeps(v) for k, v in value.items())
+    return False
+
+
+def reads_back_alike(rows: list[dict[str, Any]]) -> bool:
+    """True when ``read_segment`` gives these rows' Parquet back unchanged.
+
+    Their result columns always come back alike (``schema.storable`` made them
+    journal-safe; the two timestamps are decoded). Carried input columns do when
+    every value is JSON's own type: a timestamp, date, decimal or bytes value from a
+    Parquet input is journaled as text and would come back as text.
+    """
+    return all(_journal_keeps(row.get("carried") or {}) for row in rows)
+
+
 def write_part(rows: list[dict[str, Any]], path: Path) -> None:
     """Write rows as one Parquet file, atomically and durably: a temp name (never a
     symlink followed), fsync, rename, fsync of the folder (and of its parent when the
@@ -394,6 +419,10 @@ class ResultSink:
                         raise self._break(exc) from exc
                     self.part_done(segment)
             if self.broken is not None and self._buffer:
+                if self._journal_path is None:
+                    # No segment of its own: a number no taken segment has, whose part
+                    # is written (or recovered by the next run) under its own name.
+                    self._seq += 1
                 part = self.out / "results" / self.run_id / f"part-{self._seq:05d}.parquet"
                 try:
                     write_part(self._buffer, part)

@@ -133,3 +133,68 @@ def test_the_simulator_pads_answers_for_memory_benchmarks(tmp_path: Path) -> Non
     for row in rows:
         assert len(row["content"]) == 5_000 and row["content"].startswith("sim answer")
         assert row["completion_tokens"] >= 1_000
+
+
+def test_typed_input_columns_keep_their_types_when_parts_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part read back from its journal would turn a Parquet input's timestamps and
+    bytes into text: such parts keep their rows in memory, and every part has the
+    input's types whatever the disk's speed."""
+    import datetime as dt
+    import time
+
+    import pyarrow as pa
+
+    monkeypatch.setattr(pipeline.sink, "PART_BYTES", 3_000)
+    real_write_part = pipeline.runner.write_part
+
+    def slow_write_part(rows: list[dict[str, object]], path: Path) -> None:
+        time.sleep(0.02)
+        real_write_part(rows, path)
+
+    monkeypatch.setattr(pipeline.runner, "write_part", slow_write_part)
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    table = pa.table(
+        {
+            "id": [f"row-{i}" for i in range(30)],
+            "prompt": [f"Say something about row {i}" for i in range(30)],
+            "seen_at": pa.array([when] * 30, pa.timestamp("us", tz="UTC")),
+            "blob": pa.array([b"\x00\x01"] * 30, pa.binary()),
+        }
+    )
+    src = tmp_path / "rows.parquet"
+    pq.write_table(table, src)
+    run = run_with_sim([src], tmp_path / "out")
+    assert run.result.exit_code == 0
+    parts = sorted((tmp_path / "out" / "results").rglob("*.parquet"))
+    assert len(parts) >= 5
+    for part in parts:
+        schema = pq.read_schema(part)
+        assert schema.field("seen_at").type == pa.timestamp("us", tz="UTC"), part.name
+        assert schema.field("blob").type == pa.binary(), part.name
+    rows = read_results(tmp_path / "out")
+    assert len(rows) == 30 and {r["blob"] for r in rows} == {b"\x00\x01"}
+    assert {r["seen_at"] for r in rows} == {when}
+
+
+def test_results_held_after_a_failed_part_get_a_part_name_of_their_own(tmp_path: Path) -> None:
+    """OUT broke while a part was being written, after its segment was taken: the
+    answers received since then are written at close under a new number, not over
+    the name the next run's recovery gives that segment's part."""
+    from pipeline.sink import recover_journals
+
+    out = tmp_path / "out"
+    sink = ResultSink(out, "r", part_rows=1)
+    sink.write(_row(1, "first"))
+    taken = sink.take_part()
+    assert taken is not None
+    sink.fail(OSError(28, "No space left on device"))  # writing part 1 failed
+    sink.write(_row(2, "after the break"))  # held in memory only
+    sink.close()
+    names = sorted(p.name for p in (out / "results").rglob("*.parquet"))
+    assert names == ["part-00002.parquet"], names
+    sink._live.close()
+    assert recover_journals(out) == 1  # segment 1, left by the failed part
+    rows = read_results(out)
+    assert sorted(r["id"] for r in rows) == ["row-1", "row-2"]
