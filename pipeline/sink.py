@@ -198,7 +198,7 @@ def _recover(out: Path) -> int:
 # whatever their number. Those rows stay in memory until their part is written, and
 # 20,000 answers of a reasoning model (100-250 KB each with their reasoning) would be
 # gigabytes. At 16 MiB a part of short answers is still 20,000 rows (~0.7 KB each),
-# and a run with 100 KB answers peaked at 284 MB (64 MiB: 500 MB; bench/RESULTS.md).
+# and runs of 4,000-16,000 answers of 100 KB peaked at ~340 MB (bench/RESULTS.md).
 PART_BYTES = 16 * 2**20
 
 
