@@ -205,6 +205,17 @@ def options(tmp_path: Path, source: Path, **kw: Any) -> RunOptions:
     return RunOptions(**values)
 
 
+def one_open_batch(tmp_path: Path, n: int) -> tuple[FakeBatches, Path, Path, str]:
+    """``n`` rows submitted as one provider batch that does not finish: (the fake
+    provider, the rows' file, OUT, the batch's id)."""
+    fake = FakeBatches()
+    fake.finish = False
+    source = write_rows(tmp_path / "rows.jsonl", n)
+    execute(options(tmp_path, source, wait=False), transport=fake.transport())
+    (batch_id,) = fake.batches
+    return fake, source, tmp_path / "out", batch_id
+
+
 def results(out: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for part in sorted((out / "results").rglob("*.parquet")):
@@ -675,12 +686,7 @@ def test_a_batch_the_provider_lost_holds_its_rows_until_forgotten_then_they_go(
     (404), skipped its rows and exited 0: those rows were never done, for good."""
     from pipeline.batch.listing import batch_options, forget_batches, list_batches
 
-    fake = FakeBatches()
-    fake.finish = False
-    source = write_rows(tmp_path / "rows.jsonl", 10)
-    execute(options(tmp_path, source, wait=False), transport=fake.transport())
-    out = tmp_path / "out"
-    (batch_id,) = fake.batches
+    fake, source, out, batch_id = one_open_batch(tmp_path, 10)
     fake.batches.clear()  # the provider lost it (its request file is still there)
 
     told = io.StringIO()
@@ -727,12 +733,7 @@ def test_forget_refuses_a_batch_not_shown_to_be_lost_and_changes_nothing(
     from pipeline.batch.listing import batch_options, forget_batches
     from pipeline.errors import UsageError
 
-    fake = FakeBatches()
-    fake.finish = False
-    source = write_rows(tmp_path / "rows.jsonl", 4)
-    execute(options(tmp_path, source, wait=False), transport=fake.transport())
-    out = tmp_path / "out"
-    (batch_id,) = fake.batches
+    fake, _, out, batch_id = one_open_batch(tmp_path, 4)
     ledger = Ledger(out)
     transport = fake.transport()
     if case == "unreachable":
