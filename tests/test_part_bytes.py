@@ -198,3 +198,40 @@ def test_results_held_after_a_failed_part_get_a_part_name_of_their_own(tmp_path:
     assert recover_journals(out) == 1  # segment 1, left by the failed part
     rows = read_results(out)
     assert sorted(r["id"] for r in rows) == ["row-1", "row-2"]
+
+
+def test_a_failed_fsync_of_a_taken_segment_stops_the_run_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk refuses the fsync of a segment just taken (it is now synced as soon as
+    it is taken, outside the compaction queue): OUT has failed, the run stops with
+    exit 3, and a re-run on a healthy disk keeps every billed answer once."""
+    import errno
+
+    from pipeline.sim import SimConfig, Simulator
+    from tests.conftest import FakeClock
+
+    monkeypatch.setattr(pipeline.sink, "PART_BYTES", 3_000)
+    real_sync = ResultSink.sync_segment
+    broken = [True]
+
+    def sync_segment(segment: Path) -> None:
+        if broken[0]:
+            raise OSError(errno.EIO, "Input/output error", str(segment))
+        real_sync(segment)
+
+    monkeypatch.setattr(ResultSink, "sync_segment", staticmethod(sync_segment))
+    src = write_jsonl(tmp_path / "rows.jsonl", prompts(60))  # type: ignore[arg-type]
+    out = tmp_path / "out"
+    clock = FakeClock()
+    sim = Simulator(SimConfig(latency_ms=20), clock=clock, sleep=clock.sleep)
+    first = run_with_sim([src], out, sim=sim, clock=clock, concurrency=4)
+    assert first.result.exit_code == 3, first.result.fatal
+    assert "Input/output error" in (first.result.fatal or "")
+
+    broken[0] = False
+    again = run_with_sim([src], out, sim=sim, clock=clock, concurrency=4)
+    assert again.result.exit_code == 0, again.result.fatal
+    ok = [r for r in read_results(out) if r["status"] == "ok"]
+    assert sorted(r["id"] for r in ok) == sorted(f"row-{i}" for i in range(60))
+    assert len(sim.ledger) == 60, "a row was billed twice"
